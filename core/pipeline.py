@@ -1,0 +1,375 @@
+"""The whole method in one run folder: mine -> diffusion -> inject -> debias, plus the Vanilla and LfF baselines.
+
+Each stage writes its artifacts atomically and is skipped when they already exist, so a rerun resumes where
+the last one stopped. A run folder belongs to one config: rerunning it with another config is an error, never
+an overwrite.
+
+    run/
+      config.json                 the full RunConfig
+      biased/model.pt             GCE-trained biased classifier
+      biased/mining.json          mined indices (top-K per class), mining precision/recall
+      biased/mined.png            the mined samples, one row per class
+      unet/                       the U-Net (save_pretrained, safetensors) with train.json and loss.png
+      synthetic/samples.pt        synthetic images, labels, content and style index
+      synthetic/injection.json    injection report, biased-classifier disagreement, timing
+      synthetic/injection_grid.png  style | content | result rows
+      classifiers/<method>.pt     vanilla, lff, diffinject (and oracle on the embedded data)
+      classifiers/<method>.json   its test metrics
+      metrics.json, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import diagnostics
+from .classifier import ClassifierConfig, build_classifier, group_metrics, predict
+from .data import Dataset, DataError, load_dataset
+from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
+from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
+from .injection import InjectionConfig, Synthetic, inject, plan_pairs
+from .mining import MiningConfig, mine, mining_quality, train_biased
+
+PRETRAINED = Path(__file__).parent / "pretrained"
+EMBEDDED_UNET = "embedded"  # RunConfig.unet value: the U-Net shipped for the embedded Colored MNIST
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run's results. Defaults are the default preset's."""
+
+    dataset: str = "cmnist"
+    data_root: str | None = None  # None: the embedded Colored MNIST
+    ratio: float = 1.0  # percent of bias-conflicting training samples: 0.5, 1, 2, 5
+    data_seed: int = 0
+    image_size: int | None = None  # folder datasets: resize on load (default: native size)
+    seed: int = 0  # every stage's randomness
+    unet: str | None = EMBEDDED_UNET  # a U-Net folder, "embedded" (shipped model, cmnist only), or None: train one
+    methods: tuple[str, ...] = ("vanilla", "lff", "diffinject", "oracle")
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        for f in fields(self):  # nested sections may arrive as dicts (YAML, JSON)
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, _section_types()[f.name](**value))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _section_types():
+    return {"mining": MiningConfig, "diffusion": DiffusionConfig, "injection": InjectionConfig,
+            "classifier": ClassifierConfig}
+
+
+PRESETS: dict[str, dict] = {
+    # the default: shipped U-Net, 20-step DDIM; about 4 minutes on a 2-core CPU
+    "default": {},
+    # for tests and smoke runs: a tiny U-Net trained for a few steps, a few epochs; about a minute
+    "quick": {
+        "unet": None,
+        "mining": {"k": 5, "classifier": {"epochs": 4}},
+        "diffusion": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                      "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "steps": 30,
+                      "batch_size": 32, "checkpoint_every": 10},
+        "injection": {"steps": 5, "num_samples": 24, "batch_size": 16},
+        "classifier": {"epochs": 4},
+    },
+    # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself
+    "paper": {
+        "unet": None,
+        "mining": {"k": 10, "classifier": {"epochs": 50}},
+        "diffusion": {"steps": 50000, "ema_decay": 0.9999},
+        "injection": {"steps": 1000, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "dt_lambda": 0.9985,
+                      "synthetic_ratio": 0.1},
+        "classifier": {"epochs": 50},
+    },
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
+    """Preset, then ``overrides`` (from YAML and the command line), nested dicts merged key by key."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+    cfg = merge(RunConfig().to_dict(), PRESETS[preset])
+    cfg = merge(cfg, overrides or {})
+    known = RunConfig().to_dict()
+    _check_keys(cfg, known, "")
+    return RunConfig(**cfg)
+
+
+def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
+    for k, v in cfg.items():
+        if k not in known:
+            raise ValueError(f"unknown config key {prefix}{k!r}")
+        if isinstance(v, dict) and isinstance(known[k], dict):
+            _check_keys(v, known[k], f"{prefix}{k}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _save_torch(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def validate(cfg: RunConfig, ds: Dataset) -> None:
+    """Input checks that need the data: K against class sizes, known methods, gamma."""
+    cfg.injection.validate()
+    smallest = int(torch.bincount(ds.train.labels).min())
+    if not 1 <= cfg.mining.k <= smallest:
+        raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
+    unknown = set(cfg.methods) - {"vanilla", "lff", "diffinject", "oracle"}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from vanilla, lff, diffinject, oracle")
+
+
+class Run:
+    """A run folder and its stages. ``Run(folder, cfg).all()`` does everything; each stage resumes."""
+
+    def __init__(self, folder: str | Path, cfg: RunConfig, device: str = "cpu", progress: bool = True,
+                 dataset: Dataset | None = None):
+        self.dir, self.cfg, self.device, self.progress = Path(folder), cfg, device, progress
+        self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
+        validate(cfg, self.ds)
+        self.timings: dict[str, float] = {}
+        self._claim_folder()
+
+    def _claim_folder(self) -> None:
+        path = self.dir / "config.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            diff = _diff_keys(old, self.cfg.to_dict())
+            if diff:
+                raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "
+                                 "use another --out")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _save_json(path, self.cfg.to_dict())
+
+    def _timed(self, name, fn):
+        t0 = time.time()
+        out = fn()
+        self.timings[name] = round(time.time() - t0, 1)
+        return out
+
+    # -- stage 1 ---------------------------------------------------------------------------------------------
+    def biased(self):
+        path = self.dir / "biased" / "model.pt"
+        tr = self.ds.train
+        if path.exists():
+            model = build_classifier(self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        path.parent.mkdir(exist_ok=True)
+        model = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,
+                                                           self.cfg.seed, self.device, self.progress))
+        _save_torch(path, model.state_dict())
+        return model.cpu()
+
+    def mined(self) -> np.ndarray:
+        path = self.dir / "biased" / "mining.json"
+        if path.exists():
+            return np.array(json.loads(path.read_text())["indices"])
+        tr = self.ds.train
+        result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k)
+        quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
+        rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
+        diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
+        _save_json(path, {"indices": result.indices.tolist(), "quality": quality})
+        return result.indices
+
+    # -- stage 2 ---------------------------------------------------------------------------------------------
+    def unet_dir(self) -> Path:
+        """The run's U-Net: copied from ``cfg.unet`` (or the shipped one), or trained on the training images."""
+        out = self.dir / "unet"
+        if is_trained(out):
+            return out
+        source = self._unet_source()
+        if source is not None:
+            shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            return out
+        self._timed("diffusion", lambda: train_diffusion(self.ds.train.images, self.cfg.diffusion, out, self.cfg.seed,
+                                                         self.device, self.progress))
+        return out
+
+    def _unet_source(self) -> Path | None:
+        if self.cfg.unet is None:
+            return None
+        if self.cfg.unet == EMBEDDED_UNET:
+            if self.cfg.dataset != "cmnist" or self.cfg.data_root is not None:
+                return None  # nothing shipped for this dataset: train one
+            path = PRETRAINED / "cmnist-1pct"
+            if not is_trained(path):
+                raise FileNotFoundError(f"the shipped U-Net is missing at {path}; pass --unet PATH or --train-unet")
+            return path
+        path = Path(self.cfg.unet)
+        if not is_trained(path):
+            raise FileNotFoundError(f"no trained U-Net at {path} (expected diffusion_pytorch_model.safetensors and train.json)")
+        return path
+
+    # -- stage 3 ---------------------------------------------------------------------------------------------
+    def synthetic(self) -> Synthetic:
+        folder = self.dir / "synthetic"
+        path = folder / "samples.pt"
+        if path.exists():
+            return Synthetic.load(path)
+        pool = self.mined()
+        unet_dir = self.unet_dir()
+        unet = load_unet(unet_dir, self.device)
+        cfg, tr = self.cfg.injection, self.ds.train
+        n = cfg.num_samples if cfg.num_samples is not None else int(round(cfg.synthetic_ratio * len(tr)))
+        pairs = plan_pairs(tr.labels, pool, n, self.cfg.seed)
+        t0 = time.time()
+        syn = inject(unet, ddim_scheduler(unet_dir), tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
+                     self.progress)
+        seconds = time.time() - t0
+        self.timings["inject"] = round(seconds, 1)
+        folder.mkdir(exist_ok=True)
+        diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
+        info = {"samples": len(syn.labels), "seconds": round(seconds, 1),
+                "images_per_second": round(len(syn.labels) / max(seconds, 1e-9), 2),
+                "unet_parameters": num_parameters(unet),
+                "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
+        if self.cfg.dataset == "cmnist" and "grey" in tr.extras:
+            reader = diagnostics.ShapeReader(self.ds, seed=self.cfg.seed)
+            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, reader, self.ds.test.bias,
+                                                          self.ds.test.images)
+        _save_json(folder / "injection.json", info)
+        syn.save(path)  # last: its existence marks the stage done
+        return syn
+
+    # -- stage 4 and baselines ---------------------------------------------------------------------------------
+    def method(self, name: str) -> dict:
+        folder = self.dir / "classifiers"
+        metrics_path = folder / f"{name}.json"
+        if metrics_path.exists():
+            return json.loads(metrics_path.read_text())
+        folder.mkdir(exist_ok=True)
+        ds, cfg, seed = self.ds, self.cfg.classifier, self.cfg.seed
+        common = dict(device=self.device, progress=self.progress)
+        t0 = time.time()
+        if name == "vanilla":
+            model = train_vanilla(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
+        elif name == "lff":
+            model = train_lff(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
+        elif name == "diffinject":
+            syn = self.synthetic()
+            model = train_with_extra(ds.train, syn.images, syn.labels, ds.valid, ds.num_classes, cfg, seed,
+                                     "diffinject", **common)
+        elif name == "oracle":
+            n = len(self.synthetic().labels)
+            images, labels = oracle_samples(ds.train, n, seed)
+            model = train_with_extra(ds.train, images, labels, ds.valid, ds.num_classes, cfg, seed, "oracle", **common)
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        self.timings[name] = round(time.time() - t0, 1)
+        metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
+                                ds.test.bias)
+        metrics["valid"] = round(100.0 * (predict(model, ds.valid.images, device=self.device).argmax(1)
+                                          == ds.valid.labels).float().mean().item(), 2)
+        _save_torch(folder / f"{name}.pt", model.state_dict())
+        _save_json(metrics_path, metrics)
+        return metrics
+
+    def methods(self) -> list[str]:
+        methods = list(self.cfg.methods)
+        if "oracle" in methods and "grey" not in self.ds.train.extras:
+            methods.remove("oracle")  # the ceiling exists only where the bias can be undone by hand
+        return methods
+
+    # -- everything ------------------------------------------------------------------------------------------
+    def all(self) -> dict:
+        """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
+        t0 = time.time()
+        self.mined()
+        if "diffinject" in self.cfg.methods or "oracle" in self.methods():
+            self.synthetic()
+        results = {m: self.method(m) for m in self.methods()}
+        injection = json.loads((self.dir / "synthetic" / "injection.json").read_text()) \
+            if (self.dir / "synthetic" / "injection.json").exists() else None
+        metrics = {
+            "dataset": {"name": self.ds.name, "ratio": self.cfg.ratio, "train": len(self.ds.train),
+                        "valid": len(self.ds.valid), "test": len(self.ds.test), "num_classes": self.ds.num_classes,
+                        "image_shape": list(self.ds.image_shape)},
+            "seed": self.cfg.seed,
+            "mining": json.loads((self.dir / "biased" / "mining.json").read_text())["quality"],
+            "injection": injection,
+            "methods": results,
+            "seconds_this_invocation": round(time.time() - t0, 1),
+            "stage_seconds_this_invocation": self.timings,
+        }
+        _save_json(self.dir / "metrics.json", metrics)
+        (self.dir / "report.md").write_text(render_report(metrics, self.cfg))
+        return metrics
+
+
+METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
+NAMES = {"vanilla": "Vanilla", "lff": "LfF", "diffinject": "DiffInject", "oracle": "Oracle ceiling (uses bias labels)"}
+
+
+def render_report(metrics: dict, cfg: RunConfig) -> str:
+    ds = metrics["dataset"]
+    lines = [f"# DiffInject run: {ds['name']} at {ds['ratio']:g} % conflicts, seed {metrics['seed']}", "",
+             "Test accuracy (%) on the unbiased test split; the checkpoint of each method was chosen on the validation split.", "",
+             "| method | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    for name, m in metrics["methods"].items():
+        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
+    q = metrics["mining"]
+    lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
+              f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
+              f"of the {q['true_conflicts']} true bias-conflicting training samples (bias labels read for this line only).",
+              "", "![mined samples](biased/mined.png)"]
+    inj = metrics.get("injection")
+    if inj:
+        lines += ["", f"## Injection (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
+                      f"{cfg.injection.steps} DDIM steps, labels from the {cfg.injection.label_from})", "",
+                  f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s); "
+                  f"the biased classifier gets {inj['biased_model_wrong']:.1f} % of them wrong (label-free conflict signal)."]
+        rep = inj.get("report")
+        if rep:
+            keys = ("content_digit", "style_colour", "both", "reverse", "neither", "content_digit_other_colour")
+            lines += ["", "Injection report (shape reader accuracy on the test split "
+                          f"{rep['shape_reader_test_accuracy']:.1f} %, colour reader "
+                          f"{rep.get('colour_reader_test_accuracy', float('nan')):.1f} %):", "",
+                      "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
+                      "| " + " | ".join(f"{rep[k]:.1f} %" for k in keys) + " |"]
+        lines += ["", "![style | content | result](synthetic/injection_grid.png)"]
+    return "\n".join(lines) + "\n"
