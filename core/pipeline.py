@@ -120,7 +120,7 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> RunCo
 def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
     for k, v in cfg.items():
         if k not in known:
-            raise ValueError(f"unknown config key {prefix}{k!r}")
+            raise ValueError(f"unknown config key '{prefix}{k}'")
         if isinstance(v, dict) and isinstance(known[k], dict):
             _check_keys(v, known[k], f"{prefix}{k}.")
 

@@ -1,0 +1,178 @@
+"""End to end: the quick pipeline, its artifacts, resume, reproducibility, bias-label blindness, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from core.cli import main
+from core.data import load_dataset
+from core.pipeline import Run, make_config
+
+ARTIFACTS = [
+    "config.json", "biased/model.pt", "biased/mining.json", "biased/mined.png",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/train.json", "unet/loss.png",
+    "synthetic/samples.pt", "synthetic/injection.json", "synthetic/injection_grid.png",
+    "classifiers/vanilla.pt", "classifiers/lff.pt", "classifiers/diffinject.pt", "classifiers/oracle.pt",
+    "metrics.json", "report.md",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset("cmnist", 1.0)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, dataset):
+    folder = tmp_path_factory.mktemp("run") / "quick"
+    metrics = Run(folder, make_config("quick"), progress=False, dataset=dataset).all()
+    return folder, metrics
+
+
+def test_quick_run_writes_every_artifact(quick_run):
+    folder, _ = quick_run
+    missing = [a for a in ARTIFACTS if not (folder / a).exists()]
+    assert not missing
+    for png in ("biased/mined.png", "synthetic/injection_grid.png", "unet/loss.png"):
+        with Image.open(folder / png) as im:
+            assert im.size[0] > 50 and im.size[1] > 50
+
+
+def test_quick_run_metrics_are_sane(quick_run):
+    folder, metrics = quick_run
+    assert metrics == json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"vanilla", "lff", "diffinject", "oracle"}
+    for m in metrics["methods"].values():
+        for key in ("unbiased", "aligned", "conflicting", "worst_group", "valid"):
+            assert 0.0 <= m[key] <= 100.0
+        assert m["worst_group"] <= m["conflicting"] <= 100.0
+    # a plain classifier on 99 % aligned data learns the colour shortcut
+    assert metrics["methods"]["vanilla"]["aligned"] > metrics["methods"]["vanilla"]["conflicting"] + 20
+    mining = metrics["mining"]
+    assert mining["mined"] == 5 * 10 and 0 <= mining["precision"] <= 100 and 0 <= mining["recall"] <= 100
+    inj = metrics["injection"]
+    assert inj["samples"] == 24 and 0 <= inj["biased_model_wrong"] <= 100
+    rep = inj["report"]
+    assert rep["colour_reader_test_accuracy"] > 95  # the instruments themselves must be trustworthy
+    assert rep["shape_reader_test_accuracy"] > 70
+    assert rep["both"] <= min(rep["content_digit"], rep["style_colour"])
+    # inclusion-exclusion: (content digit or style colour) and neither cover every sample once
+    assert abs(rep["content_digit"] + rep["style_colour"] - rep["both"] + rep["neither"] - 100) < 0.05
+    report = (folder / "report.md").read_text()
+    assert "| Vanilla |" in report and "| LfF |" in report and "| DiffInject |" in report
+
+
+def test_synthetic_samples_are_content_labelled_images(quick_run, dataset):
+    folder, _ = quick_run
+    syn = torch.load(folder / "synthetic/samples.pt", weights_only=True)
+    mined = json.loads((folder / "biased/mining.json").read_text())["indices"]
+    assert syn["images"].dtype == torch.uint8 and syn["images"].shape == (24, 3, 28, 28)
+    assert set(syn["content"].tolist()) <= set(mined)
+    assert torch.equal(syn["labels"], dataset.train.labels[syn["content"]])
+    assert (dataset.train.labels[syn["style"]] != syn["labels"]).all()
+
+
+def test_rerun_resumes_without_recomputing(quick_run, dataset):
+    folder, metrics = quick_run
+    stamps = {a: (folder / a).stat().st_mtime_ns for a in ARTIFACTS if a not in ("metrics.json", "report.md")}
+    run = Run(folder, make_config("quick"), progress=False, dataset=dataset)
+    again = run.all()
+    assert run.timings == {}  # no stage ran again
+    assert again["methods"] == metrics["methods"]
+    assert stamps == {a: (folder / a).stat().st_mtime_ns for a in stamps}
+
+
+def test_lost_stages_are_recomputed_identically(quick_run, dataset, tmp_path):
+    """Reproducible from the seed: delete the later stages of a copy and rerun."""
+    import shutil
+
+    folder, metrics = quick_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(folder, copy_dir)
+    shutil.rmtree(copy_dir / "synthetic")
+    for name in ("diffinject", "oracle"):
+        (copy_dir / f"classifiers/{name}.pt").unlink()
+        (copy_dir / f"classifiers/{name}.json").unlink()
+    again = Run(copy_dir, make_config("quick"), progress=False, dataset=dataset).all()
+    a = torch.load(folder / "synthetic/samples.pt", weights_only=True)
+    b = torch.load(copy_dir / "synthetic/samples.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again["methods"] == metrics["methods"]
+
+
+def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
+    """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same."""
+    folder, _ = quick_run
+    shuffled = copy.copy(dataset)
+    shuffled.train = copy.copy(dataset.train)
+    shuffled.train.bias = dataset.train.bias[torch.randperm(len(dataset.train.bias), generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(shuffled.train.bias, dataset.train.bias)
+    cfg = make_config("quick", {"methods": ["vanilla", "lff", "diffinject"]})
+    other = tmp_path / "shuffled"
+    Run(other, cfg, progress=False, dataset=shuffled).all()
+    mined = lambda d: json.loads((d / "biased/mining.json").read_text())["indices"]  # noqa: E731
+    assert mined(folder) == mined(other)
+    assert (folder / "unet/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (other / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    a = torch.load(folder / "synthetic/samples.pt", weights_only=True)
+    b = torch.load(other / "synthetic/samples.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("vanilla", "lff", "diffinject"):
+        sa = torch.load(folder / f"classifiers/{name}.pt", weights_only=True)
+        sb = torch.load(other / f"classifiers/{name}.pt", weights_only=True)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
+    folder, _ = quick_run
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="another config.*injection.gamma"):
+        Run(folder, make_config("quick", {"injection": {"gamma": 0.9}}), progress=False, dataset=dataset)
+    assert before == {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ratio", "3"], "ratio 3 is not one of"),
+    (["--dataset", "imagenet"], "needs --data-root"),
+    (["--dataset", "bffhq", "--data-root", "/nonexistent"], "missing folder"),
+    (["--k", "100000"], "K=100000 is out of range"),
+    (["--k", "0"], "K=0 is out of range"),
+    (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
+    (["--methods", "vanilla,magic"], "unknown methods"),
+])
+def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):
+    code = main(["run", "--preset", "quick", "--out", str(tmp_path / "r"), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert words in err and err.startswith("diffinject: error:") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing written for a refused run
+
+
+def test_cli_refuses_a_folder_of_another_config(quick_run, capsys):
+    folder, _ = quick_run
+    code = main(["run", "--preset", "quick", "--out", str(folder), "--gamma", "0.9", "--no-progress"])
+    assert code == 2 and "was made by another config" in capsys.readouterr().err
+
+
+def test_cli_bad_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("injection: {gamma: [unclosed\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+    bad.write_text("injection: {gama: 0.5}\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown config key 'injection.gama'" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "run", "--ratio", "7", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "ratio 7 is not one of" in proc.stderr
