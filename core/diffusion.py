@@ -9,6 +9,7 @@ The finished model is the EMA copy, written with ``save_pretrained`` (safetensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -136,12 +137,15 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     acp = sched.alphas_cumprod.to(device)
     weights = p2_weights(acp, cfg.p2_k, cfg.p2_gamma)
 
+    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]  # resume only on the same images
     ckpt_path = out / "checkpoint.pt"
     step, losses, seconds = 0, [], 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["config"] != asdict(cfg) | {"steps": ckpt["config"]["steps"]} or ckpt.get("seed", 0) != seed:
             raise ValueError(f"{ckpt_path} was written by another diffusion config; use another --out")
+        if ckpt.get("data_id", data_id) != data_id:
+            raise ValueError(f"{ckpt_path} was trained on other images; use another --out")
         unet.load_state_dict(ckpt["unet"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -150,7 +154,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     def save_checkpoint():
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "losses": losses, "seconds": seconds, "config": asdict(cfg), "seed": seed}, tmp)
+                    "losses": losses, "seconds": seconds, "config": asdict(cfg), "seed": seed, "data_id": data_id}, tmp)
         tmp.replace(ckpt_path)
 
     unet.train()

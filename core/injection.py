@@ -86,6 +86,24 @@ def bottleneck_hook(unet: UNet2DModel, fn):
         handle.remove()
 
 
+@contextlib.contextmanager
+def count_evaluations(unet: UNet2DModel):
+    """Count U-Net evaluations, one per image per call (a doubled injection batch counts twice).
+
+    Yields a dict whose ``"images"`` entry grows while the context is open.
+    """
+    counter = {"images": 0}
+
+    def count(module, args, kwargs):
+        counter["images"] += int((args[0] if args else kwargs["sample"]).shape[0])
+
+    handle = unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DDIM
 # ---------------------------------------------------------------------------------------------------------
@@ -207,6 +225,8 @@ def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: i
         raise ValueError("the content pool is empty")
     order = np.random.default_rng([seed, 1]).permutation(pool)
     content = order[np.arange(num_samples) % len(order)]
+    if len(np.unique(labels)) < 2:
+        raise ValueError("style images must come from another class, but the training set has only one class")
     style = np.empty(num_samples, dtype=np.int64)
     for i, c in enumerate(content):
         others = np.flatnonzero(labels != labels[c])

@@ -34,7 +34,7 @@ from .classifier import ClassifierConfig, build_classifier, group_metrics, predi
 from .data import Dataset, DataError, load_dataset
 from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
-from .injection import InjectionConfig, Synthetic, inject, plan_pairs
+from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
 from .mining import MiningConfig, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
@@ -258,8 +258,9 @@ class Run:
         n = cfg.num_samples if cfg.num_samples is not None else int(round(cfg.synthetic_ratio * len(tr)))
         pairs = plan_pairs(tr.labels, pool, n, self.cfg.seed)
         t0 = time.time()
-        syn = inject(unet, ddim_scheduler(unet_dir), tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
-                     self.progress)
+        with count_evaluations(unet) as evals:
+            syn = inject(unet, ddim_scheduler(unet_dir), tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
+                         self.progress)
         seconds = time.time() - t0
         self.timings["inject"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
@@ -267,6 +268,7 @@ class Run:
         info = {"samples": len(syn.labels), "seconds": round(seconds, 1),
                 "images_per_second": round(len(syn.labels) / max(seconds, 1e-9), 2),
                 "unet_parameters": num_parameters(unet),
+                "unet_evaluations_per_sample": round(evals["images"] / max(1, len(syn.labels)), 1),
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.cfg.dataset == "cmnist" and "grey" in tr.extras:
             reader = diagnostics.ShapeReader(self.ds, seed=self.cfg.seed)
@@ -361,7 +363,8 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
     if inj:
         lines += ["", f"## Injection (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
                       f"{cfg.injection.steps} DDIM steps, labels from the {cfg.injection.label_from})", "",
-                  f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s); "
+                  f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s, "
+                  f"{inj['unet_evaluations_per_sample']} U-Net evaluations per sample); "
                   f"the biased classifier gets {inj['biased_model_wrong']:.1f} % of them wrong (label-free conflict signal)."]
         rep = inj.get("report")
         if rep:

@@ -1,0 +1,32 @@
+"""Shared test setup: one CPU thread, and one dataset cache for the whole session.
+
+The embedded Colored MNIST takes a few seconds to build; every test that needs it shares the cache under
+``$DIFFINJECT_CACHE``. A developer who already set the variable (to reuse a warm cache) keeps it.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+_OWN_CACHE = None
+if not os.environ.get("DIFFINJECT_CACHE"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffinject-test-cache-")
+    os.environ["DIFFINJECT_CACHE"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cmnist():
+    """The embedded Colored MNIST at 1 % conflicts (built once, then served from the session cache)."""
+    from core.data import colored_mnist
+
+    return colored_mnist(1.0, 0)
