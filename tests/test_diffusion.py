@@ -101,3 +101,9 @@ def test_config_lists_become_tuples():
     again = DiffusionConfig(**json.loads(json.dumps(asdict(cfg))))
     assert again.block_out_channels == (8, 16) and again.up_block_types == ("UpBlock2D", "UpBlock2D")
     assert again == cfg and asdict(again) == asdict(cfg)
+
+
+def test_other_images_on_the_same_folder_are_refused(straight, images):
+    out, _ = straight
+    with pytest.raises(ValueError, match="other images"):
+        train_diffusion(255 - images, tiny(), out, seed=1, progress=False)

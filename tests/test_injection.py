@@ -205,6 +205,11 @@ def test_plan_pairs_empty_pool():
         plan_pairs(LABELS, np.array([], dtype=np.int64), 5, seed=0)
 
 
+def test_plan_pairs_needs_a_second_class():
+    with pytest.raises(ValueError, match="only one class"):
+        plan_pairs(np.zeros(6, dtype=np.int64), np.array([0, 1]), 3, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DDIM inversion and generation on a (quickly) trained U-Net
 # ---------------------------------------------------------------------------------------------------------
