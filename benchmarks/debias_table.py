@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,6 +36,13 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
 
 
+def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str) -> dict:
+    over = {"ratio": ratio, "seed": seed} | ({"unet": unet} if unet else {})
+    folder = Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
+    print(f"== {folder}", flush=True)
+    return Run(folder, make_config(preset, over), progress=False).all()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0, 5.0])
@@ -42,19 +51,22 @@ def main() -> None:
     p.add_argument("--unet", default=None, help="U-Net folder for every run (default: the preset's)")
     p.add_argument("--runs", default="runs/bench", help="parent folder of the run folders")
     p.add_argument("--name", default="debias_table", help="results file stem")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    per_run = {}
-    for ratio in args.ratios:
-        for seed in args.seeds:
-            over = {"ratio": ratio, "seed": seed} | ({"unet": args.unet} if args.unet else {})
-            folder = Path(args.runs) / f"{args.preset}-{pct_name(ratio)}-seed{seed}"
-            print(f"== {folder}", flush=True)
-            per_run[(ratio, seed)] = Run(folder, make_config(args.preset, over), progress=False).all()
+    cells = [(ratio, seed) for ratio in args.ratios for seed in args.seeds]
+    jobs = [(args.preset, ratio, seed, args.unet, args.runs) for ratio, seed in cells]
+    if args.jobs > 1:  # independent runs side by side, each on its own share of the cores
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            results = list(pool.map(run_cell, *zip(*jobs)))
+    else:
+        results = [run_cell(*job) for job in jobs]
+    per_run = dict(zip(cells, results))
     wall = time.time() - t0
 
     table = {}
@@ -70,7 +82,7 @@ def main() -> None:
 
     meta = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s)",
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),
         "seeds": args.seeds,

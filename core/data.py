@@ -160,7 +160,7 @@ def _save_cached(ds: Dataset, path: Path) -> None:
         arrays.update({f"{split}_images": s.images.numpy(), f"{split}_labels": s.labels.numpy(),
                        f"{split}_bias": s.bias.numpy(), f"{split}_grey": s.extras["grey"].numpy()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # parallel builders never share a temporary file
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 
@@ -129,9 +130,9 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     torch.manual_seed(seed)
     data = to_model_space(images, cfg.image_size)
     unet = build_unet(cfg, data.shape[1]).to(device)
-    ema = build_unet(cfg, data.shape[1]).to(device)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
+    # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so the random initial weights
+    # do not linger in the average of a short run (0.999 ** 1500 would still leave them 22 % of it)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     sched = ddpm_scheduler(cfg)
     acp = sched.alphas_cumprod.to(device)
@@ -173,9 +174,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1.0 - cfg.ema_decay)
+        ema.step(unet.parameters())
         losses.append(loss.item())
         step += 1
         seconds = time.time() - t0
@@ -185,13 +184,15 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
             save_checkpoint()
     bar.close()
 
-    ema.eval()
-    ema.save_pretrained(out)
+    ema_unet = build_unet(cfg, data.shape[1]).to(device)
+    ema.copy_to(ema_unet.parameters())
+    ema_unet.eval()
+    ema_unet.save_pretrained(out)
     ddim_scheduler(cfg=cfg).save_pretrained(out)
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
                                                 "num_images": len(data), "loss_every_50": _smooth(losses, 50)}, indent=1))
     plot_loss(losses, out / "loss.png")
-    return TrainResult(ema, step, losses, seconds)
+    return TrainResult(ema_unet, step, losses, seconds)
 
 
 def _smooth(losses: list[float], window: int) -> list[float]:
