@@ -231,6 +231,3 @@ def is_trained(path: str | Path) -> bool:
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-__all__ = ["DiffusionConfig", "build_unet", "ddim_scheduler", "ddpm_scheduler", "p2_weights", "train_diffusion",
-           "load_unet", "to_model_space", "from_model_space", "is_trained", "num_parameters"]

@@ -7,7 +7,7 @@ highest-loss samples of each class.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,12 +19,10 @@ from .classifier import ClassifierConfig, gce_loss, predict, train_classifier
 @dataclass
 class MiningConfig:
     k: int = 10  # samples kept per class (reference default)
-    classifier: ClassifierConfig = None  # the biased model; defaults to ClassifierConfig()
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # the biased model
 
     def __post_init__(self):
-        if self.classifier is None:
-            self.classifier = ClassifierConfig()
-        elif isinstance(self.classifier, dict):
+        if isinstance(self.classifier, dict):  # from YAML / config.json
             self.classifier = ClassifierConfig(**self.classifier)
 
 

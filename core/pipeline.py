@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import diagnostics
-from .classifier import ClassifierConfig, build_classifier, group_metrics, predict
+from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict
 from .data import Dataset, DataError, load_dataset
 from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
@@ -305,8 +305,7 @@ class Run:
         self.timings[name] = round(time.time() - t0, 1)
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
                                 ds.test.bias)
-        metrics["valid"] = round(100.0 * (predict(model, ds.valid.images, device=self.device).argmax(1)
-                                          == ds.valid.labels).float().mean().item(), 2)
+        metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         _save_torch(folder / f"{name}.pt", model.state_dict())
         _save_json(metrics_path, metrics)
         return metrics
