@@ -176,3 +176,32 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "ratio 7 is not one of" in proc.stderr
+
+
+def test_quick_run_on_released_folder_layout(dataset, tmp_path):
+    """A user with the released folders runs the same pipeline with --data-root (here: a small cmnist copy)."""
+    root = tmp_path / "data"
+
+    def write(split, folder, by_label=True):
+        for i in range(len(split)):
+            label, bias = int(split.labels[i]), int(split.bias[i])
+            sub = folder / str(label) if by_label else folder
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(split.images[i].permute(1, 2, 0).numpy()).save(sub / f"{i}_{label}_{bias}.png")
+
+    tr = dataset.train
+    aligned = (tr.labels == tr.bias).nonzero().flatten()[:290]
+    conflict = (tr.labels != tr.bias).nonzero().flatten()[:10]
+    write(tr.subset(aligned), root / "cmnist/1pct/align")
+    write(tr.subset(conflict), root / "cmnist/1pct/conflict")
+    write(dataset.valid.subset(range(60)), root / "cmnist/1pct/valid", by_label=False)
+    write(dataset.test.subset(range(100)), root / "cmnist/test")
+    out = tmp_path / "run"
+    code = main(["run", "--preset", "quick", "--data-root", str(root), "--out", str(out), "--no-progress",
+                 "--methods", "vanilla,diffinject,oracle"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"]["train"] == 300 and metrics["dataset"]["test"] == 100
+    assert set(metrics["methods"]) == {"vanilla", "diffinject"}  # no oracle without the grey digits
+    assert "report" not in metrics["injection"]  # the readers need the embedded data; the label-free signal stays
+    assert 0 <= metrics["injection"]["biased_model_wrong"] <= 100
