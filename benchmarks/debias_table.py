@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
+from core.diagnostics import REPORT_KEYS  # noqa: E402
 from core.pipeline import NAMES, Run, make_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group")
-REPORT_KEYS = ("content_digit", "style_colour", "both", "reverse", "neither", "content_digit_other_colour")
 
 
 def mean_std(values: list[float]) -> dict:

@@ -22,6 +22,10 @@ from .classifier import ClassifierConfig, accuracy, predict, train_classifier
 from .data import PALETTE, Dataset
 
 
+# The shares injection_report gives, in the order tables show them.
+REPORT_KEYS = ("content_digit", "style_colour", "both", "reverse", "neither", "content_digit_other_colour")
+
+
 def colour_free(images: torch.Tensor) -> torch.Tensor:
     """Max over channels, stretched so each image's brightest pixel is 255: the digit without its colour."""
     grey = images.float().amax(dim=1, keepdim=True)

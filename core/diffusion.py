@@ -224,6 +224,14 @@ def load_unet(path: str | Path, device: str = "cpu") -> UNet2DModel:
     return UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
 
 
+def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu") -> tuple[UNet2DModel, int]:
+    """The raw (non-EMA) U-Net of a training ``checkpoint.pt`` and its step, for experiments on training runs."""
+    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    unet = build_unet(DiffusionConfig(**ckpt["config"])).to(device)
+    unet.load_state_dict(ckpt["unet"])
+    return unet.eval(), ckpt["step"]
+
+
 def is_trained(path: str | Path) -> bool:
     return (Path(path) / "diffusion_pytorch_model.safetensors").exists() and (Path(path) / "train.json").exists()
 

@@ -223,10 +223,10 @@ def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: i
     pool = np.asarray(pool)
     if len(pool) == 0:
         raise ValueError("the content pool is empty")
-    order = np.random.default_rng([seed, 1]).permutation(pool)
-    content = order[np.arange(num_samples) % len(order)]
     if len(np.unique(labels)) < 2:
         raise ValueError("style images must come from another class, but the training set has only one class")
+    order = np.random.default_rng([seed, 1]).permutation(pool)
+    content = order[np.arange(num_samples) % len(order)]
     style = np.empty(num_samples, dtype=np.int64)
     for i, c in enumerate(content):
         others = np.flatnonzero(labels != labels[c])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 
 from . import diagnostics
 from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict
-from .data import Dataset, DataError, load_dataset
+from .data import Dataset, load_dataset
 from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
 from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
@@ -367,7 +367,7 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
                   f"the biased classifier gets {inj['biased_model_wrong']:.1f} % of them wrong (label-free conflict signal)."]
         rep = inj.get("report")
         if rep:
-            keys = ("content_digit", "style_colour", "both", "reverse", "neither", "content_digit_other_colour")
+            keys = diagnostics.REPORT_KEYS
             lines += ["", "Injection report (shape reader accuracy on the test split "
                           f"{rep['shape_reader_test_accuracy']:.1f} %, colour reader "
                           f"{rep.get('colour_reader_test_accuracy', float('nan')):.1f} %):", "",
