@@ -3,6 +3,7 @@ samples (bias labels pick the pool: an experiment instrument, not a method), 64 
 
     python benchmarks/injection_sweep.py                 # the shipped U-Net (EMA weights)
     python benchmarks/injection_sweep.py --checkpoint F  # raw weights of a training checkpoint.pt
+    python benchmarks/injection_sweep.py --checkpoint F --ema  # its EMA weights
 """
 
 import argparse
@@ -28,12 +29,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", default=str(PRETRAINED / "cmnist-1pct"))
     p.add_argument("--checkpoint", default=None, help="use the raw weights of this training checkpoint instead")
+    p.add_argument("--ema", action="store_true", help="with --checkpoint: the EMA weights, not the raw ones")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        unet, step = load_checkpoint_unet(args.checkpoint)
-        print(f"raw weights of {args.checkpoint} at step {step}", flush=True)
+        unet, step = load_checkpoint_unet(args.checkpoint, ema=args.ema)
+        print(f"{'EMA' if args.ema else 'raw'} weights of {args.checkpoint} at step {step}", flush=True)
     else:
         unet = load_unet(args.unet)
         print(f"EMA model {args.unet}", flush=True)

@@ -224,11 +224,16 @@ def load_unet(path: str | Path, device: str = "cpu") -> UNet2DModel:
     return UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
 
 
-def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu") -> tuple[UNet2DModel, int]:
-    """The raw (non-EMA) U-Net of a training ``checkpoint.pt`` and its step, for experiments on training runs."""
+def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu", ema: bool = False) -> tuple[UNet2DModel, int]:
+    """The U-Net of a training ``checkpoint.pt`` (raw weights, or the EMA's with ``ema``) and its step, for
+    experiments on a training run that has not finished."""
     ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     unet = build_unet(DiffusionConfig(**ckpt["config"])).to(device)
     unet.load_state_dict(ckpt["unet"])
+    if ema:
+        average = EMAModel(unet.parameters())
+        average.load_state_dict(ckpt["ema"])
+        average.copy_to(unet.parameters())
     return unet.eval(), ckpt["step"]
 
 
