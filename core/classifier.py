@@ -121,10 +121,12 @@ def group_metrics(pred: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor) 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
                      valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
-                     loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True) -> nn.Module:
+                     loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True,
+                     on_epoch=None) -> nn.Module:
     """Train a classifier on uint8 ``images``; return the epoch with the best validation accuracy.
 
     ``loss_fn(logits, targets)`` defaults to cross entropy. Without a validation split the last epoch is kept.
+    ``on_epoch(epoch, valid_accuracy)`` is called after each epoch that has a validation score (Tune reports it).
     The batch order comes from a generator seeded by ``seed``: the same inputs give the same model.
     """
     torch.manual_seed(seed)
@@ -133,7 +135,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: t
     loss_fn = loss_fn or F.cross_entropy
     g = torch.Generator().manual_seed(seed)
     best, best_acc = None, -1.0
-    for _ in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         model.train()
         order = torch.randperm(len(labels), generator=g)
         for i in range(0, len(order), cfg.batch_size):
@@ -146,6 +148,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: t
             acc = accuracy(model, valid_images, valid_labels, device)
             if acc > best_acc:
                 best, best_acc = copy.deepcopy(model.state_dict()), acc
+            if on_epoch is not None:
+                on_epoch(epoch, acc)
     if best is not None:
         model.load_state_dict(best)
     return model.eval()

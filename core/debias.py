@@ -27,12 +27,12 @@ def train_vanilla(train, valid, num_classes, cfg: ClassifierConfig, seed, device
 
 
 def train_with_extra(train, extra_images, extra_labels, valid, num_classes, cfg, seed, desc, device="cpu",
-                     progress=True):
+                     progress=True, on_epoch=None):
     """Cross entropy on the training set plus extra (synthetic or oracle) samples."""
     images = torch.cat([train.images, extra_images])
     labels = torch.cat([train.labels, extra_labels])
     return train_classifier(images, labels, valid.images, valid.labels, cfg, num_classes, seed, device=device,
-                            desc=desc, progress=progress)
+                            desc=desc, progress=progress, on_epoch=on_epoch)
 
 
 def train_lff(train, valid, num_classes, cfg: ClassifierConfig, seed, ema_alpha: float = 0.7, device="cpu",

@@ -168,10 +168,14 @@ def _noise(generators: list[torch.Generator], shape, device) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
-def sample_generators(seed: int, sample_ids) -> list[torch.Generator]:
-    """One generator per synthetic sample, seeded by (seed, sample id): batching never changes a sample."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
-            for i in sample_ids]
+def sample_generators(seed, sample_ids) -> list[torch.Generator]:
+    """One generator per synthetic sample, seeded by (seed, sample id): batching never changes a sample.
+
+    ``seed`` is one int for all samples or one per sample (a service batch mixes requests with their own seeds).
+    """
+    seeds = np.broadcast_to(np.asarray(seed, dtype=np.int64), (len(sample_ids),))
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(s), int(i)]).generate_state(1)[0]))
+            for s, i in zip(seeds, sample_ids)]
 
 
 @torch.inference_mode()
@@ -252,34 +256,44 @@ class Synthetic:
 
 
 def invert_contents(unet, scheduler, images: torch.Tensor, index: np.ndarray, cfg: InjectionConfig, image_size: int,
-                    device: str = "cpu") -> dict[int, Inversion]:
-    """Invert each distinct content image once (batched) and keep its h-trajectory for t >= t_edit."""
+                    device: str = "cpu", cache=None) -> dict[int, Inversion]:
+    """Invert each distinct content image once (batched) and keep its h-trajectory for t >= t_edit.
+
+    ``cache`` (a mapping from image index to Inversion, e.g. an actor's LRU) supplies the inversions it holds
+    and receives the new ones; it must be specific to this U-Net, image set, ``cfg.steps`` and ``cfg.t_edit``.
+    """
     out = {}
     uniq = np.unique(index)
+    if cache is not None:
+        out = {int(c): cache[int(c)] for c in uniq if int(c) in cache}
+        uniq = np.array([c for c in uniq if int(c) not in out], dtype=np.int64)
     for start in range(0, len(uniq), cfg.batch_size):
         chunk = uniq[start : start + cfg.batch_size]
         x0 = to_model_space(images[torch.as_tensor(chunk)], image_size).to(device)
         inv = ddim_invert(unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit)
         for j, c in enumerate(chunk):
             out[int(c)] = Inversion(inv.x_T[j : j + 1], {t: h[j : j + 1] for t, h in inv.h.items()})
+            if cache is not None:
+                cache[int(c)] = out[int(c)]
     return out
 
 
 def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor, pairs: Pairs,
-           cfg: InjectionConfig, seed: int = 0, device: str = "cpu", progress: bool = True,
-           sample_ids=None) -> Synthetic:
+           cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
+           sample_ids=None, content_cache=None) -> Synthetic:
     """Generate one synthetic sample per pair: the style image regenerated with the content's h injected.
 
     ``images``/``labels`` are the training set (uint8, task labels); bias labels are never passed in.
     ``sample_ids`` (default 0..n-1) seed each sample's noise, so any split of the pairs over batches or
-    workers gives the same pixels.
+    workers gives the same pixels; ``seed`` may also be one per pair. ``content_cache``: see ``invert_contents``.
     """
     cfg.validate()
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     n = len(pairs.content)
     sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
-    contents = invert_contents(unet, scheduler, images, pairs.content, cfg, size, device) if cfg.gamma > 0 else {}
+    contents = invert_contents(unet, scheduler, images, pairs.content, cfg, size, device,
+                               content_cache) if cfg.gamma > 0 else {}
     results = []
     bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
     for start in range(0, n, cfg.batch_size):
@@ -290,7 +304,8 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
         h = None
         if contents:
             h = {t: torch.cat([contents[int(c)].h[t] for c in c_idx]) for t in contents[int(c_idx[0])].h}
-        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(seed, sample_ids[sl]))
+        seeds = np.broadcast_to(np.asarray(seed), (n,))[sl]
+        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(seeds, sample_ids[sl]))
         results.append(from_model_space(x.cpu(), images.shape[-1]))
         bar.update(len(c_idx))
     bar.close()

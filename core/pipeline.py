@@ -161,12 +161,26 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from vanilla, lff, diffinject, oracle")
 
 
+def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tensor, pairs, cfg: InjectionConfig,
+                        seed: int, device: str = "cpu", progress: bool = True) -> tuple[Synthetic, int]:
+    """The generation stage in this process: the synthetic samples and the U-Net evaluations (images) spent."""
+    unet = load_unet(unet_dir, device)
+    with count_evaluations(unet) as evals:
+        syn = inject(unet, ddim_scheduler(unet_dir), images, labels, pairs, cfg, seed, device, progress)
+    return syn, evals["images"]
+
+
 class Run:
-    """A run folder and its stages. ``Run(folder, cfg).all()`` does everything; each stage resumes."""
+    """A run folder and its stages. ``Run(folder, cfg).all()`` does everything; each stage resumes.
+
+    ``generate`` replaces the in-process generation stage (same signature as ``generate_in_process``): the Ray
+    fan-out over injection actors plugs in here, so this module never imports Ray.
+    """
 
     def __init__(self, folder: str | Path, cfg: RunConfig, device: str = "cpu", progress: bool = True,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, generate=None):
         self.dir, self.cfg, self.device, self.progress = Path(folder), cfg, device, progress
+        self.generate = generate or generate_in_process
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
         self.timings: dict[str, float] = {}
@@ -253,22 +267,20 @@ class Run:
             return Synthetic.load(path)
         pool = self.mined()
         unet_dir = self.unet_dir()
-        unet = load_unet(unet_dir, self.device)
         cfg, tr = self.cfg.injection, self.ds.train
         n = cfg.num_samples if cfg.num_samples is not None else int(round(cfg.synthetic_ratio * len(tr)))
         pairs = plan_pairs(tr.labels, pool, n, self.cfg.seed)
         t0 = time.time()
-        with count_evaluations(unet) as evals:
-            syn = inject(unet, ddim_scheduler(unet_dir), tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
-                         self.progress)
+        syn, evaluations = self.generate(unet_dir, tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
+                                         self.progress)
         seconds = time.time() - t0
         self.timings["inject"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
         info = {"samples": len(syn.labels), "seconds": round(seconds, 1),
                 "images_per_second": round(len(syn.labels) / max(seconds, 1e-9), 2),
-                "unet_parameters": num_parameters(unet),
-                "unet_evaluations_per_sample": round(evals["images"] / max(1, len(syn.labels)), 1),
+                "unet_parameters": num_parameters(load_unet(unet_dir)),
+                "unet_evaluations_per_sample": round(evaluations / max(1, len(syn.labels)), 1),
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.cfg.dataset == "cmnist" and "grey" in tr.extras:
             reader = diagnostics.ShapeReader(self.ds, seed=self.cfg.seed)
