@@ -74,7 +74,8 @@ def cmd_run(args) -> int:
     _threads(args.threads)
     cfg = make_config(args.preset, _overrides(args))
     out = args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}"
-    metrics = Run(out, cfg, device=args.device, progress=not args.no_progress).all()
+    generate = args.make_generator(args) if getattr(args, "make_generator", None) else None
+    metrics = Run(out, cfg, device=args.device, progress=not args.no_progress, generate=generate).all()
     width = max(len(m) for m in metrics["methods"])
     print(f"\n{'method':<{width}}  unbiased  aligned  conflicting  worst-group")
     for name, m in metrics["methods"].items():
@@ -86,6 +87,7 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffinject", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub  # workers.cli adds the Ray commands here
 
     r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with Vanilla and LfF beside it")
     r.add_argument("--preset", default="default", choices=sorted(PRESETS))
@@ -130,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except (DataError, ValueError, FileNotFoundError) as e:

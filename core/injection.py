@@ -220,20 +220,22 @@ class Pairs:
     style: np.ndarray  # indices into the training set, of a class other than the content's
 
 
-def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: int) -> Pairs:
+def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: int, style_pool=None) -> Pairs:
     """Content i cycles through a seeded shuffle of ``pool``; style i is drawn uniformly from the training
-    images of any other class, with a generator seeded by (seed, i). Reads task labels only."""
+    images (or ``style_pool``) of any other class, with a generator seeded by (seed, i). Reads task labels only."""
     labels = np.asarray(labels)
     pool = np.asarray(pool)
+    styles = np.arange(len(labels)) if style_pool is None else np.asarray(style_pool)
     if len(pool) == 0:
         raise ValueError("the content pool is empty")
-    if len(np.unique(labels)) < 2:
-        raise ValueError("style images must come from another class, but the training set has only one class")
+    for c in np.unique(labels[pool]):
+        if not (labels[styles] != c).any():
+            raise ValueError(f"style images must come from another class, but there is none other than class {c}")
     order = np.random.default_rng([seed, 1]).permutation(pool)
     content = order[np.arange(num_samples) % len(order)]
     style = np.empty(num_samples, dtype=np.int64)
     for i, c in enumerate(content):
-        others = np.flatnonzero(labels != labels[c])
+        others = styles[labels[styles] != labels[c]]
         style[i] = others[np.random.default_rng([seed, 2, i]).integers(len(others))]
     return Pairs(content.astype(np.int64), style)
 

@@ -206,7 +206,7 @@ def test_plan_pairs_empty_pool():
 
 
 def test_plan_pairs_needs_a_second_class():
-    with pytest.raises(ValueError, match="only one class"):
+    with pytest.raises(ValueError, match="none other than class"):
         plan_pairs(np.zeros(6, dtype=np.int64), np.array([0, 1]), 3, seed=0)
 
 
