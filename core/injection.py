@@ -42,6 +42,10 @@ class InjectionConfig:
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
     batch_size: int = 64
 
+    def count(self, train_size: int) -> int:
+        """Synthetic samples to generate for a training set of ``train_size`` images."""
+        return self.num_samples if self.num_samples is not None else int(round(self.synthetic_ratio * train_size))
+
     def validate(self) -> "InjectionConfig":
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma {self.gamma} is outside [0, 1]")

@@ -268,8 +268,7 @@ class Run:
         pool = self.mined()
         unet_dir = self.unet_dir()
         cfg, tr = self.cfg.injection, self.ds.train
-        n = cfg.num_samples if cfg.num_samples is not None else int(round(cfg.synthetic_ratio * len(tr)))
-        pairs = plan_pairs(tr.labels, pool, n, self.cfg.seed)
+        pairs = plan_pairs(tr.labels, pool, cfg.count(len(tr)), self.cfg.seed)
         t0 = time.time()
         syn, evaluations = self.generate(unet_dir, tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
                                          self.progress)

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no token
 
 _OWN_CACHE = None
 if not os.environ.get("DIFFINJECT_CACHE"):
@@ -30,3 +32,26 @@ def cmnist():
     from core.data import colored_mnist
 
     return colored_mnist(1.0, 0)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """A quick-preset run folder with its tiny U-Net and biased classifier trained (shared by the Ray tests)."""
+    from core.pipeline import Run, make_config
+
+    run = Run(tmp_path_factory.mktemp("quick-run"), make_config("quick"), progress=False)
+    run.unet_dir()
+    run.biased()
+    return run
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster per test module (2 CPUs), always shut down."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

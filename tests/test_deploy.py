@@ -1,0 +1,201 @@
+"""The deploy/ files, checked without a cluster: Ray's own Serve schema, importable code, pinned versions.
+
+``rayservice.yaml``'s ``serveConfigV2`` must be ``serve.yaml`` plus exactly two Kubernetes-only changes (see the
+manifest's header): each application's ``runtime_env`` and the GPU of the Injector's ``ray_actor_options``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+RAY_VERSION = "2.60.0"
+K8S_ONLY = {"Injector": {"ray_actor_options": {"num_gpus": 1}}}  # deployment -> settings only the RayService adds
+
+
+def _serve_schema(config: dict):
+    from ray.serve.schema import ServeDeploySchema
+
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    return validate(config)
+
+
+def _load(name: str):
+    path = DEPLOY / name
+    assert path.is_file(), f"{path} is missing"
+    return yaml.safe_load(path.read_text())
+
+
+def _manifest(name: str, kind: str) -> dict:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+    found = [d for d in docs if d.get("kind") == kind]
+    assert len(found) == 1, f"{name}: expected one {kind}, found {len(found)}"
+    assert found[0]["apiVersion"] == "ray.io/v1"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict:
+    return _load("serve.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    return _manifest("rayservice.yaml", "RayService")
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return _manifest("rayjob.yaml", "RayJob")
+
+
+def _project_deps() -> set[str]:
+    """pyproject's dependencies by name, without Ray (which the rayproject/ray images bring)."""
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # 3.10: the installed package's metadata
+        from importlib.metadata import requires
+
+        deps = [r for r in requires("diffinject") or [] if "extra ==" not in r]
+    else:
+        deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in deps}
+    return names - {"ray"}
+
+
+def _check_runtime_env(env: dict, where: str) -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    wd = env.get("working_dir", "")
+    assert re.match(r"^(https?|s3|gs)://.+\.zip$", wd), f"{where}: working_dir must be a remote zip, got {wd!r}"
+    pip = env.get("pip")
+    pip = pip.get("packages", []) if isinstance(pip, dict) else pip or []
+    names = {re.match(r"[A-Za-z0-9_.-]+", p).group(0).lower() for p in pip}
+    missing = _project_deps() - names
+    assert not missing, f"{where}: runtime_env pip lacks project dependencies {sorted(missing)}"
+
+
+# --- serve.yaml ------------------------------------------------------------------------------------------
+
+
+def test_serve_config_validates_with_ray_schema(serve_config):
+    schema = _serve_schema(serve_config)
+    assert [app.name for app in schema.applications] == [a["name"] for a in serve_config["applications"]]
+
+
+def _import_path(path: str) -> tuple[str, str]:
+    """Serve's ``module:attr`` or ``module.attr``."""
+    module_name, sep, attr = path.partition(":")
+    return (module_name, attr) if sep else tuple(path.rsplit(".", 1))
+
+
+def test_serve_import_paths_and_deployments_exist(serve_config):
+    for app in serve_config["applications"]:
+        module_name, attr = _import_path(app["import_path"])
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                pytest.skip(f"{module_name} is not written yet")
+            raise
+        assert callable(getattr(module, attr, None)), f"{app['import_path']}: no such attribute"
+        from ray.serve import Deployment
+
+        names = {getattr(v, "name", None) for v in vars(module).values() if isinstance(v, Deployment)}
+        for dep in app.get("deployments", []):
+            assert dep["name"] in names, f"deployment {dep['name']!r} is not defined in {module_name} ({sorted(names)})"
+
+
+# --- rayservice.yaml -------------------------------------------------------------------------------------
+
+
+def _without_k8s_only(config: dict) -> dict:
+    """serveConfigV2 less what only the RayService adds (runtime_env, K8S_ONLY), for comparison with serve.yaml."""
+    config = copy.deepcopy(config)
+    for app in config.get("applications", []):
+        app.pop("runtime_env", None)
+        for dep in app.get("deployments", []):
+            for key, sub in K8S_ONLY.get(dep["name"], {}).items():
+                for k in sub:
+                    dep.get(key, {}).pop(k, None)
+    return config
+
+
+def test_rayservice_serve_config_is_serve_yaml(rayservice, serve_config):
+    v2 = rayservice["spec"]["serveConfigV2"]
+    assert isinstance(v2, str), "serveConfigV2 must be a YAML string (a `|` block)"
+    config = yaml.safe_load(v2)
+    _serve_schema(config)
+    base = _without_k8s_only(serve_config)
+    assert _without_k8s_only(config) == base, (
+        "serveConfigV2 differs from deploy/serve.yaml beyond runtime_env and K8S_ONLY: copy serve.yaml's change over")
+    for app in config["applications"]:
+        assert "runtime_env" in app, f"application {app['name']}: the RayService needs a runtime_env for the code"
+        _check_runtime_env(app["runtime_env"], f"serveConfigV2 application {app['name']}")
+        for dep in app.get("deployments", []):
+            for key, sub in K8S_ONLY.get(dep["name"], {}).items():
+                for k, v in sub.items():
+                    assert dep.get(key, {}).get(k) == v, f"{dep['name']}.{key}.{k} should be {v} in the RayService"
+
+
+def _containers(cluster: dict) -> list[dict]:
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _check_cluster(cluster: dict, name: str) -> None:
+    assert cluster["rayVersion"] == RAY_VERSION, f"{name}: rayVersion {cluster['rayVersion']!r}"
+    for c in _containers(cluster):
+        assert c["image"].startswith(f"rayproject/ray:{RAY_VERSION}-"), f"{name}: image {c['image']}"
+
+
+def test_rayservice_cluster_pins_ray(rayservice):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    _check_cluster(cluster, "rayservice.yaml")
+    workers = [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    gpu = [c for c in workers if c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")]
+    assert gpu, "rayservice.yaml: no GPU worker group"
+    for c in gpu:
+        assert c["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+        assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert any(c["image"] == f"rayproject/ray:{RAY_VERSION}-py311" for c in _containers(cluster))
+
+
+# --- rayjob.yaml -----------------------------------------------------------------------------------------
+
+
+def test_rayjob_pins_ray_and_shuts_down(rayjob):
+    spec = rayjob["spec"]
+    _check_cluster(spec["rayClusterSpec"], "rayjob.yaml")
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_runtime_env(yaml.safe_load(spec["runtimeEnvYAML"]), "rayjob.yaml runtimeEnvYAML")
+
+
+def test_rayjob_entrypoint_is_accepted(rayjob):
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "workers.job"], argv
+    importlib.import_module(argv[2])
+    from workers.cli import build_parser
+
+    args = build_parser().parse_args(["run", *argv[3:]])
+    assert args.workers > 0 and args.out and Path(args.out).is_absolute()
+
+
+def test_rayjob_run_folder_is_on_the_shared_volume(rayjob):
+    """--out lies on a volume mounted at the same path on the head and every worker (actors read the U-Net)."""
+    from workers.cli import build_parser
+
+    out = Path(build_parser().parse_args(["run", *shlex.split(rayjob["spec"]["entrypoint"])[3:]]).out)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for c in _containers(cluster):
+        mounts = [Path(m["mountPath"]) for m in c.get("volumeMounts", [])]
+        assert any(out.is_relative_to(m) for m in mounts), f"{c['name']}: {out} is not on a mounted volume"

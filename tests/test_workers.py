@@ -1,0 +1,63 @@
+"""Injection actors: same pixels as in-process core, content cache, fan-out over several actors."""
+
+import numpy as np
+import torch
+
+from core.diffusion import ddim_scheduler, load_unet
+from core.injection import InjectionConfig, inject, plan_pairs
+from workers.injector import ContentCache, Injector, fan_out, injector_actor
+
+CFG = InjectionConfig(steps=5, num_samples=12, batch_size=16)
+
+
+def _pairs(run):
+    return plan_pairs(run.ds.train.labels, run.mined(), CFG.num_samples, seed=3)
+
+
+def _in_process(run, pairs):
+    unet_dir = run.unet_dir()
+    tr = run.ds.train
+    return inject(load_unet(unet_dir), ddim_scheduler(unet_dir), tr.images, tr.labels, pairs, CFG, seed=7,
+                  progress=False)
+
+
+def test_lru_cache_evicts_oldest_and_counts():
+    cache = ContentCache(capacity=2)
+    a, b = cache.scope("m", "d", 5, 500), cache.scope("m", "other", 5, 500)
+    a[1], a[2] = "x", "y"
+    assert 1 in a and a[1] == "x" and 1 not in b  # scopes do not see each other's entries
+    a[3] = "z"  # evicts 2, the least recently used (1 was just read)
+    assert 2 not in a and 1 in a and 3 in a
+    assert cache.stats()["entries"] == 2 and cache.stats()["hits"] == 3 and cache.stats()["misses"] == 2
+
+
+def test_injector_cache_is_hit_on_reuse_and_changes_nothing(quick_run):
+    pairs = _pairs(quick_run)
+    tr = quick_run.ds.train
+    injector = Injector(quick_run.dir, threads=1)
+    first = injector.inject(tr.images, tr.labels, pairs.content, pairs.style, CFG, seed=7)
+    distinct = len(np.unique(pairs.content))
+    assert first.cache["misses"] == distinct and first.cache["hits"] == 0 and first.cache["entries"] == distinct
+    again = injector.inject(tr.images, tr.labels, pairs.content, pairs.style, CFG, seed=7)
+    assert again.cache["hits"] == distinct and again.cache["misses"] == distinct  # nothing inverted twice
+    assert again.evaluations < first.evaluations  # the content inversions were skipped
+    assert torch.equal(first.synthetic.images, again.synthetic.images)
+    assert torch.equal(first.synthetic.images, _in_process(quick_run, pairs).images)
+
+
+def test_actor_equals_in_process_and_fan_out_equals_one_actor(ray_cluster, quick_run):
+    pairs = _pairs(quick_run)
+    tr = quick_run.ds.train
+    expected = _in_process(quick_run, pairs)
+    one = [injector_actor(quick_run.dir, threads=1)]
+    syn1, evals1 = fan_out(one, tr.images, tr.labels, pairs, CFG, seed=7)
+    assert torch.equal(syn1.images, expected.images) and torch.equal(syn1.labels, expected.labels)
+    ray_cluster.kill(one[0])  # free its CPU: the cluster has two
+    two = [injector_actor(quick_run.dir, threads=1) for _ in range(2)]
+    syn2, evals2 = fan_out(two, tr.images, tr.labels, pairs, CFG, seed=7)
+    # each actor inverts its own contents: the same pixels up to float rounding of other batch shapes
+    assert (syn2.images.int() - expected.images.int()).abs().max() <= 2
+    assert torch.equal(syn2.content, expected.content) and torch.equal(syn2.style, expected.style)
+    assert evals2 >= evals1
+    info = ray_cluster.get(two[0].info.remote())
+    assert info["threads"] == 1 and info["cache"]["entries"] > 0

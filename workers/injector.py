@@ -1,0 +1,167 @@
+"""The injection worker: holds one trained U-Net and injects whole batches of (content, style) pairs.
+
+``Injector`` is plain Python around ``core.injection.inject``; ``InjectorActor`` is the same class as a Ray
+actor, and the Serve deployment wraps it too. Content inversions are cached (LRU, bounded by entries) under
+(model, image set, DDIM steps, t_edit, index): a mined conflict sample is inverted once however often it is
+paired. Cached and fresh inversions give the same pixels, so caching never changes a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.diffusion import ddim_scheduler, is_trained, load_unet
+from core.injection import InjectionConfig, Pairs, Synthetic, count_evaluations, inject
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A U-Net folder, or a run folder holding one in ``unet/``."""
+    path = Path(path)
+    for candidate in (path, path / "unet"):
+        if is_trained(candidate):
+            return candidate
+    raise FileNotFoundError(f"no trained U-Net at {path} (nor in {path / 'unet'})")
+
+
+def images_id(images: torch.Tensor) -> str:
+    """Content hash of an image set: the cache key part that says which images an index points into."""
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+
+
+class ContentCache:
+    """LRU of content inversions. ``scope(...)`` gives the index -> Inversion view ``core`` reads and fills."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity, self.hits, self.misses = capacity, 0, 0
+        self._items: OrderedDict = OrderedDict()
+
+    def scope(self, *key) -> "_Scope":
+        return _Scope(self, tuple(key))
+
+    def stats(self) -> dict:
+        return {"entries": len(self._items), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
+
+
+class _Scope:
+    def __init__(self, cache: ContentCache, key: tuple):
+        self.cache, self.key = cache, key
+
+    def __contains__(self, index) -> bool:
+        found = (*self.key, index) in self.cache._items
+        if found:
+            self.cache.hits += 1
+        else:
+            self.cache.misses += 1
+        return found
+
+    def __getitem__(self, index):
+        k = (*self.key, index)
+        self.cache._items.move_to_end(k)
+        return self.cache._items[k]
+
+    def __setitem__(self, index, inversion) -> None:
+        items = self.cache._items
+        items[(*self.key, index)] = inversion
+        items.move_to_end((*self.key, index))
+        while len(items) > self.cache.capacity:
+            items.popitem(last=False)
+
+
+@dataclass
+class InjectResult:
+    synthetic: Synthetic
+    evaluations: int  # U-Net evaluations, counted per image (a doubled batch of n counts 2n)
+    seconds: float
+    cache: dict
+
+
+class Injector:
+    """One U-Net, loaded once, with its content cache. ``threads``: torch CPU threads (Ray gives actors one)."""
+
+    def __init__(self, model: str | Path, threads: int | None = None, cache_size: int = 4096,
+                 device: str | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model_dir = resolve_model_dir(model)
+        self.unet = load_unet(self.model_dir, self.device)
+        self.scheduler = ddim_scheduler(self.model_dir)
+        weights = self.model_dir / "diffusion_pytorch_model.safetensors"
+        self.model_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        self.cache = ContentCache(cache_size)
+
+    def inject(self, images: torch.Tensor, labels: torch.Tensor, content, style, cfg: InjectionConfig | dict,
+               seed=0, sample_ids=None, images_key: str | None = None) -> InjectResult:
+        """Synthetic samples for pairs (content[i], style[i]) of indices into ``images``; see ``core.inject``.
+
+        ``seed``: one int, or one per pair; ``sample_ids`` (default 0..n-1) with it seed each sample's noise.
+        ``images_key`` names the image set in the cache (default: its content hash).
+        """
+        cfg = InjectionConfig(**cfg) if isinstance(cfg, dict) else cfg
+        pairs = Pairs(np.asarray(content, dtype=np.int64), np.asarray(style, dtype=np.int64))
+        scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit)
+        t0 = time.time()
+        with count_evaluations(self.unet) as evals:
+            syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
+                         sample_ids=sample_ids, content_cache=scope)
+        return InjectResult(syn, evals["images"], time.time() - t0, self.cache.stats())
+
+    def info(self) -> dict:
+        return {"model": str(self.model_dir), "model_id": self.model_id, "device": self.device,
+                "threads": torch.get_num_threads(), "cache": self.cache.stats(), "pid": os.getpid()}
+
+
+def injector_actor(model: str | Path, threads: int = 1, cache_size: int = 4096):
+    """A Ray actor running ``Injector``: one GPU when the cluster has one, else ``threads`` CPUs."""
+    import ray
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    actor = ray.remote(num_cpus=threads, num_gpus=gpus)(Injector)
+    return actor.remote(str(model), threads=threads, cache_size=cache_size)
+
+
+def fan_out(actors: list, images: torch.Tensor, labels: torch.Tensor, pairs: Pairs, cfg: InjectionConfig,
+            seed: int = 0) -> tuple[Synthetic, int]:
+    """Split the pairs into one contiguous chunk per actor; per-sample ids keep the pixels of a one-actor run."""
+    import ray
+
+    images_ref, labels_ref = ray.put(images), ray.put(labels)
+    key = images_id(images)
+    chunks = [c for c in np.array_split(np.arange(len(pairs.content)), len(actors)) if len(c)]
+    refs = [actor.inject.remote(images_ref, labels_ref, pairs.content[c], pairs.style[c], asdict(cfg), seed, c, key)
+            for actor, c in zip(actors, chunks)]
+    results = ray.get(refs)
+    syn = Synthetic(*(torch.cat([getattr(r.synthetic, f) for r in results])
+                      for f in ("images", "labels", "content", "style")))
+    return syn, sum(r.evaluations for r in results)
+
+
+def ray_generator(workers: int, threads: int = 1):
+    """A ``generate`` for ``core.pipeline.Run``: the generation stage fanned out over ``workers`` actors."""
+
+    def generate(unet_dir, images, labels, pairs, cfg, seed, device="cpu", progress=True):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=None if ray_address() else max(workers * threads, 1), log_to_driver=False)
+        actors = [injector_actor(unet_dir, threads) for _ in range(workers)]
+        try:
+            return fan_out(actors, images, labels, pairs, cfg, seed)
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+    return generate
+
+
+def ray_address() -> str | None:
+    """The cluster to join (``RAY_ADDRESS``, set by ``ray job submit``), or None for a local one."""
+    return os.environ.get("RAY_ADDRESS")
