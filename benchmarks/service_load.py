@@ -1,0 +1,151 @@
+"""Load on the Serve app: 1, 8 and 32 concurrent clients, with batching on and off, side by side.
+
+    python benchmarks/service_load.py                      # quick model, 64 requests per level
+    python benchmarks/service_load.py --requests 32 --samples 4 --steps 10
+
+Starts a local Ray cluster and the service (Ingress + Injector, one injector replica) on the quick preset's
+tiny U-Net, then drives POST /inject from N client threads for a fixed number of requests per level. The same
+run repeats with ``max_batch_size`` 1 (batching off), so the gain is a ratio measured on one machine in one
+run. Writes ``benchmarks/results/service_load.{md,json}``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values)) - 1))]
+
+
+def drive(url: str, body: dict, clients: int, total: int) -> dict:
+    """``total`` requests from ``clients`` threads (each keeps one request in flight); latency and throughput."""
+    latencies, batches, errors, lock = [], Counter(), Counter(), threading.Lock()
+    remaining = iter(range(total))
+
+    def client():
+        session = requests.Session()
+        while True:
+            with lock:
+                if next(remaining, None) is None:
+                    return
+            t0 = time.perf_counter()
+            try:
+                r = session.post(f"{url}/inject", json=body, timeout=600)
+                ok = r.status_code == 200
+                out = r.json() if ok else None
+            except requests.RequestException as e:
+                ok, out = False, type(e).__name__
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                    batches[out["batch_requests"]] += 1
+                else:
+                    errors[str(out or r.status_code)] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = len(latencies)
+    return {"clients": clients, "requests": total, "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "p50_s": round(percentile(latencies, 50), 3), "p95_s": round(percentile(latencies, 95), 3),
+            "p99_s": round(percentile(latencies, 99), 3), "requests_per_s": round(done / wall, 2),
+            "images_per_s": round(done * body["num_samples"] / wall, 2),
+            "mean_batch_requests": round(statistics.fmean(
+                [b for b, n in batches.items() for _ in range(n)]), 2) if batches else 0.0,
+            "batch_requests_seen": dict(sorted(batches.items())), "wall_s": round(wall, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--samples", type=int, default=4, help="synthetic samples per request")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps per request")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait", type=float, default=0.05)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--runs", default="runs/bench-service")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    from core.pipeline import Run, make_config
+    from service.app import Ingress, InjectorDeployment
+
+    run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
+    run.unet_dir()  # trained here once, so the replicas only load it
+    pool = [int(i) for i in run.mined()]
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    body = {"dataset": "quick", "conflict_indices": pool, "num_samples": args.samples, "steps": args.steps, "seed": 0}
+    clients = [int(c) for c in args.clients.split(",")]
+    table = []
+    try:
+        for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+            injector = InjectorDeployment.options(
+                max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.cpus - 0.5},
+                user_config={"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0},
+            ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.cpus)
+            app = Ingress.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}).bind(
+                injector, max_samples=max(256, args.samples))
+            serve.run(app, name="bench", route_prefix="/")
+            drive(url, body, 1, 2)  # warm-up: content cache, lazy imports
+            for c in clients:
+                row = {"mode": mode, "max_batch_size": batch} | drive(url, body, c, args.requests)
+                table.append(row)
+                print(json.dumps(row), flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    by = {(r["mode"], r["clients"]): r for r in table}
+    ratios = {c: round(by[("batched", c)]["images_per_s"] / max(by[("unbatched", c)]["images_per_s"], 1e-9), 2)
+              for c in clients}
+    cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
+    lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
+             f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.cpus} CPU threads; "
+             f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores.", "",
+             "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['mode']} | {r['clients']} | {r['p50_s']} | {r['p95_s']} | {r['p99_s']} | "
+                     f"{r['requests_per_s']} | {r['images_per_s']} | {r['errors']} | {r['mean_batch_requests']} | "
+                     f"{r['batch_requests_seen']} |")
+    lines += ["", "Batched / unbatched images/s: " + ", ".join(f"{c} clients {ratios[c]}x" for c in clients)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "service_load.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "service_load.json").write_text(json.dumps({"command": cmd.strip(), "rows": table, "ratios": ratios},
+                                                          indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
