@@ -76,6 +76,29 @@ def drive(url: str, body: dict, clients: int, total: int) -> dict:
             "batch_requests_seen": dict(sorted(batches.items())), "wall_s": round(wall, 2)}
 
 
+def in_process_ceiling(run, pool: list[int], args) -> dict:
+    """Images/s of the injector itself at one request's size and at a full batch's: the most batching can gain."""
+    import numpy as np
+    import torch
+
+    from core.injection import plan_pairs
+    from workers.injector import Injector
+
+    torch.set_num_threads(args.threads)
+    injector, tr = Injector(run.dir, threads=args.threads), run.ds.train
+    cfg = {"steps": args.steps, "t_edit": 500, "gamma": 0.5, "batch_size": args.samples * args.max_batch_size}
+    rates = {}
+    for n in (args.samples, args.samples * args.max_batch_size):
+        pairs = plan_pairs(tr.labels, np.asarray(pool), n, 0)
+        injector.inject(tr.images, tr.labels, pairs.content, pairs.style, cfg)  # warm the content cache
+        t0 = time.perf_counter()
+        injector.inject(tr.images, tr.labels, pairs.content, pairs.style, cfg)
+        rates[n] = round(n / (time.perf_counter() - t0), 2)
+    small, large = rates[args.samples], rates[args.samples * args.max_batch_size]
+    return {"small": small, "large": large, "large_samples": args.samples * args.max_batch_size,
+            "ratio": round(large / small, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
@@ -84,7 +107,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per request")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait", type=float, default=0.05)
-    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the injector replica (more than the "
+                   "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
     p.add_argument("--runs", default="runs/bench-service")
     args = p.parse_args()
 
@@ -109,9 +134,9 @@ def main() -> None:
     try:
         for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
             injector = InjectorDeployment.options(
-                max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.cpus - 0.5},
+                max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.threads},
                 user_config={"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0},
-            ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.cpus)
+            ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.threads)
             app = Ingress.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}).bind(
                 injector, max_samples=max(256, args.samples))
             serve.run(app, name="bench", route_prefix="/")
@@ -125,12 +150,13 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
+    ceiling = in_process_ceiling(run, pool, args)
     by = {(r["mode"], r["clients"]): r for r in table}
     ratios = {c: round(by[("batched", c)]["images_per_s"] / max(by[("unbatched", c)]["images_per_s"], 1e-9), 2)
               for c in clients}
     cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
     lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
-             f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.cpus} CPU threads; "
+             f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s); "
              f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
@@ -139,10 +165,14 @@ def main() -> None:
         lines.append(f"| {r['mode']} | {r['clients']} | {r['p50_s']} | {r['p95_s']} | {r['p99_s']} | "
                      f"{r['requests_per_s']} | {r['images_per_s']} | {r['errors']} | {r['mean_batch_requests']} | "
                      f"{r['batch_requests_seen']} |")
-    lines += ["", "Batched / unbatched images/s: " + ", ".join(f"{c} clients {ratios[c]}x" for c in clients)]
+    lines += ["", "Batched / unbatched images/s: " + ", ".join(f"{c} clients {ratios[c]}x" for c in clients), "",
+              f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
+              f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
+              f"({ceiling['ratio']}x)."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "service_load.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "service_load.json").write_text(json.dumps({"command": cmd.strip(), "rows": table, "ratios": ratios},
+    (RESULTS / "service_load.json").write_text(json.dumps({"command": cmd.strip(), "rows": table, "ratios": ratios,
+                                                           "in_process_ceiling": ceiling},
                                                           indent=1) + "\n")
     print("\n".join(lines))
 
