@@ -2,7 +2,7 @@
 
 Every split is an :class:`ImageSet`: uint8 images (N, C, H, W), task labels and bias labels. Bias labels
 travel with the data for *evaluation only*; the stages receive ``images`` and ``labels`` and nothing else
-(see ``tests/test_bias_blind.py``).
+(see ``tests/test_pipeline.py::test_bias_labels_are_never_read``).
 """
 
 from __future__ import annotations

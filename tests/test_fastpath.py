@@ -1,0 +1,170 @@
+"""The fast generation path against the reference loop: same pixels, and U-Net evaluations as the formula says.
+
+``core.injection.inject`` batches everything (content inversions once per distinct content, style inversions,
+the doubled injection batch); ``core.reference.reference_inject`` runs each pair alone with two U-Net calls per
+injection step. Same seed, same pixels, up to float rounding: a convolution over a batch of 12 does not add in
+the same order as over a batch of 1, so the floats differ in the last bits (about 1e-6), and a uint8 pixel sitting
+on a .5 boundary can round the other way. Hence "max abs diff <= 1 on a few pixels", not equality.
+
+The U-Net is random and tiny (16 px, blocks 16/32), with its output layer scaled down so that DDIM does not
+saturate every pixel: a mistake in the update (gamma, t_edit, the boost noise, dt_lambda) moves hundreds of
+pixels by far more than 1, which ``test_the_comparison_is_sensitive`` checks.
+"""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler
+from core.injection import InjectionConfig, Pairs, count_evaluations, ddim_generate, inject
+from core.reference import evaluations_per_sample, injection_steps, reference_inject
+
+TINY = DiffusionConfig(image_size=16, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+# 6 pairs over 3 distinct contents; batch 4 splits them 4 + 2
+PAIRS = Pairs(np.array([0, 1, 2, 0, 1, 0]), np.array([3, 4, 5, 6, 7, 8]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    unet = build_unet(TINY).eval()
+    with torch.no_grad():  # smaller eps: fewer pixels clamped to 0 or 255, a stricter comparison
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    return unet, ddim_scheduler(cfg=TINY)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (12, 3, 14, 14), generator=g, dtype=torch.uint8)  # padded to 16 px
+    return images, torch.arange(12) % 3
+
+
+def assert_same_pixels(a: torch.Tensor, b: torch.Tensor) -> None:
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1, f"max abs diff {diff.max()}"
+    assert (diff > 0).float().mean() < 0.01, f"{int((diff > 0).sum())} of {diff.numel()} pixels differ"
+
+
+# 8 steps: grid 875..0, injection at 875..500, boost at 250 and 125; 20 steps: grid 950..0, so dt_lambda acts
+CONFIGS = {"8-steps": InjectionConfig(steps=8, t_edit=500, t_boost=300, dt_lambda=0.9, batch_size=4),
+           "20-steps": InjectionConfig(steps=20, t_edit=600, t_boost=200, dt_lambda=0.9, gamma=0.7, batch_size=4)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_path_matches_reference(model, data, name):
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS[name]
+    seed = 3 if name == "8-steps" else np.array([5, 6, 7, 5, 6, 7])  # one seed, or one per pair
+    ref = reference_inject(unet, scheduler, images, labels, PAIRS, cfg, seed=seed)
+    fast = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=seed, progress=False)
+    assert fast.images.shape == ref.images.shape == (6, 3, 14, 14)
+    assert_same_pixels(fast.images, ref.images)
+    for field in ("labels", "content", "style"):
+        assert torch.equal(getattr(fast, field), getattr(ref, field))
+
+
+def test_fast_path_with_a_content_cache_matches_reference(model, data):
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS["8-steps"]
+    ref = reference_inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3)
+    cache = {}
+    with count_evaluations(unet) as first_evals:
+        first = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3, progress=False, content_cache=cache)
+    assert sorted(cache) == [0, 1, 2]
+    with count_evaluations(unet) as second_evals:
+        second = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3, progress=False, content_cache=cache)
+    assert_same_pixels(first.images, ref.images)
+    assert torch.equal(second.images, first.images)  # cached inversions are the very tensors the first call made
+    per_sample = lambda c: evaluations_per_sample(cfg, False, contents_per_sample=c, scheduler=scheduler)  # noqa: E731
+    assert first_evals["images"] == 6 * per_sample(3 / 6)  # 3 distinct contents inverted
+    assert second_evals["images"] == 6 * per_sample(0)  # all from the cache
+
+
+def test_the_comparison_is_sensitive(model, data):
+    """Each knob of the update changes many pixels by far more than the rounding tolerance."""
+    unet, scheduler = model
+    images, labels = data
+    cfg, pairs = CONFIGS["20-steps"], Pairs(PAIRS.content[:3], PAIRS.style[:3])
+    ref = reference_inject(unet, scheduler, images, labels, pairs, cfg, seed=3)
+    for change in (dict(gamma=0.6), dict(t_edit=700), dict(t_boost=-1), dict(dt_lambda=1.0), dict(seed=4)):
+        seed = change.pop("seed", 3)
+        other = reference_inject(unet, scheduler, images, labels, pairs, dataclasses.replace(cfg, **change), seed=seed)
+        moved = int(((other.images.int() - ref.images.int()).abs() > 1).sum())
+        assert moved > 50, (change, seed, moved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation counts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_formula_at_the_default_settings():
+    cfg = InjectionConfig()  # 20 steps, t_edit 500: injection at 950, 900, ..., 500
+    assert injection_steps(cfg) == 10
+    assert evaluations_per_sample(cfg, reference=True) == 69  # 20 content + 19 style + 30 generation
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=1.0) == 69
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=0.0) == 49
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=100 / 300) == pytest.approx(55 + 2 / 3)
+    assert evaluations_per_sample(dataclasses.replace(cfg, gamma=0.0), reference=True) == 39  # plain inversion + DDIM
+
+
+@pytest.mark.parametrize("steps,t_edit,gamma", [
+    (5, 500, 0.5),  # grid 800..0: k = 2
+    (6, 0, 0.5),  # every step injects
+    (10, 950, 0.5),  # top of the grid is 900 < t_edit: k = 0, but the content is still inverted
+    (7, 500, 0.0),  # gamma = 0: no content inversion, plain regeneration
+])
+def test_evaluation_counts_match_the_formula(model, data, steps, t_edit, gamma):
+    unet, scheduler = model
+    images, labels = data
+    cfg = InjectionConfig(steps=steps, t_edit=t_edit, gamma=gamma, batch_size=4)
+    pairs = Pairs(PAIRS.content[:4], PAIRS.style[:4])  # contents 0, 1, 2, 0: 3 distinct over 4 samples
+    with count_evaluations(unet) as ref:
+        reference_inject(unet, scheduler, images, labels, Pairs(pairs.content[:2], pairs.style[:2]), cfg)
+    with count_evaluations(unet) as fast:
+        inject(unet, scheduler, images, labels, pairs, cfg, progress=False)
+    assert ref["images"] == 2 * evaluations_per_sample(cfg, reference=True, scheduler=scheduler)
+    assert fast["images"] == 4 * evaluations_per_sample(cfg, reference=False, contents_per_sample=3 / 4,
+                                                        scheduler=scheduler)
+    with count_evaluations(unet) as plain:
+        ddim_generate(unet, scheduler, torch.randn(3, 3, 16, 16), dataclasses.replace(cfg, t_boost=-1))
+    assert plain["images"] == 3 * steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the half-precision switch (benchmarks/generation.py; the core stays float32)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _generation_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    spec = importlib.util.spec_from_file_location("generation_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_is_off_by_default_and_on_cpu_only_when_forced(model):
+    bench = _generation_benchmark()
+    unet, _ = model
+    x = torch.randn(2, 3, 16, 16)
+
+    def output_dtype(ctx):
+        with ctx, torch.inference_mode():
+            return unet(x, 500).sample.dtype
+
+    assert output_dtype(bench.unet_autocast("cpu")) == torch.float32  # off by default
+    assert output_dtype(bench.unet_autocast("cpu", bf16=True)) == torch.float32  # CPU: only when forced
+    assert output_dtype(bench.unet_autocast("cpu", bf16=True, force=True)) == torch.bfloat16
+    for f in dataclasses.fields(InjectionConfig):  # should the core grow a precision setting, it defaults to fp32
+        if f.name in ("precision", "autocast", "bf16"):
+            assert f.default in ("fp32", False, None), f
