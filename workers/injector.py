@@ -106,7 +106,8 @@ class Injector:
         ``images_key`` names the image set in the cache (default: its content hash).
         """
         cfg = InjectionConfig(**cfg) if isinstance(cfg, dict) else cfg
-        pairs = Pairs(np.asarray(content, dtype=np.int64), np.asarray(style, dtype=np.int64))
+        # copies: Ray hands the actor read-only arrays, which torch warns about when it indexes with them
+        pairs = Pairs(np.array(content, dtype=np.int64), np.array(style, dtype=np.int64))
         scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit)
         t0 = time.time()
         with count_evaluations(self.unet) as evals:
