@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class InjectorDeployment:
         data_root = Path(data_root).resolve()
         self.runs: dict[str, Run] = {}
         self.injectors: dict[str, Injector] = {}
+        # one injection at a time: the U-Net's h hook and the content cache are not thread-safe
+        self._model_lock = threading.Lock()
         for name, spec in datasets.items():
             spec = dict(spec or {})
             cfg = make_config(spec.pop("preset", "default"), spec)
@@ -123,9 +126,10 @@ class InjectorDeployment:
             images, labels = self.runs[first["dataset"]].ds.train.images, self.runs[first["dataset"]].ds.train.labels
         seeds = np.concatenate([np.full(len(j["content"]), j["seed"]) for j in jobs])
         ids = np.concatenate([np.arange(len(j["content"])) for j in jobs])
-        result = self.injectors[first["model"]].inject(
-            images, labels, np.concatenate([j["content"] for j in jobs]), np.concatenate([j["style"] for j in jobs]),
-            first["cfg"], seeds, ids, first.get("images_key"))
+        with self._model_lock:
+            result = self.injectors[first["model"]].inject(
+                images, labels, np.concatenate([j["content"] for j in jobs]),
+                np.concatenate([j["style"] for j in jobs]), first["cfg"], seeds, ids, first.get("images_key"))
         syn, out, start = result.synthetic, [], 0
         for j in jobs:
             sl = slice(start, start + len(j["content"]))
