@@ -189,7 +189,9 @@ class Run:
     def _claim_folder(self) -> None:
         path = self.dir / "config.json"
         if path.exists():
-            old = json.loads(path.read_text())
+            # a setting added to the code after the folder was made counts at its default, so new options
+            # never lock users out of their finished runs
+            old = merge(RunConfig().to_dict(), json.loads(path.read_text()))
             diff = _diff_keys(old, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "

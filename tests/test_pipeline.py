@@ -130,6 +130,20 @@ def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
+def test_folder_from_before_a_new_setting_still_resumes(quick_run, dataset):
+    folder, _ = quick_run
+    saved = (folder / "config.json").read_text()
+    old = json.loads(saved)
+    del old["injection"]["label_from"]  # as if written before this setting existed (it is at its default)
+    (folder / "config.json").write_text(json.dumps(old))
+    try:
+        Run(folder, make_config("quick"), progress=False, dataset=dataset)  # no refusal
+        with pytest.raises(ValueError, match="another config.*injection.label_from"):
+            Run(folder, make_config("quick", {"injection": {"label_from": "style"}}), progress=False, dataset=dataset)
+    finally:
+        (folder / "config.json").write_text(saved)
+
+
 def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     folder, _ = quick_run
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
