@@ -36,6 +36,16 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
 
 
+def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None) -> list:
+    """``fn(*job)`` for every job, in order; with ``n_jobs`` > 1 side by side in worker processes, each with its
+    share of the cores as torch threads."""
+    if n_jobs <= 1:
+        return [fn(*job) for job in jobs]
+    threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
+    with ProcessPoolExecutor(n_jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
+
+
 def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str) -> dict:
     over = {"ratio": ratio, "seed": seed} | ({"unet": unet} if unet else {})
     folder = Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
@@ -60,12 +70,7 @@ def main() -> None:
     t0 = time.time()
     cells = [(ratio, seed) for ratio in args.ratios for seed in args.seeds]
     jobs = [(args.preset, ratio, seed, args.unet, args.runs) for ratio, seed in cells]
-    if args.jobs > 1:  # independent runs side by side, each on its own share of the cores
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            results = list(pool.map(run_cell, *zip(*jobs)))
-    else:
-        results = [run_cell(*job) for job in jobs]
+    results = run_jobs(run_cell, jobs, args.jobs, args.threads)
     per_run = dict(zip(cells, results))
     wall = time.time() - t0
 

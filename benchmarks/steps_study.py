@@ -17,14 +17,13 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import mean_std  # noqa: E402
+from benchmarks.debias_table import mean_std, run_jobs  # noqa: E402
 from core.data import pct_name  # noqa: E402
 from core.pipeline import Run, make_config  # noqa: E402
 
@@ -61,12 +60,7 @@ def main() -> None:
     points = [(s, seed) for s in args.steps for seed in args.seeds]
     jobs = [(s, seed, args.ratio, args.big_budget if s >= args.big_steps else args.samples, args.runs)
             for s, seed in points]
-    if args.jobs > 1:
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            results = dict(zip(points, pool.map(run_point, *zip(*jobs))))
-    else:
-        results = {pt: run_point(*job) for pt, job in zip(points, jobs)}
+    results = dict(zip(points, run_jobs(run_point, jobs, args.jobs, args.threads)))
 
     rows = []
     for s in args.steps:
