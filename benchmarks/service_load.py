@@ -2,11 +2,14 @@
 
     python benchmarks/service_load.py                      # quick model, 64 requests per level
     python benchmarks/service_load.py --requests 32 --samples 4 --steps 10
+    python benchmarks/service_load.py --gpus 1 --cpus 8 --out benchmarks/results/service_load_gpu   # on a GPU
 
 Starts a local Ray cluster and the service (Ingress + Injector, one injector replica) on the quick preset's
 tiny U-Net, then drives POST /inject from N client threads for a fixed number of requests per level. The same
 run repeats with ``max_batch_size`` 1 (batching off), so the gain is a ratio measured on one machine in one
-run. Writes ``benchmarks/results/service_load.{md,json}``.
+run. ``--gpus`` gives the injector replica a GPU (the ``num_gpus`` of its ``ray_actor_options``, as in
+deploy/serve.yaml); it then generates on CUDA. Writes ``{--out}.md`` and ``{--out}.json`` (default
+``benchmarks/results/service_load``).
 """
 
 import argparse
@@ -85,7 +88,9 @@ def in_process_ceiling(run, pool: list[int], args) -> dict:
     from workers.injector import Injector
 
     torch.set_num_threads(args.threads)
-    injector, tr = Injector(run.dir, threads=args.threads), run.ds.train
+    device = "cuda" if args.gpus and torch.cuda.is_available() else "cpu"
+    injector = Injector(run.dir, threads=args.threads, device=device)
+    tr = run.ds.train
     cfg = {"steps": args.steps, "t_edit": 500, "gamma": 0.5, "batch_size": args.samples * args.max_batch_size}
     rates = {}
     for n in (args.samples, args.samples * args.max_batch_size):
@@ -110,10 +115,13 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the injector replica (more than the "
                    "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the injector replica (0: CPU)")
     p.add_argument("--runs", default="runs/bench-service")
+    p.add_argument("--out", default=str(RESULTS / "service_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
 
     import ray
+    import torch
     from ray import serve
 
     from core.pipeline import Run, make_config
@@ -122,7 +130,7 @@ def main() -> None:
     run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
     run.unet_dir()  # trained here once, so the replicas only load it
     pool = [int(i) for i in run.mined()]
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.cpus, num_gpus=1 if args.gpus else 0, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -134,7 +142,8 @@ def main() -> None:
     try:
         for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
             injector = InjectorDeployment.options(
-                max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.threads},
+                max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.threads,
+                                                                        "num_gpus": args.gpus},
                 user_config={"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0},
             ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.threads)
             app = Ingress.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}).bind(
@@ -151,12 +160,14 @@ def main() -> None:
         ray.shutdown()
 
     ceiling = in_process_ceiling(run, pool, args)
+    device = torch.cuda.get_device_name(0) if args.gpus and torch.cuda.is_available() else "CPU"
     by = {(r["mode"], r["clients"]): r for r in table}
     ratios = {c: round(by[("batched", c)]["images_per_s"] / max(by[("unbatched", c)]["images_per_s"], 1e-9), 2)
               for c in clients}
     cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
     lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
-             f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s); "
+             f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s) "
+             f"on {device}; "
              f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
@@ -169,9 +180,9 @@ def main() -> None:
               f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
               f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
               f"({ceiling['ratio']}x)."]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "service_load.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "service_load.json").write_text(json.dumps({"command": cmd.strip(), "rows": table, "ratios": ratios,
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps({"command": cmd.strip(), "device": device, "rows": table, "ratios": ratios,
                                                            "in_process_ceiling": ceiling},
                                                           indent=1) + "\n")
     print("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -22,32 +23,44 @@ def _threads(n: int | None) -> None:
 
 def cmd_train_diffusion(args) -> int:
     _threads(args.threads)
+    settings = _read_yaml(args.config) if args.config else {}  # checked before the data is loaded
+    flags = {"steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(DiffusionConfig)})
+    if unknown:
+        raise ValueError(f"config {args.config}: unknown diffusion setting(s) {', '.join(unknown)}")
+    cfg = DiffusionConfig(**settings)
     ds = load_dataset(args.dataset, args.ratio, args.data_root, args.data_seed)
     split = getattr(ds, args.split)
     if split is None:
         raise DataError(f"dataset {args.dataset!r} has no {args.split!r} split")
-    cfg = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
-    res = train_diffusion(split.images, cfg, out, seed=args.seed, device=args.device)
-    print(json.dumps({"out": str(out), "steps": res.steps, "seconds": round(res.seconds, 1),
+    max_seconds = 60 * args.max_minutes if args.max_minutes else None
+    res = train_diffusion(split.images, cfg, out, seed=args.seed, device=args.device, progress=not args.no_progress,
+                          max_seconds=max_seconds)
+    print(json.dumps({"out": str(out), "steps": res.steps, "target_steps": cfg.steps, "seconds": round(res.seconds, 1),
                       "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5)}))
     return 0
 
 
+def _read_yaml(path: str) -> dict:
+    """A YAML (or JSON) file of settings, as a dict; a clear error when it is unreadable or not a mapping."""
+    import yaml
+
+    try:
+        over = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(over, dict):
+        raise ValueError(f"config {path} must be a mapping of settings")
+    return over
+
+
 def _overrides(args) -> dict:
     """YAML file first, then the command-line flags that were given."""
-    over: dict = {}
-    if args.config:
-        import yaml
-
-        try:
-            over = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read config {args.config}: {str(e).splitlines()[0]}") from None
-        if not isinstance(over, dict):
-            raise ValueError(f"config {args.config} must be a mapping of settings")
+    over: dict = _read_yaml(args.config) if args.config else {}
     flat = {
         "dataset": args.dataset, "data_root": args.data_root, "ratio": args.ratio, "seed": args.seed,
         "data_seed": args.data_seed, "image_size": args.image_size,
@@ -121,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ratio", type=float, default=1.0, help="bias-conflict percent: 0.5, 1, 2 or 5")
     t.add_argument("--data-seed", type=int, default=0)
     t.add_argument("--split", default="train", choices=["train", "corpus"], help="which images to train on (never valid/test)")
-    t.add_argument("--steps", type=int, default=DiffusionConfig.steps)
-    t.add_argument("--batch-size", type=int, default=DiffusionConfig.batch_size)
-    t.add_argument("--image-size", type=int, default=DiffusionConfig.image_size)
+    t.add_argument("--config", default=None, help="YAML file of DiffusionConfig settings (architecture, P2, EMA, lr, ...)")
+    t.add_argument("--steps", type=int, default=None, help=f"training steps (default {DiffusionConfig.steps})")
+    t.add_argument("--batch-size", type=int, default=None, help=f"default {DiffusionConfig.batch_size}")
+    t.add_argument("--image-size", type=int, default=None, help=f"default {DiffusionConfig.image_size}")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget: stop and save after this long; rerunning resumes towards --steps")
+    t.add_argument("--no-progress", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

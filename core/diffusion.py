@@ -118,12 +118,15 @@ class TrainResult:
 
 
 def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | Path, seed: int = 0,
-                    device: str = "cpu", progress: bool = True) -> TrainResult:
+                    device: str = "cpu", progress: bool = True, max_seconds: float | None = None) -> TrainResult:
     """Train (or resume training) a U-Net on uint8 ``images`` and save the EMA model to ``out_dir``.
 
     The loss at timestep t is mean((eps - eps_theta)^2) * p2_weights(t). Only images are read, never labels.
-    Returns the EMA model; ``out_dir`` then holds ``config.json``, ``diffusion_pytorch_model.safetensors``,
-    ``scheduler_config.json``, ``train.json`` and ``loss.png``.
+    ``max_seconds`` is a time budget for this call: training stops at the first step past it and saves the
+    checkpoint and the EMA model as at the end, so calling again with the same config resumes towards
+    ``cfg.steps`` (a time-boxed job on a lent GPU, a nightly slot). Returns the EMA model; ``out_dir`` then holds
+    ``config.json``, ``diffusion_pytorch_model.safetensors``, ``scheduler_config.json``, ``train.json`` and
+    ``loss.png``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +135,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     unet = build_unet(cfg, data.shape[1]).to(device)
     # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so the random initial weights
     # do not linger in the average of a short run (0.999 ** 1500 would still leave them 22 % of it)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    # foreach: one fused update instead of a kernel per tensor, which dominates a small model's step on a GPU
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=torch.device(device).type == "cuda")
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     sched = ddpm_scheduler(cfg)
     acp = sched.alphas_cumprod.to(device)
@@ -160,8 +164,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
 
     unet.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="diffusion", disable=not progress, dynamic_ncols=True)
-    t0 = time.time() - seconds
-    while step < cfg.steps:
+    t0, started = time.time() - seconds, time.time()
+    while step < cfg.steps and (max_seconds is None or time.time() - started < max_seconds):
         g = _step_generator(seed, step)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
@@ -182,6 +186,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
+    if step % cfg.checkpoint_every and step < cfg.steps:  # stopped by the time budget between checkpoints
+        save_checkpoint()
     bar.close()
 
     ema_unet = build_unet(cfg, data.shape[1]).to(device)

@@ -107,3 +107,40 @@ def test_other_images_on_the_same_folder_are_refused(straight, images):
     out, _ = straight
     with pytest.raises(ValueError, match="other images"):
         train_diffusion(255 - images, tiny(), out, seed=1, progress=False)
+
+
+def test_time_budget_stops_early_and_resumes_exactly(images, straight, tmp_path, monkeypatch):
+    """``max_seconds`` stops between checkpoints and saves; the next call resumes to the uninterrupted model."""
+    import core.diffusion as diffusion
+
+    clock = iter(range(10**6))  # a fake clock that ticks one second per reading: the stop step is deterministic
+    monkeypatch.setattr(diffusion.time, "time", lambda: float(next(clock)))
+    cut = train_diffusion(images, tiny(), tmp_path, seed=1, progress=False, max_seconds=5)
+    assert 0 < cut.steps < 6
+    assert (tmp_path / "checkpoint.pt").is_file() and is_trained(tmp_path)
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == cut.steps
+    monkeypatch.undo()
+    _, full = straight
+    resumed = train_diffusion(images, tiny(), tmp_path, seed=1, progress=False)
+    assert resumed.steps == 6 and resumed.losses == full.losses
+    for k, v in _state(full.unet).items():
+        assert torch.equal(v, resumed.unet.state_dict()[k]), k
+
+
+def test_train_diffusion_cli_reads_a_config_file(tmp_path, capsys):
+    from core.cli import main
+
+    cfg = tmp_path / "unet.yaml"
+    cfg.write_text("block_out_channels: [8, 16]\ndown_block_types: [DownBlock2D, DownBlock2D]\n"
+                   "up_block_types: [UpBlock2D, UpBlock2D]\nnorm_num_groups: 4\nbatch_size: 4\n")
+    out = tmp_path / "unet"
+    assert main(["train-diffusion", "--config", str(cfg), "--steps", "2", "--split", "corpus", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    trained = json.loads((out / "train.json").read_text())["config"]
+    assert trained["block_out_channels"] == [8, 16] and trained["batch_size"] == 4 and trained["steps"] == 2
+
+    cfg.write_text("block_out_channel: [8, 16]\n")  # a typo is named, before any data is loaded
+    assert main(["train-diffusion", "--config", str(cfg), "--out", str(tmp_path / "other")]) == 2
+    assert "unknown diffusion setting(s) block_out_channel" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
