@@ -19,8 +19,10 @@ For each: images/s, U-Net evaluations per image (counted with ``count_evaluation
 during the variant minus what was allocated before it (the model). On CPU every variant runs in a fresh process
 (multiprocessing 'spawn') and the number is the peak RSS (``resource.getrusage(...).ru_maxrss``) minus the RSS
 just before the variant started, so it is the working memory of the variant (tracemalloc would miss torch's
-allocations). Every variant first calls the U-Net once at each batch shape it will use (cuDNN autotuning, the
-compiler), outside the timing. ``--bf16`` (autocast) and ``--compile`` (the U-Net's blocks compiled with
+allocations). Outside the timing, every variant first runs once on CUDA (cuDNN autotuning and the compiler see
+every shape it uses) and calls the U-Net once at each of its main batch sizes on CPU. U-Net calls are counted
+too: on a GPU at these sizes a call costs about the same whatever its batch, so calls, not evaluations, set the
+speed there (the fast path inverts styles and new contents in the same calls on CUDA). ``--bf16`` (autocast) and ``--compile`` (the U-Net's blocks compiled with
 ``torch.compile``) add rows with the switch on, and apply on CUDA only. Writes ``{--out}.md`` and ``{--out}.json``
 (default ``benchmarks/results/generation``) with the command, device name and torch version.
 """
@@ -151,8 +153,11 @@ def measure(variant: str, opts: dict) -> dict:
                                            images.shape[-1]) for s in range(0, n, bs)])
 
     with unet_autocast(device, opts["bf16"]), torch.inference_mode():
-        for s in sorted(set(shapes)):  # warm-up: every batch shape once
-            unet(torch.randn((s, unet.config.in_channels, size, size), device=device), 500)
+        if cuda:  # warm-up: the whole variant once (cuDNN autotuning and compiling see every shape it uses)
+            run()
+        else:  # every batch shape once
+            for s in sorted(set(shapes)):
+                unet(torch.randn((s, unet.config.in_channels, size, size), device=device), 500)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -170,6 +175,7 @@ def measure(variant: str, opts: dict) -> dict:
     return {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
             "distinct_contents": distinct if variant != "ddim" else None, "seconds": round(seconds, 3),
             "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
+            "unet_calls": evals["calls"],
             "evals_formula": round(expected, 3), "peak_mib": round(max(peak, 0) / 2**20, 1), "data": source}
 
 
@@ -213,11 +219,12 @@ def markdown(result: dict) -> str:
              f"reference on {s['reference_pairs']} pairs, fast path on {s['pairs']} pairs over {s['contents']} "
              f"contents (no cache), plain DDIM on {s['pairs']} images. Data: {result['rows'][0]['data']}. "
              f"Peak memory: {result['memory']}.", "",
-             "| bf16 | compile | variant | images | images/s | U-Net evals / image (formula) | peak MiB | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| bf16 | compile | variant | images | images/s | U-Net evals / image (formula) | U-Net calls | peak MiB | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | {r['variant']} | "
                      f"{r['images']} | {r['images_per_s']:.2f} | {r['evals_per_image']:g} ({r['evals_formula']:g}) | "
+                     f"{r.get('unet_calls', '-')} | "
                      f"{r['peak_mib']:g} | {r['seconds']:.1f} |")
     lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) |",
               "|---|---|---|---|"]

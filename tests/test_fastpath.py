@@ -57,18 +57,34 @@ CONFIGS = {"8-steps": InjectionConfig(steps=8, t_edit=500, t_boost=300, dt_lambd
            "20-steps": InjectionConfig(steps=20, t_edit=600, t_boost=200, dt_lambda=0.9, gamma=0.7, batch_size=4)}
 
 
+@pytest.mark.parametrize("joint", [False, True], ids=["separate-inversions", "joint-inversions"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fast_path_matches_reference(model, data, name):
+def test_fast_path_matches_reference(model, data, name, joint):
+    """Also with styles and contents inverted in the same U-Net calls (the default on CUDA)."""
     unet, scheduler = model
     images, labels = data
     cfg = CONFIGS[name]
     seed = 3 if name == "8-steps" else np.array([5, 6, 7, 5, 6, 7])  # one seed, or one per pair
     ref = reference_inject(unet, scheduler, images, labels, PAIRS, cfg, seed=seed)
-    fast = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=seed, progress=False)
+    with count_evaluations(unet) as evals:
+        fast = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=seed, progress=False, joint_inversion=joint)
+    assert evals["images"] == 6 * evaluations_per_sample(cfg, False, contents_per_sample=3 / 6, scheduler=scheduler)
     assert fast.images.shape == ref.images.shape == (6, 3, 14, 14)
     assert_same_pixels(fast.images, ref.images)
     for field in ("labels", "content", "style"):
         assert torch.equal(getattr(fast, field), getattr(ref, field))
+
+
+def test_joint_inversion_saves_calls_not_evaluations(model, data):
+    unet, scheduler = model
+    images, labels = data
+    counts = {}
+    for joint in (False, True):
+        with count_evaluations(unet) as counts[joint]:
+            inject(unet, scheduler, images, labels, PAIRS, CONFIGS["8-steps"], progress=False, joint_inversion=joint)
+    assert counts[True]["images"] == counts[False]["images"]
+    # 8 steps, batches of 4 + 2 pairs: the first batch's 3 contents ride along with its styles (7 calls saved)
+    assert counts[False]["calls"] - counts[True]["calls"] == 7
 
 
 def test_fast_path_with_a_content_cache_matches_reference(model, data):
