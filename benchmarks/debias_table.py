@@ -2,6 +2,8 @@
 
     python benchmarks/debias_table.py                       # 0.5/1/2/5 %, seeds 0 1 2, default preset
     python benchmarks/debias_table.py --ratios 1 --seeds 0  # one cell
+    python benchmarks/debias_table.py --jobs 2 --unet core/pretrained/cmnist-1pct \
+        --config benchmarks/configs/former-defaults.yaml --runs runs/bench-v1 --name debias_table_v1
 
 Each (ratio, seed) is an ordinary run folder under --runs (resumable: rerunning skips finished runs). Writes
 ``benchmarks/results/debias_table.{md,json}`` with mean and standard deviation of unbiased, aligned,
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
-from core.pipeline import NAMES, Run, make_config  # noqa: E402
+from core.pipeline import NAMES, Run, make_config, merge, read_settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group")
@@ -46,8 +48,8 @@ def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None)
         return list(pool.map(fn, *zip(*jobs)))
 
 
-def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str) -> dict:
-    over = {"ratio": ratio, "seed": seed} | ({"unet": unet} if unet else {})
+def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, settings: dict | None = None) -> dict:
+    over = merge(settings or {}, {"ratio": ratio, "seed": seed} | ({"unet": unet} if unet else {}))
     folder = Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
     print(f"== {folder}", flush=True)
     return Run(folder, make_config(preset, over), progress=False).all()
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="default")
     p.add_argument("--unet", default=None, help="U-Net folder for every run (default: the preset's)")
+    p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
     p.add_argument("--runs", default="runs/bench", help="parent folder of the run folders")
     p.add_argument("--name", default="debias_table", help="results file stem")
     p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
@@ -69,7 +72,8 @@ def main() -> None:
 
     t0 = time.time()
     cells = [(ratio, seed) for ratio in args.ratios for seed in args.seeds]
-    jobs = [(args.preset, ratio, seed, args.unet, args.runs) for ratio, seed in cells]
+    settings = read_settings(args.config) if args.config else {}
+    jobs = [(args.preset, ratio, seed, args.unet, args.runs, settings) for ratio, seed in cells]
     results = run_jobs(run_cell, jobs, args.jobs, args.threads)
     per_run = dict(zip(cells, results))
     wall = time.time() - t0
@@ -91,7 +95,7 @@ def main() -> None:
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),
         "seeds": args.seeds,
-        "config": make_config(args.preset, {"unet": args.unet} if args.unet else {}).to_dict(),
+        "config": make_config(args.preset, merge(settings, {"unet": args.unet} if args.unet else {})).to_dict(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1))

@@ -1,6 +1,6 @@
 """Generation speed: the reference loop, the fast path and plain DDIM sampling on one U-Net, side by side.
 
-    python benchmarks/generation.py                                  # CPU: shipped U-Net, 20 steps, batch 64
+    python benchmarks/generation.py                                  # CPU: shipped U-Net, default steps, batch 64
     python benchmarks/generation.py --device cuda --bf16 --compile   # on a GPU, each switch off and on
     python benchmarks/generation.py --steps 5 --pairs 16 --reference-pairs 2 --out /tmp/generation  # smoke check
 
@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
 from core.injection import InjectionConfig, count_evaluations, ddim_generate, inject, plan_pairs  # noqa: E402
+from core.pipeline import SHIPPED_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,10 +237,10 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(ROOT / "core" / "pretrained" / "cmnist-1pct"))
+    p.add_argument("--unet", default=str(SHIPPED_UNET))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and generation)")
+    p.add_argument("--steps", type=int, default=InjectionConfig.steps, help="DDIM steps (inversion and generation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pairs", type=int, default=128, help="pairs for the fast path, images for plain DDIM")
     p.add_argument("--reference-pairs", type=int, default=16)

@@ -20,14 +20,14 @@ from core.data import load_dataset  # noqa: E402
 from core.diagnostics import REPORT_KEYS, ShapeReader, injection_report  # noqa: E402
 from core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from core.injection import InjectionConfig, inject, plan_pairs  # noqa: E402
-from core.pipeline import PRETRAINED  # noqa: E402
+from core.pipeline import SHIPPED_UNET  # noqa: E402
 
 SETTINGS = [(500, 0.5), (500, 0.9), (300, 0.5), (300, 0.9), (700, 0.9), (200, 0.9)]  # (t_edit, gamma)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(PRETRAINED / "cmnist-1pct"))
+    p.add_argument("--unet", default=str(SHIPPED_UNET))
     p.add_argument("--checkpoint", default=None, help="use the raw weights of this training checkpoint instead")
     p.add_argument("--ema", action="store_true", help="with --checkpoint: the EMA weights, not the raw ones")
     p.add_argument("--threads", type=int, default=1)

@@ -17,12 +17,12 @@ from core.data import load_dataset  # noqa: E402
 from core.diagnostics import ShapeReader, read_colour  # noqa: E402
 from core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from core.injection import InjectionConfig, Pairs, inject  # noqa: E402
-from core.pipeline import PRETRAINED  # noqa: E402
+from core.pipeline import SHIPPED_UNET  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(PRETRAINED / "cmnist-1pct"))
+    p.add_argument("--unet", default=str(SHIPPED_UNET))
     p.add_argument("--checkpoint", default=None, help="default: checkpoint.pt inside --unet")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -13,7 +13,7 @@ import torch
 
 from .data import DataError, load_dataset, pct_name
 from .diffusion import DiffusionConfig, train_diffusion
-from .pipeline import PRESETS, Run, make_config
+from .pipeline import PRESETS, Run, make_config, read_settings
 
 
 def _threads(n: int | None) -> None:
@@ -23,7 +23,7 @@ def _threads(n: int | None) -> None:
 
 def cmd_train_diffusion(args) -> int:
     _threads(args.threads)
-    settings = _read_yaml(args.config) if args.config else {}  # checked before the data is loaded
+    settings = read_settings(args.config) if args.config else {}  # checked before the data is loaded
     flags = {"steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size}
     settings.update({k: v for k, v in flags.items() if v is not None})
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(DiffusionConfig)})
@@ -45,22 +45,9 @@ def cmd_train_diffusion(args) -> int:
     return 0
 
 
-def _read_yaml(path: str) -> dict:
-    """A YAML (or JSON) file of settings, as a dict; a clear error when it is unreadable or not a mapping."""
-    import yaml
-
-    try:
-        over = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(over, dict):
-        raise ValueError(f"config {path} must be a mapping of settings")
-    return over
-
-
 def _overrides(args) -> dict:
     """YAML file first, then the command-line flags that were given."""
-    over: dict = _read_yaml(args.config) if args.config else {}
+    over: dict = read_settings(args.config) if args.config else {}
     flat = {
         "dataset": args.dataset, "data_root": args.data_root, "ratio": args.ratio, "seed": args.seed,
         "data_seed": args.data_seed, "image_size": args.image_size,

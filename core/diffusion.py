@@ -25,9 +25,12 @@ from tqdm.auto import tqdm
 @dataclass
 class DiffusionConfig:
     image_size: int = 32  # images are zero-padded (or resized) to this; 28 px digits pad to 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    # four levels, attention at 8x8 and 4x4, the bottleneck h at 4x4 (4.5M parameters at 32 px): the first
+    # architecture whose h carried the digit apart from its colour (benchmarks/results/experiments.md); the
+    # former default, 32/64/64 with h at 8x8, is benchmarks/configs/unet-small.yaml
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
     norm_num_groups: int = 16
     attention_head_dim: int = 8

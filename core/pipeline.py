@@ -38,7 +38,8 @@ from .injection import InjectionConfig, Synthetic, count_evaluations, inject, pl
 from .mining import MiningConfig, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
-EMBEDDED_UNET = "embedded"  # RunConfig.unet value: the U-Net shipped for the embedded Colored MNIST
+SHIPPED_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-unbiased corpus of the embedded data
+EMBEDDED_UNET = "embedded"  # RunConfig.unet value: SHIPPED_UNET (cmnist only)
 
 
 @dataclass
@@ -104,6 +105,19 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def read_settings(path: str | Path) -> dict:
+    """A YAML (or JSON) file of settings, as a dict; a clear error when it is unreadable or not a mapping."""
+    import yaml
+
+    try:
+        over = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(over, dict):
+        raise ValueError(f"config {path} must be a mapping of settings")
+    return over
 
 
 def make_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
@@ -252,7 +266,7 @@ class Run:
         if self.cfg.unet == EMBEDDED_UNET:
             if self.cfg.dataset != "cmnist" or self.cfg.data_root is not None:
                 return None  # nothing shipped for this dataset: train one
-            path = PRETRAINED / "cmnist-1pct"
+            path = SHIPPED_UNET
             if not is_trained(path):
                 raise FileNotFoundError(f"the shipped U-Net is missing at {path}; pass --unet PATH or --train-unet")
             return path

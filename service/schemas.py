@@ -1,8 +1,10 @@
 """The HTTP edge's request and response models (pydantic). Range checks that answer 400 live in app.py."""
 
-
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.injection import InjectionConfig
+
+_DEFAULTS = InjectionConfig()  # one place for the injection defaults: core's config
 
 
 class InlineDataset(BaseModel):
@@ -24,9 +26,9 @@ class InjectRequest(BaseModel):
     k: int | None = Field(None, description="with mining: samples per class (default: the dataset's K)")
     style_indices: list[int] | None = Field(None, description="style pool (default: every image of another class)")
     num_samples: int = Field(16, description="synthetic samples to generate")
-    gamma: float = Field(0.5, description="injection strength in [0, 1]")
-    t_edit: int = Field(500, description="inject at generation steps with t >= t_edit")
-    steps: int = Field(20, description="DDIM steps for inversion and generation")
+    gamma: float = Field(_DEFAULTS.gamma, description="injection strength in [0, 1]")
+    t_edit: int = Field(_DEFAULTS.t_edit, description="inject at generation steps with t >= t_edit")
+    steps: int = Field(_DEFAULTS.steps, description="DDIM steps for inversion and generation")
     seed: int = Field(0, description="same request and seed give the same images")
 
 

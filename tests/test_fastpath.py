@@ -124,13 +124,15 @@ def test_the_comparison_is_sensitive(model, data):
 
 
 def test_formula_at_the_default_settings():
-    cfg = InjectionConfig()  # 20 steps, t_edit 500: injection at 950, 900, ..., 500
-    assert injection_steps(cfg) == 10
-    assert evaluations_per_sample(cfg, reference=True) == 69  # 20 content + 19 style + 30 generation
-    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=1.0) == 69
-    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=0.0) == 49
-    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=100 / 300) == pytest.approx(55 + 2 / 3)
-    assert evaluations_per_sample(dataclasses.replace(cfg, gamma=0.0), reference=True) == 39  # plain inversion + DDIM
+    cfg = InjectionConfig()  # 10 steps, t_edit 300: injection at 900, 800, ..., 300
+    assert injection_steps(cfg) == 7
+    assert evaluations_per_sample(cfg, reference=True) == 36  # 10 content + 9 style + 17 generation
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=1.0) == 36
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=0.0) == 26
+    assert evaluations_per_sample(cfg, reference=False, contents_per_sample=100 / 300) == pytest.approx(29 + 1 / 3)
+    assert evaluations_per_sample(dataclasses.replace(cfg, gamma=0.0), reference=True) == 19  # plain inversion + DDIM
+    old = dataclasses.replace(cfg, steps=20, t_edit=500)  # the former defaults: injection at 950, 900, ..., 500
+    assert injection_steps(old) == 10 and evaluations_per_sample(old, reference=True) == 69
 
 
 @pytest.mark.parametrize("steps,t_edit,gamma", [

@@ -263,11 +263,11 @@ def test_gamma_zero_with_content_is_plain_reconstruction(trained_unet):
     # h recorded at every grid timestep >= 500 (the 30-step "leading" grid is 0, 33, ..., 957), the top included
     assert sorted(inv.h) == [33 * i for i in range(30) if 33 * i >= 500]
     h_content = {t: h.flip(0) for t, h in inv.h.items()}  # another image's h for every sample
-    cfg = InjectionConfig(steps=30, gamma=0.0, t_boost=-1)
+    cfg = InjectionConfig(steps=30, t_edit=500, gamma=0.0, t_boost=-1)
     plain = ddim_generate(trained_unet, sched, inv.x_T, cfg)
     with_h = ddim_generate(trained_unet, sched, inv.x_T, cfg, h_content=h_content)
     torch.testing.assert_close(with_h, plain)
-    injected = ddim_generate(trained_unet, sched, inv.x_T, InjectionConfig(steps=30, gamma=0.9, t_boost=-1),
+    injected = ddim_generate(trained_unet, sched, inv.x_T, InjectionConfig(steps=30, t_edit=500, gamma=0.9, t_boost=-1),
                              h_content=h_content)
     assert (injected - plain).abs().mean() > 1e-3
 

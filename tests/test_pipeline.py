@@ -148,7 +148,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     folder, _ = quick_run
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="another config.*injection.gamma"):
-        Run(folder, make_config("quick", {"injection": {"gamma": 0.9}}), progress=False, dataset=dataset)
+        Run(folder, make_config("quick", {"injection": {"gamma": 0.3}}), progress=False, dataset=dataset)
     assert before == {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
@@ -171,7 +171,7 @@ def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):
 
 def test_cli_refuses_a_folder_of_another_config(quick_run, capsys):
     folder, _ = quick_run
-    code = main(["run", "--preset", "quick", "--out", str(folder), "--gamma", "0.9", "--no-progress"])
+    code = main(["run", "--preset", "quick", "--out", str(folder), "--gamma", "0.3", "--no-progress"])
     assert code == 2 and "was made by another config" in capsys.readouterr().err
 
 

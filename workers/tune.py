@@ -42,7 +42,7 @@ from core.pipeline import PRESETS, Run, RunConfig, generate_in_process, make_con
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
-    "gamma": [0.3, 0.5, 0.7],
+    "gamma": [0.5, 0.7, 0.9],  # around the default (0.9)
     "cpus_per_trial": 1,
     "grace_period": 2,  # ASHA: epochs every trial runs before it can be stopped
     "reduction_factor": 3,  # ASHA: keep the top third at each rung
