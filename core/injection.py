@@ -20,6 +20,7 @@ generator seeded by (seed, i), so a sample's pixels do not depend on the batch i
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,11 +42,16 @@ class InjectionConfig:
     synthetic_ratio: float = 0.1  # number of synthetic samples = ratio * |train| ...
     num_samples: int | None = None  # ... unless given here
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
+    keep_fraction: float = 1.0  # < 1: generate count / keep_fraction, keep the count most content-consistent
     batch_size: int = 64
 
     def count(self, train_size: int) -> int:
-        """Synthetic samples to generate for a training set of ``train_size`` images."""
+        """Synthetic samples kept for a training set of ``train_size`` images."""
         return self.num_samples if self.num_samples is not None else int(round(self.synthetic_ratio * train_size))
+
+    def generated(self, train_size: int) -> int:
+        """Synthetic samples generated before ``keep_fraction`` filters them down to :meth:`count`."""
+        return int(math.ceil(self.count(train_size) / self.keep_fraction))
 
     def validate(self) -> "InjectionConfig":
         if not 0.0 <= self.gamma <= 1.0:
@@ -54,6 +60,8 @@ class InjectionConfig:
             raise ValueError(f"injection steps {self.steps} must be at least 2")
         if self.label_from not in ("content", "style"):
             raise ValueError(f"label_from {self.label_from!r} must be 'content' or 'style'")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
 
 

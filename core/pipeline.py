@@ -34,6 +34,7 @@ from .classifier import ClassifierConfig, accuracy, build_classifier, group_metr
 from .data import Dataset, load_dataset
 from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
+from .filtering import keep_consistent
 from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
 from .mining import MiningConfig, mine, mining_quality, train_biased
 
@@ -284,18 +285,20 @@ class Run:
         pool = self.mined()
         unet_dir = self.unet_dir()
         cfg, tr = self.cfg.injection, self.ds.train
-        pairs = plan_pairs(tr.labels, pool, cfg.count(len(tr)), self.cfg.seed)
+        pairs = plan_pairs(tr.labels, pool, cfg.generated(len(tr)), self.cfg.seed)
         t0 = time.time()
         syn, evaluations = self.generate(unet_dir, tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
                                          self.progress)
         seconds = time.time() - t0
+        generated = len(syn.labels)
+        syn = keep_consistent(syn, tr.images, cfg.count(len(tr)))  # no-op at keep_fraction 1
         self.timings["inject"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
-        info = {"samples": len(syn.labels), "seconds": round(seconds, 1),
-                "images_per_second": round(len(syn.labels) / max(seconds, 1e-9), 2),
+        info = {"samples": len(syn.labels), "generated": generated, "seconds": round(seconds, 1),
+                "images_per_second": round(generated / max(seconds, 1e-9), 2),
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
-                "unet_evaluations_per_sample": round(evaluations / max(1, len(syn.labels)), 1),
+                "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.cfg.dataset == "cmnist" and "grey" in tr.extras:
             reader = diagnostics.ShapeReader(self.ds, seed=self.cfg.seed)

@@ -79,6 +79,23 @@ def test_synthetic_samples_are_content_labelled_images(quick_run, dataset):
     assert (dataset.train.labels[syn["style"]] != syn["labels"]).all()
 
 
+def test_keep_fraction_generates_more_and_keeps_the_most_consistent(quick_run, dataset, tmp_path):
+    """keep_fraction 0.5: twice the pairs are generated (the first half being the unfiltered run's), half kept."""
+    from core.filtering import consistency_scores
+    from core.injection import Synthetic
+
+    folder, _ = quick_run
+    cfg = make_config("quick", {"methods": ["diffinject"], "unet": str(folder / "unet"),
+                                "injection": {"keep_fraction": 0.5}})
+    run = Run(tmp_path / "filtered", cfg, progress=False, dataset=dataset)
+    kept = run.synthetic()
+    info = json.loads((tmp_path / "filtered/synthetic/injection.json").read_text())
+    assert info["generated"] == 48 and info["samples"] == len(kept.labels) == 24
+    tr = dataset.train
+    plain = Synthetic.load(folder / "synthetic/samples.pt")
+    assert consistency_scores(kept, tr.images).mean() > consistency_scores(plain, tr.images).mean()
+
+
 def test_rerun_resumes_without_recomputing(quick_run, dataset):
     folder, metrics = quick_run
     stamps = {a: (folder / a).stat().st_mtime_ns for a in ARTIFACTS if a not in ("metrics.json", "report.md")}

@@ -36,6 +36,7 @@ import torch
 from core.classifier import build_classifier, group_metrics, predict
 from core.data import ImageSet, pct_name
 from core.debias import train_with_extra
+from core.filtering import keep_consistent
 from core.injection import plan_pairs
 from core.mining import mine
 from core.pipeline import PRESETS, Run, RunConfig, generate_in_process, make_config, merge, validate
@@ -134,9 +135,10 @@ def trial(params: dict, *, cfg: RunConfig, base: str, models: str, train: ImageS
     biased.load_state_dict(torch.load(base / "biased" / "model.pt", weights_only=True))
     pool = mine(biased.eval(), train.images, train.labels, k, DEVICE).indices
     inj = cfg.injection
-    pairs = plan_pairs(train.labels, pool, inj.count(len(train)), cfg.seed)
+    pairs = plan_pairs(train.labels, pool, inj.generated(len(train)), cfg.seed)
     syn, _ = generate_in_process(base / "unet", train.images, train.labels, pairs, inj, cfg.seed, DEVICE,
                                  progress=False)
+    syn = keep_consistent(syn, train.images, inj.count(len(train)))  # as the pipeline does
     best = 0.0
 
     def report(epoch: int, acc: float) -> None:
