@@ -108,16 +108,17 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def read_settings(path: str | Path) -> dict:
-    """A YAML (or JSON) file of settings, as a dict; a clear error when it is unreadable or not a mapping."""
+def read_settings(path: str | Path, what: str = "config") -> dict:
+    """A YAML (or JSON) file of settings, as a dict; a clear error naming ``what`` it is when it is unreadable
+    or not a mapping."""
     import yaml
 
     try:
         over = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(over, dict):
-        raise ValueError(f"config {path} must be a mapping of settings")
+        raise ValueError(f"{what} {path} must be a mapping of settings")
     return over
 
 

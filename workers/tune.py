@@ -39,7 +39,7 @@ from core.debias import train_with_extra
 from core.filtering import keep_consistent
 from core.injection import plan_pairs
 from core.mining import mine
-from core.pipeline import PRESETS, Run, RunConfig, generate_in_process, make_config, merge, validate
+from core.pipeline import PRESETS, Run, RunConfig, generate_in_process, make_config, merge, read_settings, validate
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
@@ -68,14 +68,7 @@ def parse_list(text: str, kind: type, flag: str) -> list:
 
 def read_grid(path: str) -> dict:
     """A YAML grid file: ``k: [...]``, ``gamma: [...]`` and optional ``config:`` (RunConfig overrides)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read grid {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"grid {path} must be a mapping with keys k, gamma, config")
+    data = read_settings(path, what="grid")
     unknown = sorted(set(data) - {"k", "gamma", "config"})
     if unknown:
         raise ValueError(f"grid {path}: unknown key {unknown[0]!r} (expected k, gamma, config)")
