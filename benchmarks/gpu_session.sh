@@ -14,14 +14,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch,grpc,google.protobuf as p;print('torch',torch.__version__,'grpc',grpc.__version__,'protobuf',p.__version__)"
 date +%s > $RES/t0
 GEN_TIMEOUT=${GEN_TIMEOUT:-120} SERVE_TIMEOUT=${SERVE_TIMEOUT:-140} timeout ${BENCH_TIMEOUT:-330} \
-  bash benchmarks/gpu_bench.sh $RES/gpu_bench.json 2>&1 | grep -v "^\s*$" > $RES/bench.log
+  bash benchmarks/gpu_bench.sh $RES/gpu_bench.json 2>&1 | grep --line-buffered -v "^\s*$" > $RES/bench.log
+# (--line-buffered: a pipe's block buffer is lost when a time limit kills the call; it cost one call's output)
 cp $RES/gpu_bench.json $OUT/ 2>/dev/null; tail -c 6000 $RES/bench.log
 echo "== bench took $(( $(date +%s) - $(cat $RES/t0) )) s"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/diffusers*.whl .whl/importlib_metadata*.whl
 export PYTHONPATH=/tmp/site:$PWD DIFFINJECT_CACHE=$PWD/.whl/cache
 T="--steps 100000 --batch-size 128 --device cuda --threads 4 --no-progress --max-minutes ${TRAIN_MINUTES:-3.2}"
-python3 -m core.cli train-diffusion --split corpus $T --out /tmp/m/corpus > $RES/train-corpus.log 2>&1 &
-python3 -m core.cli train-diffusion --split train $T --out /tmp/m/biased > $RES/train-biased.log 2>&1 &
+# the small architecture was the default then; now the deep one is, so the first two name it
+python3 -m core.cli train-diffusion --split corpus --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/corpus \
+  > $RES/train-corpus.log 2>&1 &
+python3 -m core.cli train-diffusion --split train --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/biased \
+  > $RES/train-biased.log 2>&1 &
 python3 -m core.cli train-diffusion --split corpus --config benchmarks/configs/unet-deep.yaml $T --out /tmp/m/corpus-deep > $RES/train-deep.log 2>&1 &
 wait
 tail -n 3 $RES/train-*.log
