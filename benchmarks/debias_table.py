@@ -38,10 +38,18 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
 
 
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--jobs``, the options of :func:`run_jobs`."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
+
+
 def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None) -> list:
     """``fn(*job)`` for every job, in order; with ``n_jobs`` > 1 side by side in worker processes, each with its
-    share of the cores as torch threads."""
+    share of the cores (or ``threads``) as torch threads, else here with ``threads`` if given."""
     if n_jobs <= 1:
+        if threads:
+            torch.set_num_threads(threads)
         return [fn(*job) for job in jobs]
     threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
     with ProcessPoolExecutor(n_jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
@@ -64,11 +72,8 @@ def main() -> None:
     p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
     p.add_argument("--runs", default="runs/bench", help="parent folder of the run folders")
     p.add_argument("--name", default="debias_table", help="results file stem")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
+    add_job_options(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     t0 = time.time()
     cells = [(ratio, seed) for ratio in args.ratios for seed in args.seeds]

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import mean_std, run_jobs  # noqa: E402
+from benchmarks.debias_table import add_job_options, mean_std, run_jobs  # noqa: E402
 from core.data import pct_name  # noqa: E402
 from core.pipeline import Run, make_config  # noqa: E402
 
@@ -50,11 +50,8 @@ def main() -> None:
     p.add_argument("--big-steps", type=int, default=500, help="step counts from here on use --big-budget samples")
     p.add_argument("--big-budget", type=int, default=60, help="synthetic samples for the big step counts")
     p.add_argument("--runs", default="runs/steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
+    add_job_options(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     t0 = time.time()
     points = [(s, seed) for s in args.steps for seed in args.seeds]

@@ -285,10 +285,12 @@ class _ContentInversions:
         self.done: dict[int, Inversion] = {}
 
     def missing(self, index: np.ndarray) -> np.ndarray:
-        for c in np.unique(index):
-            if int(c) not in self.done and self.cache is not None and int(c) in self.cache:
-                self.done[int(c)] = self.cache[int(c)]
-        return np.array([c for c in np.unique(index) if int(c) not in self.done], dtype=np.int64)
+        """The distinct images of ``index`` neither inverted yet nor in the cache."""
+        uniq = [int(c) for c in np.unique(index)]
+        for c in uniq:
+            if c not in self.done and self.cache is not None and c in self.cache:
+                self.done[c] = self.cache[c]
+        return np.array([c for c in uniq if c not in self.done], dtype=np.int64)
 
     def add(self, index: np.ndarray, inv: Inversion) -> None:
         for j, c in enumerate(index):
