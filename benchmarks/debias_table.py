@@ -39,7 +39,8 @@ def mean_std(values: list[float]) -> dict:
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    """``--threads`` and ``--jobs``, the options of :func:`run_jobs`."""
+    """``--config``, ``--threads`` and ``--jobs``: the settings of every run, and the options of :func:`run_jobs`."""
+    p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
 
@@ -69,7 +70,6 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="default")
     p.add_argument("--unet", default=None, help="U-Net folder for every run (default: the preset's)")
-    p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
     p.add_argument("--runs", default="runs/bench", help="parent folder of the run folders")
     p.add_argument("--name", default="debias_table", help="results file stem")
     add_job_options(p)

@@ -4,8 +4,8 @@
     python benchmarks/steps_study.py --steps 20 10 --seeds 0 --runs /tmp/steps   # one quick slice
 
 Each (steps, seed) is an ordinary DiffInject-only run folder under --runs (resumable), on the default preset
-otherwise. Step counts of --big-steps or more (default 500) use --big-budget synthetic samples instead of the
-default 10 % of the training set, so the 1000-step point fits a CPU; the table says which rows did. Reports per
+and the settings of --config otherwise. Step counts of --big-steps or more (default 500) use --big-budget synthetic
+samples instead of the default count, so the 1000-step point fits a CPU; the table says which rows did. Reports per
 step count: U-Net evaluations per synthetic image, images/s of the generation stage, and DiffInject's unbiased and
 conflicting test accuracy (mean and std over seeds). The recommended default is the cheapest step count whose
 mean unbiased accuracy is within 1 point of the largest step count's. Writes benchmarks/results/steps_study.{md,json}.
@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.debias_table import add_job_options, mean_std, run_jobs  # noqa: E402
 from core.data import pct_name  # noqa: E402
-from core.pipeline import Run, make_config  # noqa: E402
+from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_point(steps: int, seed: int, ratio: float, samples: int | None, runs: str) -> dict:
-    over = {"ratio": ratio, "seed": seed, "methods": ["diffinject"],
-            "injection": {"steps": steps, "num_samples": samples}}
+def run_point(steps: int, seed: int, ratio: float, samples: int | None, runs: str, settings: dict) -> dict:
+    over = merge(settings, {"ratio": ratio, "seed": seed, "methods": ["diffinject"],
+                            "injection": {"steps": steps, "num_samples": samples}})
     folder = Path(runs) / (f"steps{steps}-{pct_name(ratio)}-seed{seed}" + (f"-n{samples}" if samples else ""))
     print(f"== {folder}", flush=True)
     m = Run(folder, make_config("default", over), progress=False).all()
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1000, 200, 100, 50, 20, 10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ratio", type=float, default=1.0)
-    p.add_argument("--samples", type=int, default=None, help="synthetic samples (default: 10 %% of the training set)")
+    p.add_argument("--samples", type=int, default=None, help="synthetic samples (default: the preset's)")
     p.add_argument("--big-steps", type=int, default=500, help="step counts from here on use --big-budget samples")
     p.add_argument("--big-budget", type=int, default=60, help="synthetic samples for the big step counts")
     p.add_argument("--runs", default="runs/steps")
@@ -55,7 +55,8 @@ def main() -> None:
 
     t0 = time.time()
     points = [(s, seed) for s in args.steps for seed in args.seeds]
-    jobs = [(s, seed, args.ratio, args.big_budget if s >= args.big_steps else args.samples, args.runs)
+    settings = read_settings(args.config) if args.config else {}
+    jobs = [(s, seed, args.ratio, args.big_budget if s >= args.big_steps else args.samples, args.runs, settings)
             for s, seed in points]
     results = dict(zip(points, run_jobs(run_point, jobs, args.jobs, args.threads)))
 

@@ -54,7 +54,8 @@ def _overrides(args) -> dict:
         "methods": args.methods.split(",") if args.methods else None,
     }
     nested = {
-        ("mining", "k"): args.k, ("injection", "gamma"): args.gamma, ("injection", "t_edit"): args.t_edit,
+        ("mining", "k"): args.k, ("mining", "misclassified_only"): args.misclassified_only,
+        ("injection", "gamma"): args.gamma, ("injection", "t_edit"): args.t_edit,
         ("injection", "steps"): args.steps, ("injection", "num_samples"): args.num_samples,
         ("injection", "label_from"): args.label_from, ("diffusion", "steps"): args.diffusion_steps,
         ("classifier", "epochs"): args.epochs,
@@ -96,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     r.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
     r.add_argument("--k", type=int, default=None, help="mined samples per class")
+    r.add_argument("--misclassified-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="of the top K, keep those the biased model misclassifies (default: on)")
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
-    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 10 %% of the training set)")
+    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 30 %% of the training set)")
     r.add_argument("--label-from", choices=["content", "style"], default=None)
     r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
     r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")

@@ -39,7 +39,7 @@ class InjectionConfig:
     gamma: float = 0.9  # Slerp strength: 0 = no injection, 1 = the (norm-matched) content h
     t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
     dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
-    synthetic_ratio: float = 0.1  # number of synthetic samples = ratio * |train| ...
+    synthetic_ratio: float = 0.3  # number of synthetic samples = ratio * |train| (the paper's: 0.1) ...
     num_samples: int | None = None  # ... unless given here
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
     keep_fraction: float = 1.0  # < 1: generate count / keep_fraction, keep the count most content-consistent

@@ -77,7 +77,8 @@ def _section_types():
 
 
 PRESETS: dict[str, dict] = {
-    # the default: shipped U-Net, 20-step DDIM; about 4 minutes on a 2-core CPU
+    # the default: shipped U-Net, 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
+    # benchmarks/results/experiments.md); about 6 minutes on a 2-core CPU
     "default": {},
     # for tests and smoke runs: a tiny U-Net trained for a few steps, a few epochs; about a minute
     "quick": {
@@ -92,7 +93,7 @@ PRESETS: dict[str, dict] = {
     # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself
     "paper": {
         "unet": None,
-        "mining": {"k": 10, "classifier": {"epochs": 50}},
+        "mining": {"k": 10, "misclassified_only": False, "classifier": {"epochs": 50}},
         "diffusion": {"steps": 50000, "ema_decay": 0.9999},
         "injection": {"steps": 1000, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "dt_lambda": 0.9985,
                       "synthetic_ratio": 0.1},
@@ -241,7 +242,8 @@ class Run:
         if path.exists():
             return np.array(json.loads(path.read_text())["indices"])
         tr = self.ds.train
-        result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k)
+        result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k,
+                      misclassified_only=self.cfg.mining.misclassified_only)
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
         rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")

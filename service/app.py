@@ -98,10 +98,12 @@ class InjectorDeployment:
                 for name, run in self.runs.items()}
 
     def mine(self, name: str, k: int) -> list[int]:
-        """Top-K per class by the dataset's biased classifier (trained once, kept in the run folder)."""
+        """Top-K per class by the dataset's biased classifier (trained once, kept in the run folder), filtered as
+        the run's mining settings say."""
         run = self.runs[name]
         tr = run.ds.train
-        return mine(run.biased(), tr.images, tr.labels, k).indices.tolist()
+        return mine(run.biased(), tr.images, tr.labels, k,
+                    misclassified_only=run.cfg.mining.misclassified_only).indices.tolist()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def generate(self, jobs: list[dict]) -> list[dict]:

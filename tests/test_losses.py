@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from core.classifier import gce_loss, group_metrics
 from core.diffusion import DiffusionConfig, _step_generator, build_unet, ddpm_scheduler, p2_weights, train_diffusion
-from core.mining import mining_quality, top_k_per_class
+from core.mining import mine, mining_quality, top_k_per_class
 
 # ---------------------------------------------------------------------------------------------------------
 # P2 weighting
@@ -150,6 +150,35 @@ def test_top_k_per_class_ties_broken_by_index():
     labels = np.array([1, 0, 1, 0, 1, 0, 1])
     losses = np.ones(7)
     assert top_k_per_class(losses, labels, 2).tolist() == [1, 3, 0, 2]
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'biased model' whose logits for image i are row i of a table (image i holds the value i)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.table[(x.flatten(1)[:, 0] * 255).round().long()]
+
+
+def test_mine_misclassified_only_keeps_the_wrongly_predicted_of_each_top_k():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = torch.tensor([1, 0, 2, 0, 1, 1, 1, 0, 2, 2])  # wrong: 0 and 2 (class 0), 7 (class 2); class 1 none
+    confidence = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 1.0, 2.0, 6.0, 1.0, 3.0])
+    logits = torch.zeros(10, 3)
+    logits[torch.arange(10), predicted] = confidence  # CE is highest where the wrong class is most confident
+    images = torch.arange(10, dtype=torch.uint8)[:, None, None, None]
+    model = _FixedLogits(logits)
+
+    top = mine(model, images, labels, k=3).indices
+    assert top.tolist() == [0, 2, 1, 5, 6, 4, 7, 8, 9]  # plain top 3 per class, highest loss first
+    kept = mine(model, images, labels, k=3, misclassified_only=True).indices
+    # class 0: its two wrong ones; class 1: none wrong, so its single highest-loss sample; class 2: the wrong one
+    assert kept.tolist() == [0, 2, 5, 7]
+    # only what the top k held: with k = 1, class 0 keeps sample 0 alone
+    assert mine(model, images, labels, k=1, misclassified_only=True).indices.tolist() == [0, 5, 7]
 
 
 def test_mining_quality_by_hand():

@@ -56,7 +56,8 @@ def test_quick_run_metrics_are_sane(quick_run):
     # a plain classifier on 99 % aligned data learns the colour shortcut
     assert metrics["methods"]["vanilla"]["aligned"] > metrics["methods"]["vanilla"]["conflicting"] + 20
     mining = metrics["mining"]
-    assert mining["mined"] == 5 * 10 and 0 <= mining["precision"] <= 100 and 0 <= mining["recall"] <= 100
+    # K = 5 of 10 classes, filtered to the misclassified ones (every class keeps at least one)
+    assert 10 <= mining["mined"] <= 5 * 10 and 0 <= mining["precision"] <= 100 and 0 <= mining["recall"] <= 100
     inj = metrics["injection"]
     assert inj["samples"] == 24 and 0 <= inj["biased_model_wrong"] <= 100
     rep = inj["report"]
