@@ -157,6 +157,11 @@ def _save_torch(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+# Settings added after run folders existed whose default is not what such a folder was made with: a folder's
+# config.json without them is read at these values (any other missing setting reads at its default).
+BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
+
+
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -206,9 +211,9 @@ class Run:
     def _claim_folder(self) -> None:
         path = self.dir / "config.json"
         if path.exists():
-            # a setting added to the code after the folder was made counts at its default, so new options
-            # never lock users out of their finished runs
-            old = merge(RunConfig().to_dict(), json.loads(path.read_text()))
+            # a setting added to the code after the folder was made counts at the value it was made with, so new
+            # options never lock users out of their finished runs, nor resume them under other settings
+            old = merge(merge(RunConfig().to_dict(), BEFORE_SETTING_EXISTED), json.loads(path.read_text()))
             diff = _diff_keys(old, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "

@@ -162,6 +162,21 @@ def test_folder_from_before_a_new_setting_still_resumes(quick_run, dataset):
         (folder / "config.json").write_text(saved)
 
 
+def test_folder_from_before_misclassified_only_reads_as_plain_top_k(quick_run, dataset):
+    """Folders mined before the setting existed kept all K: resuming them under the new default is refused."""
+    folder, _ = quick_run
+    saved = (folder / "config.json").read_text()
+    old = json.loads(saved)
+    del old["mining"]["misclassified_only"]
+    (folder / "config.json").write_text(json.dumps(old))
+    try:
+        with pytest.raises(ValueError, match="another config.*mining.misclassified_only"):
+            Run(folder, make_config("quick"), progress=False, dataset=dataset)
+        Run(folder, make_config("quick", {"mining": {"misclassified_only": False}}), progress=False, dataset=dataset)
+    finally:
+        (folder / "config.json").write_text(saved)
+
+
 def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     folder, _ = quick_run
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
