@@ -78,7 +78,7 @@ def _section_types():
 
 PRESETS: dict[str, dict] = {
     # the default: shipped U-Net, 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
-    # benchmarks/results/experiments.md); about 6 minutes on a 2-core CPU
+    # benchmarks/results/experiments.md); about 5 minutes on a 2-core CPU
     "default": {},
     # for tests and smoke runs: a tiny U-Net trained for a few steps, a few epochs; about a minute
     "quick": {
