@@ -53,11 +53,12 @@ def top_k_per_class(losses: np.ndarray, labels: np.ndarray, k: int) -> np.ndarra
     return np.concatenate(picked)
 
 
-def mine(model, images, labels, k: int, device="cpu", misclassified_only: bool = False) -> Mined:
+def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: bool) -> Mined:
     """Score every training sample by plain CE under the biased ``model`` and keep the top ``k`` per class.
 
-    ``misclassified_only`` keeps, of each class's top ``k``, those the model predicts as another class; a class
-    with none of them keeps its top one, so every class still has a content. Reads task labels only.
+    ``misclassified_only`` (no default here: callers pass their ``MiningConfig``'s) keeps, of each class's top
+    ``k``, those the model predicts as another class; a class with none of them keeps its top one, so every class
+    still has a content. Reads task labels only.
     """
     logits = predict(model, images, device=device)
     losses = F.cross_entropy(logits, labels, reduction="none").numpy()

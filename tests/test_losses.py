@@ -172,7 +172,7 @@ def test_mine_misclassified_only_keeps_the_wrongly_predicted_of_each_top_k():
     images = torch.arange(10, dtype=torch.uint8)[:, None, None, None]
     model = _FixedLogits(logits)
 
-    top = mine(model, images, labels, k=3).indices
+    top = mine(model, images, labels, k=3, misclassified_only=False).indices
     assert top.tolist() == [0, 2, 1, 5, 6, 4, 7, 8, 9]  # plain top 3 per class, highest loss first
     kept = mine(model, images, labels, k=3, misclassified_only=True).indices
     # class 0: its two wrong ones; class 1: none wrong, so its single highest-loss sample; class 2: the wrong one

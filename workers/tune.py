@@ -126,7 +126,8 @@ def trial(params: dict, *, cfg: RunConfig, base: str, models: str, train: ImageS
     base = Path(base)
     biased = build_classifier(cfg.mining.classifier, tuple(train.images.shape[1:]), num_classes)
     biased.load_state_dict(torch.load(base / "biased" / "model.pt", weights_only=True))
-    pool = mine(biased.eval(), train.images, train.labels, k, DEVICE, cfg.mining.misclassified_only).indices
+    pool = mine(biased.eval(), train.images, train.labels, k, DEVICE,
+                misclassified_only=cfg.mining.misclassified_only).indices
     inj = cfg.injection
     pairs = plan_pairs(train.labels, pool, inj.generated(len(train)), cfg.seed)
     syn, _ = generate_in_process(base / "unet", train.images, train.labels, pairs, inj, cfg.seed, DEVICE,
