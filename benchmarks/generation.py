@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
 from core.injection import InjectionConfig, count_evaluations, ddim_generate, inject, plan_pairs  # noqa: E402
-from core.pipeline import SHIPPED_UNET  # noqa: E402
+from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(SHIPPED_UNET))
+    p.add_argument("--unet", default=str(CORPUS_UNET))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=InjectionConfig.steps, help="DDIM steps (inversion and generation)")

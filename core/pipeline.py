@@ -9,13 +9,19 @@ an overwrite.
       biased/model.pt             GCE-trained biased classifier
       biased/mining.json          mined indices (top-K per class), mining precision/recall
       biased/mined.png            the mined samples, one row per class
-      unet/                       the U-Net (save_pretrained, safetensors) with train.json and loss.png
+      unet/                       the label-free row's U-Net (save_pretrained, safetensors) with train.json, loss.png
       synthetic/samples.pt        synthetic images, labels, content and style index
       synthetic/injection.json    injection report, biased-classifier disagreement, timing
       synthetic/injection_grid.png  style | content | result rows
-      classifiers/<method>.pt     vanilla, lff, diffinject (and oracle on the embedded data)
+      unet-corpus/, synthetic-corpus/   the same for the diffinject-corpus row (embedded Colored MNIST only)
+      classifiers/<method>.pt     vanilla, lff, diffinject, diffinject-corpus, oracle (as the run's methods say)
       classifiers/<method>.json   its test metrics
-      metrics.json, report.md
+      metrics.json, report.md     every row, and the U-Net behind each DiffInject row (``unet_sources``)
+
+Rows that say what they use: ``diffinject`` is the label-free method, its U-Net trained on the task's training split
+(here, or shipped under ``core/pretrained/<dataset>-<pct>``) or given by the user. ``diffinject-corpus`` uses the U-Net
+pretrained on the embedded Colored MNIST's colour-balanced corpus, which took knowledge of the bias to build; it is
+reported as its own row, like the oracle, never as the method.
 """
 
 from __future__ import annotations
@@ -31,16 +37,29 @@ import torch
 
 from . import diagnostics
 from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, pct_name
 from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
 from .filtering import keep_consistent
 from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
-from .mining import MiningConfig, mine, mining_quality, train_biased
+from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
-SHIPPED_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-unbiased corpus of the embedded data
-EMBEDDED_UNET = "embedded"  # RunConfig.unet value: SHIPPED_UNET (cmnist only)
+CORPUS_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-balanced corpus: uses knowledge of the bias
+SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
+
+# The rows, and the ones that learn from synthetic samples: method -> (U-Net folder, synthetic folder) in the run.
+METHODS = ("vanilla", "lff", "diffinject", "diffinject-corpus", "oracle")
+SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("unet-corpus", "synthetic-corpus")}
+# A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the quick default
+# until the label-free row is within 3 points of it (issue 13; benchmarks/results/experiments.md): training a
+# label-free U-Net takes about 45 minutes on a 2-core CPU.
+DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "oracle")
+DEFAULT_METHODS_CMNIST = ("vanilla", "lff", "diffinject-corpus", "oracle")
+
+
+class StageIncomplete(Exception):
+    """A stage stopped at its time budget with its progress saved; rerunning the same command resumes it."""
 
 
 @dataclass
@@ -53,15 +72,17 @@ class RunConfig:
     data_seed: int = 0
     image_size: int | None = None  # folder datasets: resize on load (default: native size)
     seed: int = 0  # every stage's randomness
-    unet: str | None = EMBEDDED_UNET  # a U-Net folder, "embedded" (shipped model, cmnist only), or None: train one
-    methods: tuple[str, ...] = ("vanilla", "lff", "diffinject", "oracle")
+    # the label-free row's U-Net: "shipped" (core/pretrained/<dataset>-<pct> where the project ships one for the
+    # embedded data, else trained here), a U-Net folder, or None: train one on the training split
+    unet: str | None = SHIPPED
+    methods: tuple[str, ...] | None = None  # None: DEFAULT_METHODS (DEFAULT_METHODS_CMNIST on the embedded cmnist)
     mining: MiningConfig = field(default_factory=MiningConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
-        self.methods = tuple(self.methods)
+        self.methods = tuple(self.methods) if self.methods is not None else None
         for f in fields(self):  # nested sections may arrive as dicts (YAML, JSON)
             value = getattr(self, f.name)
             if isinstance(value, dict):
@@ -77,12 +98,13 @@ def _section_types():
 
 
 PRESETS: dict[str, dict] = {
-    # the default: shipped U-Net, 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
-    # benchmarks/results/experiments.md); about 5 minutes on a 2-core CPU
+    # the default: 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
+    # benchmarks/results/experiments.md); on the embedded cmnist the corpus row, about 5 minutes on a 2-core CPU
     "default": {},
-    # for tests and smoke runs: a tiny U-Net trained for a few steps, a few epochs; about a minute
+    # for tests and smoke runs: a tiny U-Net trained on the training split for a few steps, a few epochs; a minute
     "quick": {
         "unet": None,
+        "methods": ["vanilla", "lff", "diffinject", "oracle"],
         "mining": {"k": 5, "classifier": {"epochs": 4}},
         "diffusion": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
                       "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "steps": 30,
@@ -178,9 +200,38 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
     smallest = int(torch.bincount(ds.train.labels).min())
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
-    unknown = set(cfg.methods) - {"vanilla", "lff", "diffinject", "oracle"}
+    methods = run_methods(cfg)
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from vanilla, lff, diffinject, oracle")
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if "diffinject-corpus" in methods and not _embedded_cmnist(cfg):
+        raise ValueError("diffinject-corpus needs the embedded cmnist: its U-Net was pretrained on that benchmark's "
+                         "colour-balanced corpus")
+
+
+def _embedded_cmnist(cfg: RunConfig) -> bool:
+    return cfg.dataset == "cmnist" and cfg.data_root is None
+
+
+def run_methods(cfg: RunConfig) -> tuple[str, ...]:
+    """The config's methods, or the default ones for its dataset."""
+    if cfg.methods is not None:
+        return cfg.methods
+    return DEFAULT_METHODS_CMNIST if _embedded_cmnist(cfg) else DEFAULT_METHODS
+
+
+def shipped_unet(cfg: RunConfig) -> Path | None:
+    """The label-free U-Net the project ships for the config's embedded dataset and ratio, if any."""
+    path = PRETRAINED / f"{cfg.dataset}-{pct_name(cfg.ratio)}"
+    return path if cfg.data_root is None and is_trained(path) else None
+
+
+def describe_unet(folder: Path, origin: str) -> dict:
+    """Where a row's U-Net came from and what it learnt from (its ``train.json``): the tables' ``unet_sources``."""
+    train = json.loads((Path(folder) / "train.json").read_text()) if (Path(folder) / "train.json").exists() else {}
+    data = train.get("data", {})
+    return {"origin": origin, "data": data, "steps": train.get("steps"),
+            "bias_knowledge": data.get("bias_knowledge")}  # None: not recorded (a U-Net from elsewhere)
 
 
 def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tensor, pairs, cfg: InjectionConfig,
@@ -200,9 +251,11 @@ class Run:
     """
 
     def __init__(self, folder: str | Path, cfg: RunConfig, device: str = "cpu", progress: bool = True,
-                 dataset: Dataset | None = None, generate=None):
+                 dataset: Dataset | None = None, generate=None, max_diffusion_seconds: float | None = None):
         self.dir, self.cfg, self.device, self.progress = Path(folder), cfg, device, progress
         self.generate = generate or generate_in_process
+        self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
+        self._readers = None
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
         self.timings: dict[str, float] = {}
@@ -256,42 +309,64 @@ class Run:
         return result.indices
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
-    def unet_dir(self) -> Path:
-        """The run's U-Net: copied from ``cfg.unet`` (or the shipped one), or trained on the training images."""
-        out = self.dir / "unet"
-        if is_trained(out):
-            return out
-        source = self._unet_source()
+    def unet_dir(self, method: str = "diffinject") -> Path:
+        """The U-Net of a synthetic row: copied from its source, or trained here on the training images only.
+
+        ``diffinject``: ``cfg.unet`` (shipped for this dataset and ratio, a folder, or trained here, resuming on a
+        rerun and stopping at ``max_diffusion_seconds`` with :class:`StageIncomplete`); ``diffinject-corpus``: the
+        corpus U-Net.
+        """
+        out = self.dir / SYNTHETIC_ROWS[method][0]
+        source = CORPUS_UNET if method == "diffinject-corpus" else self._unet_source()
         if source is not None:
-            shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            if not is_trained(out):
+                shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
             return out
-        self._timed("diffusion", lambda: train_diffusion(self.ds.train.images, self.cfg.diffusion, out, self.cfg.seed,
-                                                         self.device, self.progress))
+        if is_trained(out) and json.loads((out / "train.json").read_text())["steps"] >= self.cfg.diffusion.steps:
+            return out
+        weights = None
+        if self.cfg.diffusion.hard_share > 0:  # the biased model's difficulty: task labels only
+            weights = difficulty(self.biased(), self.ds.train.images, self.ds.train.labels, self.device)
+        about = {"dataset": self.ds.name, "ratio": pct_name(self.cfg.ratio), "split": "train",
+                 "hard_share": self.cfg.diffusion.hard_share, "bias_knowledge": False}
+        result = self._timed("diffusion", lambda: train_diffusion(
+            self.ds.train.images, self.cfg.diffusion, out, self.cfg.seed, self.device, self.progress,
+            max_seconds=self.max_diffusion_seconds, sample_weights=weights, data=about))
+        if result.steps < self.cfg.diffusion.steps:
+            raise StageIncomplete(f"the U-Net stopped at its time budget after {result.steps} of "
+                                  f"{self.cfg.diffusion.steps} steps, saved in {out}; rerun the same command to resume")
         return out
 
     def _unet_source(self) -> Path | None:
+        """The label-free row's U-Net to copy, or None to train one here."""
         if self.cfg.unet is None:
             return None
-        if self.cfg.unet == EMBEDDED_UNET:
-            if self.cfg.dataset != "cmnist" or self.cfg.data_root is not None:
-                return None  # nothing shipped for this dataset: train one
-            path = SHIPPED_UNET
-            if not is_trained(path):
-                raise FileNotFoundError(f"the shipped U-Net is missing at {path}; pass --unet PATH or --train-unet")
-            return path
+        if self.cfg.unet == SHIPPED:
+            return shipped_unet(self.cfg)
         path = Path(self.cfg.unet)
         if not is_trained(path):
             raise FileNotFoundError(f"no trained U-Net at {path} (expected diffusion_pytorch_model.safetensors and train.json)")
         return path
 
+    def unet_origin(self, method: str) -> str:
+        if method == "diffinject-corpus":
+            return f"{CORPUS_UNET.relative_to(PRETRAINED.parent.parent)}: the colour-balanced corpus (uses knowledge of the bias)"
+        source = self._unet_source()
+        if source is None:
+            return "trained in this run on the training split"
+        shipped = source == shipped_unet(self.cfg)
+        return f"{source.relative_to(PRETRAINED.parent.parent) if shipped else source}" + (" (shipped)" if shipped else "")
+
     # -- stage 3 ---------------------------------------------------------------------------------------------
-    def synthetic(self) -> Synthetic:
-        folder = self.dir / "synthetic"
+    def synthetic(self, method: str = "diffinject") -> Synthetic:
+        """The synthetic samples of a synthetic row (``diffinject`` or ``diffinject-corpus``): the same pairs for
+        both, each from its own U-Net."""
+        folder = self.dir / SYNTHETIC_ROWS[method][1]
         path = folder / "samples.pt"
         if path.exists():
             return Synthetic.load(path)
         pool = self.mined()
-        unet_dir = self.unet_dir()
+        unet_dir = self.unet_dir(method)
         cfg, tr = self.cfg.injection, self.ds.train
         pairs = plan_pairs(tr.labels, pool, cfg.generated(len(tr)), self.cfg.seed)
         t0 = time.time()
@@ -300,7 +375,7 @@ class Run:
         seconds = time.time() - t0
         generated = len(syn.labels)
         syn = keep_consistent(syn, tr.images, cfg.count(len(tr)))  # no-op at keep_fraction 1
-        self.timings["inject"] = round(seconds, 1)
+        self.timings[f"inject {method}"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
         info = {"samples": len(syn.labels), "generated": generated, "seconds": round(seconds, 1),
@@ -308,13 +383,18 @@ class Run:
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
                 "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
-        if self.cfg.dataset == "cmnist" and "grey" in tr.extras:
-            reader = diagnostics.ShapeReader(self.ds, seed=self.cfg.seed)
-            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, reader, self.ds.test.bias,
-                                                          self.ds.test.images)
+        readers = self.readers()
+        if readers is not None:
+            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, readers)
         _save_json(folder / "injection.json", info)
         syn.save(path)  # last: its existence marks the stage done
         return syn
+
+    def readers(self):
+        """The benchmark's evaluation-only readers (None on a folder dataset), trained once per invocation."""
+        if self._readers is None:
+            self._readers = diagnostics.readers_for(self.ds, seed=self.cfg.seed) or False
+        return self._readers or None
 
     # -- stage 4 and baselines ---------------------------------------------------------------------------------
     def method(self, name: str) -> dict:
@@ -330,13 +410,13 @@ class Run:
             model = train_vanilla(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
         elif name == "lff":
             model = train_lff(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
-        elif name == "diffinject":
-            syn = self.synthetic()
-            model = train_with_extra(ds.train, syn.images, syn.labels, ds.valid, ds.num_classes, cfg, seed,
-                                     "diffinject", **common)
+        elif name in SYNTHETIC_ROWS:
+            syn = self.synthetic(name)
+            model = train_with_extra(ds.train, syn.images, syn.labels, ds.valid, ds.num_classes, cfg, seed, name,
+                                     **common)
         elif name == "oracle":
-            n = len(self.synthetic().labels)
-            images, labels = oracle_samples(ds.train, n, seed)
+            # as many real samples as the synthetic rows have, with a bias value of another class
+            images, labels = oracle_samples(ds.name, ds.train, self.cfg.injection.count(len(ds.train)), seed)
             model = train_with_extra(ds.train, images, labels, ds.valid, ds.num_classes, cfg, seed, "oracle", **common)
         else:
             raise ValueError(f"unknown method {name!r}")
@@ -349,7 +429,7 @@ class Run:
         return metrics
 
     def methods(self) -> list[str]:
-        methods = list(self.cfg.methods)
+        methods = list(run_methods(self.cfg))
         if "oracle" in methods and "grey" not in self.ds.train.extras:
             methods.remove("oracle")  # the ceiling exists only where the bias can be undone by hand
         return methods
@@ -359,18 +439,20 @@ class Run:
         """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
         t0 = time.time()
         self.mined()
-        if "diffinject" in self.cfg.methods or "oracle" in self.methods():
-            self.synthetic()
+        synthetic_rows = [m for m in self.methods() if m in SYNTHETIC_ROWS]
+        for m in synthetic_rows:
+            self.synthetic(m)
         results = {m: self.method(m) for m in self.methods()}
-        injection = json.loads((self.dir / "synthetic" / "injection.json").read_text()) \
-            if (self.dir / "synthetic" / "injection.json").exists() else None
         metrics = {
             "dataset": {"name": self.ds.name, "ratio": self.cfg.ratio, "train": len(self.ds.train),
                         "valid": len(self.ds.valid), "test": len(self.ds.test), "num_classes": self.ds.num_classes,
                         "image_shape": list(self.ds.image_shape)},
             "seed": self.cfg.seed,
             "mining": json.loads((self.dir / "biased" / "mining.json").read_text())["quality"],
-            "injection": injection,
+            "injection": {m: json.loads((self.dir / SYNTHETIC_ROWS[m][1] / "injection.json").read_text())
+                          for m in synthetic_rows},
+            "unet_sources": {m: describe_unet(self.dir / SYNTHETIC_ROWS[m][0], self.unet_origin(m))
+                             for m in synthetic_rows},
             "methods": results,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stage_seconds_this_invocation": self.timings,
@@ -381,7 +463,9 @@ class Run:
 
 
 METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
-NAMES = {"vanilla": "Vanilla", "lff": "LfF", "diffinject": "DiffInject", "oracle": "Oracle ceiling (uses bias labels)"}
+NAMES = {"vanilla": "Vanilla", "lff": "LfF", "diffinject": "DiffInject (label-free)",
+         "diffinject-corpus": "DiffInject, corpus U-Net (uses bias knowledge)",
+         "oracle": "Oracle ceiling (uses bias labels)"}
 
 
 def render_report(metrics: dict, cfg: RunConfig) -> str:
@@ -391,14 +475,17 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
              "| method | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
     for name, m in metrics["methods"].items():
         lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
+    for name, src in metrics.get("unet_sources", {}).items():
+        knows = {True: "built with knowledge of the bias", False: "no knowledge of the bias",
+                 None: "not recorded whether it used knowledge of the bias"}[src["bias_knowledge"]]
+        lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {knows}.")
     q = metrics["mining"]
     lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
               f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
               f"of the {q['true_conflicts']} true bias-conflicting training samples (bias labels read for this line only).",
               "", "![mined samples](biased/mined.png)"]
-    inj = metrics.get("injection")
-    if inj:
-        lines += ["", f"## Injection (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
+    for name, inj in metrics.get("injection", {}).items():
+        lines += ["", f"## Injection, {NAMES.get(name, name)} (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
                       f"{cfg.injection.steps} DDIM steps, labels from the {cfg.injection.label_from})", "",
                   f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s, "
                   f"{inj['unet_evaluations_per_sample']} U-Net evaluations per sample); "
@@ -406,10 +493,10 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
         rep = inj.get("report")
         if rep:
             keys = diagnostics.REPORT_KEYS
-            lines += ["", "Injection report (shape reader accuracy on the test split "
-                          f"{rep['shape_reader_test_accuracy']:.1f} %, colour reader "
-                          f"{rep.get('colour_reader_test_accuracy', float('nan')):.1f} %):", "",
+            lines += ["", f"Injection report (\"colour\" is the bias attribute, {rep['bias_attribute']}; class reader "
+                          f"accuracy on the test split {rep['shape_reader_test_accuracy']:.1f} %, bias reader "
+                          f"{rep['colour_reader_test_accuracy']:.1f} %):", "",
                       "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
                       "| " + " | ".join(f"{rep[k]:.1f} %" for k in keys) + " |"]
-        lines += ["", "![style | content | result](synthetic/injection_grid.png)"]
+        lines += ["", f"![style | content | result]({SYNTHETIC_ROWS[name][1]}/injection_grid.png)"]
     return "\n".join(lines) + "\n"

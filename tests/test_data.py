@@ -14,10 +14,13 @@ from core.data import (
     build_colored_mnist,
     cache_dir,
     colored_mnist,
+    build_embedded,
+    corrupted_mnist,
     load_dataset,
     load_folder_dataset,
 )
-from core.diagnostics import read_colour
+from core.corruptions import NAMES as CORRUPTIONS
+from core.diagnostics import Readers, read_colour
 from core.diffusion import from_model_space, to_model_space
 
 SPLITS = ("train", "valid", "test", "corpus")
@@ -134,6 +137,56 @@ def test_bad_ratio(ratio):
         build_colored_mnist(ratio)
     with pytest.raises(DataError):
         load_dataset("cmnist", ratio)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedded Corrupted MNIST
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cormnist():
+    return corrupted_mnist(1.0, 0)
+
+
+def test_corrupted_mnist_is_deterministic_cached_and_shares_the_digits(cormnist, cmnist):
+    fresh = build_embedded("corrupted_mnist", 1.0, 0)
+    for split in ("train", "valid", "test"):
+        a, b = getattr(cormnist, split), getattr(fresh, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.bias, b.bias), split
+        # the same digits as Colored MNIST, split for split: only the bias differs
+        assert torch.equal(a.extras["grey"], getattr(cmnist, split).extras["grey"]), split
+        assert torch.equal(a.labels, getattr(cmnist, split).labels), split
+    assert cormnist.corpus is None and cormnist.name == "corrupted_mnist"
+    assert cormnist.train.images.shape == (3000, 3, 28, 28) and cormnist.train.images.dtype == torch.uint8
+    assert not torch.equal(build_embedded("corrupted_mnist", 1.0, 1).train.images, cormnist.train.images)
+
+
+@pytest.mark.parametrize("ratio, conflicts", [(0.5, 15), (1.0, 30), (5.0, 150)])
+def test_corrupted_mnist_conflict_share(ratio, conflicts):
+    tr = corrupted_mnist(ratio, 0).train
+    assert int((tr.labels != tr.bias).sum()) == conflicts
+    assert set(tr.bias.unique().tolist()) == set(range(10))
+
+
+def test_every_corruption_changes_the_digit_and_the_reader_tells_them_apart(cormnist):
+    """Each of the ten corruptions moves the pixels far from the clean digit, and a reader trained on an unbiased
+    copy names the corruption of unbiased test images, each one separately."""
+    te = cormnist.test
+    clean = te.extras["grey"].float()
+    change = (te.images[:, :1].float() - clean).abs().mean((1, 2, 3))
+    for k, name in enumerate(CORRUPTIONS):
+        assert change[te.bias == k].mean() > 8, name  # grey levels of 255, averaged over the image
+    readers = Readers(cormnist)
+    read = readers.read_bias(te.images)
+    for k, name in enumerate(CORRUPTIONS):
+        assert (read[te.bias == k] == k).float().mean() > 0.85, name
+    assert readers.bias_accuracy > 95 and readers.class_accuracy > 75 and readers.bias_attribute == "corruption"
+
+
+def test_unknown_embedded_dataset():
+    with pytest.raises(DataError, match="embedded datasets are cmnist, corrupted_mnist"):
+        build_embedded("fashion", 1.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

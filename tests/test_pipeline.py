@@ -58,7 +58,7 @@ def test_quick_run_metrics_are_sane(quick_run):
     mining = metrics["mining"]
     # K = 5 of 10 classes, filtered to the misclassified ones (every class keeps at least one)
     assert 10 <= mining["mined"] <= 5 * 10 and 0 <= mining["precision"] <= 100 and 0 <= mining["recall"] <= 100
-    inj = metrics["injection"]
+    inj = metrics["injection"]["diffinject"]
     assert inj["samples"] == 24 and 0 <= inj["biased_model_wrong"] <= 100
     rep = inj["report"]
     assert rep["colour_reader_test_accuracy"] > 95  # the instruments themselves must be trustworthy
@@ -67,7 +67,12 @@ def test_quick_run_metrics_are_sane(quick_run):
     # inclusion-exclusion: (content digit or style colour) and neither cover every sample once
     assert abs(rep["content_digit"] + rep["style_colour"] - rep["both"] + rep["neither"] - 100) < 0.05
     report = (folder / "report.md").read_text()
-    assert "| Vanilla |" in report and "| LfF |" in report and "| DiffInject |" in report
+    assert "| Vanilla |" in report and "| LfF |" in report and "| DiffInject (label-free) |" in report
+    # the row says what its U-Net learnt from
+    assert metrics["unet_sources"] == {"diffinject": {
+        "origin": "trained in this run on the training split", "steps": 30, "bias_knowledge": False,
+        "data": {"dataset": "cmnist", "ratio": "1pct", "split": "train", "hard_share": 0.0, "bias_knowledge": False}}}
+    assert "U-Net trained in this run on the training split; no knowledge of the bias" in report
 
 
 def test_synthetic_samples_are_content_labelled_images(quick_run, dataset):
@@ -126,26 +131,106 @@ def test_lost_stages_are_recomputed_identically(quick_run, dataset, tmp_path):
 
 
 def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
-    """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same."""
+    """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same, the diffusion
+    training that oversamples the biased model's hard samples (hard_share) included."""
     folder, _ = quick_run
     shuffled = copy.copy(dataset)
     shuffled.train = copy.copy(dataset.train)
     shuffled.train.bias = dataset.train.bias[torch.randperm(len(dataset.train.bias), generator=torch.Generator().manual_seed(1))]
     assert not torch.equal(shuffled.train.bias, dataset.train.bias)
-    cfg = make_config("quick", {"methods": ["vanilla", "lff", "diffinject"]})
-    other = tmp_path / "shuffled"
-    Run(other, cfg, progress=False, dataset=shuffled).all()
+    cfg = make_config("quick", {"methods": ["vanilla", "lff", "diffinject"], "diffusion": {"hard_share": 0.5}})
+    runs = {}
+    for name, data in (("true", dataset), ("shuffled", shuffled)):
+        runs[name] = tmp_path / name
+        Run(runs[name], cfg, progress=False, dataset=data).all()
+    one, other = runs["true"], runs["shuffled"]
     mined = lambda d: json.loads((d / "biased/mining.json").read_text())["indices"]  # noqa: E731
-    assert mined(folder) == mined(other)
-    assert (folder / "unet/diffusion_pytorch_model.safetensors").read_bytes() == \
-        (other / "unet/diffusion_pytorch_model.safetensors").read_bytes()
-    a = torch.load(folder / "synthetic/samples.pt", weights_only=True)
+    assert mined(one) == mined(other) == mined(folder)
+    weights = lambda d: (d / "unet/diffusion_pytorch_model.safetensors").read_bytes()  # noqa: E731
+    assert weights(one) == weights(other)
+    assert weights(one) != weights(folder)  # the weighting changes what the U-Net learns
+    a = torch.load(one / "synthetic/samples.pt", weights_only=True)
     b = torch.load(other / "synthetic/samples.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("vanilla", "lff", "diffinject"):
-        sa = torch.load(folder / f"classifiers/{name}.pt", weights_only=True)
+        sa = torch.load(one / f"classifiers/{name}.pt", weights_only=True)
         sb = torch.load(other / f"classifiers/{name}.pt", weights_only=True)
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_hard_share_oversamples_the_hard_samples():
+    """A batch's hard share is drawn by weight: samples of weight 0 never appear in it, the uniform share covers all."""
+    from core.diffusion import DiffusionConfig, draw_batch
+
+    weights = torch.zeros(100)
+    weights[:5] = 1.0
+    g = torch.Generator().manual_seed(0)
+    cfg = DiffusionConfig(batch_size=40, hard_share=0.5)
+    batches = torch.stack([draw_batch(100, cfg, g, weights) for _ in range(50)])
+    assert (batches[:, 20:] < 5).all()  # the weighted half: only the five hard samples
+    assert (batches[:, :20] >= 5).float().mean() > 0.8  # the uniform half: mostly the others
+    with pytest.raises(ValueError, match="one non-negative sample weight per image"):
+        from core.diffusion import train_diffusion
+
+        train_diffusion(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), cfg, "/nonexistent-never-created", progress=False)
+
+
+def test_corpus_row_says_it_uses_bias_knowledge(quick_run, dataset, tmp_path):
+    """diffinject-corpus makes its own row from the corpus U-Net beside the label-free one, on the same pairs."""
+    folder, _ = quick_run
+    cfg = make_config("quick", {"methods": ["diffinject", "diffinject-corpus"], "unet": str(folder / "unet")})
+    metrics = Run(tmp_path / "both", cfg, progress=False, dataset=dataset).all()
+    assert set(metrics["methods"]) == set(metrics["injection"]) == {"diffinject", "diffinject-corpus"}
+    src = metrics["unet_sources"]
+    assert src["diffinject-corpus"]["bias_knowledge"] is True and "corpus" in src["diffinject-corpus"]["origin"]
+    assert src["diffinject"]["bias_knowledge"] is False and src["diffinject"]["origin"] == str(folder / "unet")
+    a = torch.load(tmp_path / "both/synthetic/samples.pt", weights_only=True)
+    b = torch.load(tmp_path / "both/synthetic-corpus/samples.pt", weights_only=True)
+    assert torch.equal(a["content"], b["content"]) and torch.equal(a["style"], b["style"])
+    assert not torch.equal(a["images"], b["images"])
+    report = (tmp_path / "both/report.md").read_text()
+    assert "| DiffInject, corpus U-Net (uses bias knowledge) |" in report and "built with knowledge of the bias" in report
+
+
+def test_corpus_row_needs_the_embedded_cmnist(capsys, tmp_path):
+    code = main(["run", "--preset", "quick", "--dataset", "corrupted_mnist", "--methods", "diffinject-corpus",
+                 "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == 2 and "diffinject-corpus needs the embedded cmnist" in capsys.readouterr().err
+
+
+def test_default_methods_name_the_corpus_row_on_cmnist_only():
+    from core.pipeline import run_methods
+
+    assert run_methods(make_config()) == ("vanilla", "lff", "diffinject-corpus", "oracle")
+    assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == ("vanilla", "lff", "diffinject", "oracle")
+    assert run_methods(make_config(overrides={"data_root": "/data"})) == ("vanilla", "lff", "diffinject", "oracle")
+
+
+def test_time_budget_stops_the_run_and_a_rerun_finishes_it(quick_run, capsys, tmp_path):
+    """--max-minutes stops the U-Net stage with exit 3 and its progress saved; the same command again resumes and
+    ends with the U-Net an uninterrupted run trains."""
+    folder, _ = quick_run
+    argv = ["run", "--preset", "quick", "--methods", "diffinject", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv + ["--max-minutes", "0.00001"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("diffinject: stopped: the U-Net stopped at its time budget") and err.count("\n") == 1
+    assert json.loads((tmp_path / "r/unet/train.json").read_text())["steps"] < 30
+    assert not (tmp_path / "r/synthetic").exists()
+    assert main(argv) == 0
+    assert (tmp_path / "r/unet/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (folder / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_quick_run_on_corrupted_mnist(tmp_path):
+    """The second embedded benchmark end to end: its readers give the injection report, the oracle redraws real
+    digits with another class's corruption."""
+    metrics = Run(tmp_path / "c", make_config("quick", {"dataset": "corrupted_mnist"}), progress=False).all()
+    assert set(metrics["methods"]) == {"vanilla", "lff", "diffinject", "oracle"}
+    assert metrics["dataset"]["name"] == "corrupted_mnist"
+    rep = metrics["injection"]["diffinject"]["report"]
+    assert rep["bias_attribute"] == "corruption" and rep["colour_reader_test_accuracy"] > 95
+    assert metrics["methods"]["vanilla"]["aligned"] > metrics["methods"]["vanilla"]["conflicting"] + 20
+    assert metrics["unet_sources"]["diffinject"]["data"]["dataset"] == "corrupted_mnist"
 
 
 def test_folder_from_before_a_new_setting_still_resumes(quick_run, dataset):
@@ -250,5 +335,6 @@ def test_quick_run_on_released_folder_layout(dataset, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"]["train"] == 300 and metrics["dataset"]["test"] == 100
     assert set(metrics["methods"]) == {"vanilla", "diffinject"}  # no oracle without the grey digits
-    assert "report" not in metrics["injection"]  # the readers need the embedded data; the label-free signal stays
-    assert 0 <= metrics["injection"]["biased_model_wrong"] <= 100
+    inj = metrics["injection"]["diffinject"]
+    assert "report" not in inj  # the readers need the embedded data; the label-free signal stays
+    assert 0 <= inj["biased_model_wrong"] <= 100

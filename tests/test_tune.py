@@ -12,11 +12,11 @@ GAMMAS = (0.3, 0.7)
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """Quick preset on the shipped U-Net (nothing to train but the biased MLP): K from the flag, gamma and the
+    """Quick preset on the shipped label-free U-Net of cmnist 1 % (nothing to train but the biased MLP): K from the flag, gamma and the
     U-Net from the grid file."""
     folder = tmp_path_factory.mktemp("tune")
     grid = folder / "grid.yaml"
-    grid.write_text(f"k: [99]\ngamma: {list(GAMMAS)}\nconfig:\n  unet: embedded\n")
+    grid.write_text(f"k: [99]\ngamma: {list(GAMMAS)}\nconfig:\n  unet: shipped\n")
     out = folder / "sweep"
     code = main(["tune", "--preset", "quick", "--grid", str(grid), "--k", "3", "--epochs", "3", "--num-samples", "8",
                  "--cpus-per-trial", "1", "--threads", "1", "--no-progress", "--out", str(out)])
