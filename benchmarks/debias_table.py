@@ -1,13 +1,18 @@
-"""Vanilla, LfF, DiffInject (and the oracle ceiling) on the embedded Colored MNIST: ratios x seeds.
+"""Every method's row on an embedded benchmark (Colored MNIST or Corrupted MNIST): ratios x seeds.
 
-    python benchmarks/debias_table.py                       # 0.5/1/2/5 %, seeds 0 1 2, default preset
+    python benchmarks/debias_table.py                       # cmnist, 0.5/1/2/5 %, seeds 0 1 2, default preset
     python benchmarks/debias_table.py --ratios 1 --seeds 0  # one cell
-    python benchmarks/debias_table.py --jobs 2 --unet core/pretrained/cmnist-1pct \
-        --config benchmarks/configs/former-defaults.yaml --runs runs/bench-v1 --name debias_table_v1
+    python benchmarks/debias_table.py --methods vanilla,lff,diffinject,diffinject-corpus,oracle --unet per-ratio
+    python benchmarks/debias_table.py --dataset corrupted_mnist --unet per-ratio --jobs 2
 
+``--unet per-ratio`` trains the label-free row's U-Net once per ratio, on that ratio's training split, in the
+seed-0 run; the other seeds reuse it (one U-Net per benchmark and ratio). ``--unet DIR`` may hold ``{pct}``.
 Each (ratio, seed) is an ordinary run folder under --runs (resumable: rerunning skips finished runs). Writes
-``benchmarks/results/debias_table.{md,json}`` with mean and standard deviation of unbiased, aligned,
-conflicting and worst-group accuracy, the injection report, the command, the machine and the wall time.
+``benchmarks/results/debias_table.{md,json}`` (``debias_table_<dataset>`` for another benchmark) with mean and
+standard deviation of unbiased, aligned, conflicting and worst-group accuracy per method
+(``table[pct][method][metric] = {mean, std}``), the injection report and biased-model disagreement per synthetic
+row, mining precision, and in ``meta`` the command, the machine, the wall time and the U-Net behind each
+synthetic row (``unet_sources[method][pct]``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
-from core.pipeline import NAMES, Run, make_config, merge, read_settings  # noqa: E402
+from core.pipeline import METHODS, NAMES, SYNTHETIC_ROWS, Run, make_config, merge, read_settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group")
@@ -57,42 +62,75 @@ def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None)
         return list(pool.map(fn, *zip(*jobs)))
 
 
+PER_RATIO = "per-ratio"  # --unet value: train once per ratio in the seed-0 run, reuse it for the other seeds
+
+
+def cell_folder(runs: str, preset: str, ratio: float, seed: int) -> Path:
+    return Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
+
+
 def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, settings: dict | None = None) -> dict:
-    over = merge(settings or {}, {"ratio": ratio, "seed": seed} | ({"unet": unet} if unet else {}))
-    folder = Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
+    over = {"ratio": ratio, "seed": seed}
+    if unet == PER_RATIO:
+        over["unet"] = None if seed == 0 else str(cell_folder(runs, preset, ratio, 0) / "unet")
+    elif unet:
+        over["unet"] = unet.format(pct=pct_name(ratio))
+    over = merge(settings or {}, over)
+    folder = cell_folder(runs, preset, ratio, seed)
     print(f"== {folder}", flush=True)
     return Run(folder, make_config(preset, over), progress=False).all()
 
 
+def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dict, dict]:
+    """``per_run[(ratio, seed)]`` metrics -> the table (``table[pct][method][metric] = {mean, std}`` plus the
+    per-ratio extras) and ``unet_sources[method][pct]`` (the seeds' U-Net, or the list of them where they differ)."""
+    table, sources = {}, {}
+    for ratio in ratios:
+        pct = pct_name(ratio)
+        runs = [per_run[(ratio, s)] for s in seeds]
+        cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in COLUMNS} for m in runs[0]["methods"]}
+        cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
+        for m in runs[0].get("injection", {}):
+            reports = [r["injection"][m]["report"] for r in runs if r["injection"][m].get("report")]
+            if reports:
+                cell.setdefault("injection_report", {})[m] = {k: mean_std([rep[k] for rep in reports])
+                                                              for k in REPORT_KEYS}
+            cell.setdefault("biased_model_wrong", {})[m] = mean_std([r["injection"][m]["biased_model_wrong"]
+                                                                     for r in runs])
+            seen = [r["unet_sources"][m] for r in runs]
+            sources.setdefault(m, {})[pct] = seen[0] if all(x == seen[0] for x in seen) else seen
+        table[pct] = cell
+    return table, sources
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cmnist", help="embedded benchmark: cmnist or corrupted_mnist")
+    p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: the dataset's)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0, 5.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="default")
-    p.add_argument("--unet", default=None, help="U-Net folder for every run (default: the preset's)")
-    p.add_argument("--runs", default="runs/bench", help="parent folder of the run folders")
-    p.add_argument("--name", default="debias_table", help="results file stem")
+    p.add_argument("--unet", default=None, help="the label-free row's U-Net for every run: a folder (may hold {pct}), "
+                                                "'per-ratio' (train once per ratio, see above), or the preset's")
+    p.add_argument("--runs", default=None, help="parent folder of the run folders (default: runs/bench[-<dataset>])")
+    p.add_argument("--name", default=None, help="results file stem (default: debias_table[_<dataset>])")
     add_job_options(p)
     args = p.parse_args()
+    suffix = "" if args.dataset == "cmnist" else f"_{args.dataset}"
+    args.name = args.name or f"debias_table{suffix}"
+    args.runs = args.runs or f"runs/bench{suffix.replace('_', '-', 1)}"
 
     t0 = time.time()
-    cells = [(ratio, seed) for ratio in args.ratios for seed in args.seeds]
     settings = read_settings(args.config) if args.config else {}
-    jobs = [(args.preset, ratio, seed, args.unet, args.runs, settings) for ratio, seed in cells]
-    results = run_jobs(run_cell, jobs, args.jobs, args.threads)
-    per_run = dict(zip(cells, results))
+    settings = merge(settings, {"dataset": args.dataset} | ({"methods": args.methods.split(",")} if args.methods else {}))
+    job = lambda ratio, seed: (args.preset, ratio, seed, args.unet, args.runs, settings)  # noqa: E731
+    first = [(ratio, seed) for ratio in args.ratios for seed in args.seeds if seed == 0 or args.unet != PER_RATIO]
+    rest = [(ratio, seed) for ratio in args.ratios for seed in args.seeds if (ratio, seed) not in first]
+    per_run = {}
+    for cells in (first, rest):  # with per-ratio U-Nets, the seed-0 runs train them before the other seeds start
+        per_run.update(zip(cells, run_jobs(run_cell, [job(*c) for c in cells], args.jobs, args.threads)))
     wall = time.time() - t0
-
-    table = {}
-    for ratio in args.ratios:
-        runs = [per_run[(ratio, s)] for s in args.seeds]
-        cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in COLUMNS} for m in runs[0]["methods"]}
-        cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
-        reports = [r["injection"]["report"] for r in runs if r.get("injection") and r["injection"].get("report")]
-        if reports:
-            cell["injection_report"] = {k: mean_std([rep[k] for rep in reports]) for k in REPORT_KEYS}
-            cell["biased_model_wrong"] = mean_std([r["injection"]["biased_model_wrong"] for r in runs])
-        table[pct_name(ratio)] = cell
+    table, unet_sources = summarise(per_run, args.ratios, args.seeds)
 
     meta = {
         "command": "python " + " ".join(sys.argv),
@@ -100,7 +138,8 @@ def main() -> None:
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),
         "seeds": args.seeds,
-        "config": make_config(args.preset, merge(settings, {"unet": args.unet} if args.unet else {})).to_dict(),
+        "config": make_config(args.preset, settings).to_dict(),
+        "unet_sources": unet_sources,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1))
@@ -118,22 +157,34 @@ def render(table: dict, args, meta: dict) -> str:
         cells = [f"{table[p][m]['unbiased']['mean']:.1f} ± {table[p][m]['unbiased']['std']:.1f} / "
                  f"{table[p][m]['conflicting']['mean']:.1f}" for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][m])}." for m in methods if m in SYNTHETIC_ROWS]
     lines += ["", "Aligned and worst-group accuracy (%):", "", "| method | " + " | ".join(pcts) + " |",
               "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
         cells = [f"{table[p][m]['aligned']['mean']:.1f} / {table[p][m]['worst_group']['mean']:.1f}" for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
-    if "injection_report" in table[pcts[0]]:
-        lines += ["", "Injection report (% of synthetic samples, mean over seeds) and mining precision:", "",
+    for m in [m for m in methods if m in table[pcts[0]].get("injection_report", {})]:
+        lines += ["", f"Injection report, {NAMES[m]} (% of synthetic samples, mean over seeds; \"colour\" is the bias "
+                      "attribute) and mining precision:", "",
                   "| ratio | " + " | ".join(REPORT_KEYS) + " | biased model wrong | mining precision |",
                   "|---" * (len(REPORT_KEYS) + 3) + "|"]
         for p in pcts:
-            rep = table[p]["injection_report"]
+            rep = table[p]["injection_report"][m]
             lines.append(f"| {p} | " + " | ".join(f"{rep[k]['mean']:.1f}" for k in REPORT_KEYS)
-                         + f" | {table[p]['biased_model_wrong']['mean']:.1f} | {table[p]['mining_precision']['mean']:.1f} |")
+                         + f" | {table[p]['biased_model_wrong'][m]['mean']:.1f} | {table[p]['mining_precision']['mean']:.1f} |")
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
                   f"wall time {meta['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def unet_line(per_pct: dict) -> str:
+    """One phrase for a row's U-Nets over the ratios: their origins, and whether they used knowledge of the bias."""
+    flat = [s for v in per_pct.values() for s in (v if isinstance(v, list) else [v])]
+    origins = sorted({s["origin"] for s in flat})
+    knows = {s["bias_knowledge"] for s in flat}
+    said = ("built with knowledge of the bias" if knows == {True} else "no knowledge of the bias" if knows == {False}
+            else "knowledge of the bias not recorded for every ratio")
+    return f"{'; '.join(origins)} ({said})"
 
 
 if __name__ == "__main__":

@@ -28,15 +28,16 @@ from core.data import pct_name  # noqa: E402
 from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+METHOD = "diffinject-corpus"  # the row the study was measured on (the corpus U-Net: benchmarks/results/steps_study.md)
 
 
 def run_point(steps: int, seed: int, ratio: float, samples: int | None, runs: str, settings: dict) -> dict:
-    over = merge(settings, {"ratio": ratio, "seed": seed, "methods": ["diffinject"],
+    over = merge(settings, {"ratio": ratio, "seed": seed, "methods": [METHOD],
                             "injection": {"steps": steps, "num_samples": samples}})
     folder = Path(runs) / (f"steps{steps}-{pct_name(ratio)}-seed{seed}" + (f"-n{samples}" if samples else ""))
     print(f"== {folder}", flush=True)
     m = Run(folder, make_config("default", over), progress=False).all()
-    inj, acc = m["injection"], m["methods"]["diffinject"]
+    inj, acc = m["injection"][METHOD], m["methods"][METHOD]
     return {"evaluations": inj["unet_evaluations_per_sample"], "images_per_second": inj["images_per_second"],
             "samples": inj["samples"], "unbiased": acc["unbiased"], "conflicting": acc["conflicting"]}
 

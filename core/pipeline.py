@@ -350,7 +350,7 @@ class Run:
 
     def unet_origin(self, method: str) -> str:
         if method == "diffinject-corpus":
-            return f"{CORPUS_UNET.relative_to(PRETRAINED.parent.parent)}: the colour-balanced corpus (uses knowledge of the bias)"
+            return f"{CORPUS_UNET.relative_to(PRETRAINED.parent.parent)} (pretrained on the colour-balanced corpus)"
         source = self._unet_source()
         if source is None:
             return "trained in this run on the training split"

@@ -338,3 +338,24 @@ def test_quick_run_on_released_folder_layout(dataset, tmp_path):
     inj = metrics["injection"]["diffinject"]
     assert "report" not in inj  # the readers need the embedded data; the label-free signal stays
     assert 0 <= inj["biased_model_wrong"] <= 100
+
+
+def test_table_rows_carry_their_unet_source(quick_run):
+    """The debias table keeps table[pct][method][metric] = {mean, std} and names each synthetic row's U-Net."""
+    import types
+
+    from benchmarks.debias_table import render, summarise
+
+    _, metrics = quick_run
+    other = copy.deepcopy(metrics)
+    other["methods"]["diffinject"]["unbiased"] += 2.0
+    table, sources = summarise({(1.0, 0): metrics, (1.0, 1): other}, [1.0], [0, 1])
+    cell = table["1pct"]
+    assert set(cell) >= {"vanilla", "lff", "diffinject", "oracle", "injection_report", "biased_model_wrong"}
+    assert cell["diffinject"]["unbiased"]["mean"] == round(metrics["methods"]["diffinject"]["unbiased"] + 1.0, 2)
+    assert cell["diffinject"]["unbiased"]["std"] == 1.41
+    assert set(cell["injection_report"]) == {"diffinject"}
+    assert sources == {"diffinject": {"1pct": metrics["unet_sources"]["diffinject"]}}
+    md = render(table, types.SimpleNamespace(seeds=[0, 1]),
+                {"unet_sources": sources, "command": "x", "machine": "y", "torch": "z", "wall_seconds": 60})
+    assert "DiffInject (label-free): U-Net trained in this run on the training split (no knowledge of the bias)." in md
