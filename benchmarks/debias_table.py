@@ -184,7 +184,7 @@ def unet_line(per_pct: dict) -> str:
     knows = {s["bias_knowledge"] for s in flat}
     said = ("built with knowledge of the bias" if knows == {True} else "no knowledge of the bias" if knows == {False}
             else "knowledge of the bias not recorded for every ratio")
-    return f"{'; '.join(origins)} ({said})"
+    return f"{'; '.join(origins)}; {said}"
 
 
 if __name__ == "__main__":

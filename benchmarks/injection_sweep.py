@@ -33,8 +33,11 @@ def main() -> None:
     p.add_argument("--ema", action="store_true", help="with --checkpoint: the EMA weights, not the raw ones")
     p.add_argument("--dataset", default="cmnist", help="an embedded benchmark: cmnist or corrupted_mnist")
     p.add_argument("--ratio", type=float, default=1.0, help="its bias-conflict percent")
+    p.add_argument("--settings", nargs="+", default=None, metavar="T_EDIT:GAMMA",
+                   help=f"(t_edit, gamma) pairs to run (default: {' '.join(f'{t}:{g}' for t, g in SETTINGS)})")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    settings = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in args.settings] if args.settings else SETTINGS
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         unet, step = load_checkpoint_unet(args.checkpoint, ema=args.ema)
@@ -47,7 +50,7 @@ def main() -> None:
     tr, readers, scheduler = ds.train, Readers(ds), ddim_scheduler(args.unet)
     conflict = np.flatnonzero((tr.labels != tr.bias).numpy())
     pairs = plan_pairs(tr.labels, conflict, 64, 0)
-    for t_edit, gamma in SETTINGS:
+    for t_edit, gamma in settings:
         syn = inject(unet, scheduler, tr.images, tr.labels, pairs, InjectionConfig(gamma=gamma, t_edit=t_edit),
                      progress=False)
         report = injection_report(syn, tr.images, tr.labels, readers)

@@ -358,4 +358,4 @@ def test_table_rows_carry_their_unet_source(quick_run):
     assert sources == {"diffinject": {"1pct": metrics["unet_sources"]["diffinject"]}}
     md = render(table, types.SimpleNamespace(seeds=[0, 1]),
                 {"unet_sources": sources, "command": "x", "machine": "y", "torch": "z", "wall_seconds": 60})
-    assert "DiffInject (label-free): U-Net trained in this run on the training split (no knowledge of the bias)." in md
+    assert "DiffInject (label-free): U-Net trained in this run on the training split; no knowledge of the bias." in md

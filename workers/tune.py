@@ -346,7 +346,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="Ray Tune sweep over K and gamma on one shared biased classifier and U-Net")
     t.add_argument("--preset", default="default", choices=sorted(PRESETS))
     t.add_argument("--dataset", default=None,
-                   help="cmnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
+                   help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
     t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     t.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
     t.add_argument("--k", default=None, help=f"comma list of K (mined samples per class); default {_csv(DEFAULTS['k'])}")
