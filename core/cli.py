@@ -45,7 +45,7 @@ def cmd_train_diffusion(args) -> int:
     about = {"dataset": args.dataset, "ratio": pct_name(args.ratio), "split": args.split,
              "bias_knowledge": args.split == "corpus"}
     res = train_diffusion(split.images, cfg, out, seed=args.seed, device=args.device, progress=not args.no_progress,
-                          max_seconds=max_seconds, data=about)
+                          max_seconds=max_seconds, about=about)
     print(json.dumps({"out": str(out), "steps": res.steps, "target_steps": cfg.steps, "seconds": round(res.seconds, 1),
                       "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5)}))
     return 0

@@ -1,8 +1,8 @@
 """Does injection work? Evaluation-only instruments and the pictures a person looks at.
 
 * :func:`injection_report` (the embedded benchmarks): :class:`Readers` read every synthetic sample's class and
-  bias value (Colored MNIST: an MLP on colour-free digits and the nearest palette colour; Corrupted MNIST: two
-  MLPs trained on an unbiased corrupted copy). It reports the share with the content's digit, with the style's
+  bias value (Colored MNIST: an MLP on colour-free digits and the nearest palette colour; Corrupted MNIST: an
+  MLP and a small CNN trained on an unbiased corrupted copy). It reports the share with the content's digit, with the style's
   bias value, with both, with the reverse (the style's digit with the content's bias), with neither, and with
   the content's digit under any bias other than the content's class's own (a true bias conflict).
 * :func:`biased_disagreement`: the label-free signal for any dataset, the share of synthetic samples the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classifier import ClassifierConfig, accuracy, predict, train_classifier
+from .classifier import ClassifierConfig, predict, train_classifier
 from .data import EMBEDDED, PALETTE, Dataset
 
 

@@ -138,12 +138,12 @@ def draw_batch(n: int, cfg: DiffusionConfig, g: torch.Generator, weights: torch.
 
 def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | Path, seed: int = 0,
                     device: str = "cpu", progress: bool = True, max_seconds: float | None = None,
-                    sample_weights: torch.Tensor | None = None, data: dict | None = None) -> TrainResult:
+                    sample_weights: torch.Tensor | None = None, about: dict | None = None) -> TrainResult:
     """Train (or resume training) a U-Net on uint8 ``images`` and save the EMA model to ``out_dir``.
 
     The loss at timestep t is mean((eps - eps_theta)^2) * p2_weights(t). Only images are read, never labels.
     ``sample_weights`` (N,), non-negative, are required when ``cfg.hard_share`` > 0: that share of each batch is
-    drawn in proportion to them. ``data`` describes what the images are (for example ``{"split": "train",
+    drawn in proportion to them. ``about`` describes what the images are (for example ``{"split": "train",
     "bias_knowledge": False}``); it goes into ``train.json`` so every table can say what its U-Net learnt from.
     ``max_seconds`` is a time budget for this call: training stops at the first step past it and saves the
     checkpoint and the EMA model as at the end, so calling again with the same config resumes towards
@@ -163,7 +163,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    about = data or {}
+    about = about or {}
     data = to_model_space(images, cfg.image_size)
     unet = build_unet(cfg, data.shape[1]).to(device)
     # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so the random initial weights

@@ -197,6 +197,8 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def validate(cfg: RunConfig, ds: Dataset) -> None:
     """Input checks that need the data: K against class sizes, known methods, gamma."""
     cfg.injection.validate()
+    if not 0.0 <= cfg.diffusion.hard_share <= 1.0:
+        raise ValueError(f"hard_share {cfg.diffusion.hard_share} must be in [0, 1]")
     smallest = int(torch.bincount(ds.train.labels).min())
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
@@ -331,7 +333,7 @@ class Run:
                  "hard_share": self.cfg.diffusion.hard_share, "bias_knowledge": False}
         result = self._timed("diffusion", lambda: train_diffusion(
             self.ds.train.images, self.cfg.diffusion, out, self.cfg.seed, self.device, self.progress,
-            max_seconds=self.max_diffusion_seconds, sample_weights=weights, data=about))
+            max_seconds=self.max_diffusion_seconds, sample_weights=weights, about=about))
         if result.steps < self.cfg.diffusion.steps:
             raise StageIncomplete(f"the U-Net stopped at its time budget after {result.steps} of "
                                   f"{self.cfg.diffusion.steps} steps, saved in {out}; rerun the same command to resume")

@@ -278,6 +278,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--k", "0"], "K=0 is out of range"),
     (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
     (["--methods", "vanilla,magic"], "unknown methods"),
+    (["--hard-share", "1.5"], "hard_share 1.5 must be in [0, 1]"),
 ])
 def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):
     code = main(["run", "--preset", "quick", "--out", str(tmp_path / "r"), "--no-progress", *argv])
