@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
-from core.pipeline import METHODS, NAMES, SYNTHETIC_ROWS, Run, make_config, merge, read_settings  # noqa: E402
+from core.pipeline import (  # noqa: E402
+    METHODS, NAMES, SYNTHETIC_ROWS, Run, bias_knowledge_phrase, make_config, merge, read_settings,
+)
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group")
@@ -181,10 +183,8 @@ def unet_line(per_pct: dict) -> str:
     """One phrase for a row's U-Nets over the ratios: their origins, and whether they used knowledge of the bias."""
     flat = [s for v in per_pct.values() for s in (v if isinstance(v, list) else [v])]
     origins = sorted({s["origin"] for s in flat})
-    knows = {s["bias_knowledge"] for s in flat}
-    said = ("built with knowledge of the bias" if knows == {True} else "no knowledge of the bias" if knows == {False}
-            else "knowledge of the bias not recorded for every ratio")
-    return f"{'; '.join(origins)}; {said}"
+    said = sorted({bias_knowledge_phrase(s["bias_knowledge"]) for s in flat})
+    return f"{'; '.join(origins)}; {'; '.join(said)}"
 
 
 if __name__ == "__main__":

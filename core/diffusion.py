@@ -54,6 +54,8 @@ class DiffusionConfig:
     def __post_init__(self):  # YAML/JSON give lists
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
             setattr(self, name, tuple(getattr(self, name)))
+        if not 0.0 <= self.hard_share <= 1.0:
+            raise ValueError(f"hard_share {self.hard_share} must be in [0, 1]")
 
 
 def build_unet(cfg: DiffusionConfig, channels: int = 3) -> UNet2DModel:
@@ -151,8 +153,6 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     ``config.json``, ``diffusion_pytorch_model.safetensors``, ``scheduler_config.json``, ``train.json`` and
     ``loss.png``.
     """
-    if not 0.0 <= cfg.hard_share <= 1.0:
-        raise ValueError(f"hard_share {cfg.hard_share} must be in [0, 1]")
     if cfg.hard_share > 0:
         if sample_weights is None or len(sample_weights) != len(images) or not (sample_weights >= 0).all() \
                 or sample_weights.sum() <= 0:

@@ -30,6 +30,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,6 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def validate(cfg: RunConfig, ds: Dataset) -> None:
     """Input checks that need the data: K against class sizes, known methods, gamma."""
     cfg.injection.validate()
-    if not 0.0 <= cfg.diffusion.hard_share <= 1.0:
-        raise ValueError(f"hard_share {cfg.diffusion.hard_share} must be in [0, 1]")
     smallest = int(torch.bincount(ds.train.labels).min())
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
@@ -226,6 +225,12 @@ def shipped_unet(cfg: RunConfig) -> Path | None:
     """The label-free U-Net the project ships for the config's embedded dataset and ratio, if any."""
     path = PRETRAINED / f"{cfg.dataset}-{pct_name(cfg.ratio)}"
     return path if cfg.data_root is None and is_trained(path) else None
+
+
+def bias_knowledge_phrase(knows: bool | None) -> str:
+    """How reports and tables say whether a U-Net was built with knowledge of the bias."""
+    return {True: "built with knowledge of the bias", False: "no knowledge of the bias",
+            None: "not recorded whether it used knowledge of the bias"}[knows]
 
 
 def describe_unet(folder: Path, origin: str) -> dict:
@@ -257,7 +262,6 @@ class Run:
         self.dir, self.cfg, self.device, self.progress = Path(folder), cfg, device, progress
         self.generate = generate or generate_in_process
         self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
-        self._readers = None
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
         self.timings: dict[str, float] = {}
@@ -356,8 +360,9 @@ class Run:
         source = self._unet_source()
         if source is None:
             return "trained in this run on the training split"
-        shipped = source == shipped_unet(self.cfg)
-        return f"{source.relative_to(PRETRAINED.parent.parent) if shipped else source}" + (" (shipped)" if shipped else "")
+        if source == shipped_unet(self.cfg):
+            return f"{source.relative_to(PRETRAINED.parent.parent)} (shipped)"
+        return str(source)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
     def synthetic(self, method: str = "diffinject") -> Synthetic:
@@ -385,18 +390,16 @@ class Run:
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
                 "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
-        readers = self.readers()
-        if readers is not None:
-            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, readers)
+        if self.readers is not None:
+            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers)
         _save_json(folder / "injection.json", info)
         syn.save(path)  # last: its existence marks the stage done
         return syn
 
+    @cached_property
     def readers(self):
         """The benchmark's evaluation-only readers (None on a folder dataset), trained once per invocation."""
-        if self._readers is None:
-            self._readers = diagnostics.readers_for(self.ds, seed=self.cfg.seed) or False
-        return self._readers or None
+        return diagnostics.readers_for(self.ds, seed=self.cfg.seed)
 
     # -- stage 4 and baselines ---------------------------------------------------------------------------------
     def method(self, name: str) -> dict:
@@ -478,9 +481,7 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
     for name, m in metrics["methods"].items():
         lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
     for name, src in metrics.get("unet_sources", {}).items():
-        knows = {True: "built with knowledge of the bias", False: "no knowledge of the bias",
-                 None: "not recorded whether it used knowledge of the bias"}[src["bias_knowledge"]]
-        lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {knows}.")
+        lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {bias_knowledge_phrase(src['bias_knowledge'])}.")
     q = metrics["mining"]
     lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
               f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
