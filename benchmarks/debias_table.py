@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
+from core.methods import REGISTRY  # noqa: E402
 from core.pipeline import (  # noqa: E402
     METHODS, NAMES, SYNTHETIC_ROWS, Run, bias_knowledge_phrase, make_config, merge, read_settings,
 )
@@ -92,6 +93,10 @@ def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dic
         runs = [per_run[(ratio, s)] for s in seeds]
         cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in COLUMNS} for m in runs[0]["methods"]}
         cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
+        for m in runs[0]["methods"]:  # JTT's error set, scored like mining
+            if "error_set" in runs[0]["methods"][m]:
+                cell.setdefault("error_set", {})[m] = {k: mean_std([r["methods"][m]["error_set"][k] for r in runs])
+                                                       for k in ("mined", "precision", "recall")}
         for m in runs[0].get("injection", {}):
             reports = [r["injection"][m]["report"] for r in runs if r["injection"][m].get("report")]
             if reports:
@@ -116,6 +121,9 @@ def main() -> None:
                                                 "'per-ratio' (train once per ratio, see above), or the preset's")
     p.add_argument("--runs", default=None, help="parent folder of the run folders (default: runs/bench[-<dataset>])")
     p.add_argument("--name", default=None, help="results file stem (default: debias_table[_<dataset>])")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
+                   help="earlier results files whose rows (methods) this run does not make are copied in, each "
+                        "named in meta.reused with the command that measured it (the runs are deterministic)")
     add_job_options(p)
     args = p.parse_args()
     suffix = "" if args.dataset == "cmnist" else f"_{args.dataset}"
@@ -143,6 +151,8 @@ def main() -> None:
         "config": make_config(args.preset, settings).to_dict(),
         "unet_sources": unet_sources,
     }
+    for path in args.reuse:
+        reuse_rows(table, meta, json.loads(Path(path).read_text()), Path(path).name)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1))
     md = render(table, args, meta)
@@ -150,33 +160,68 @@ def main() -> None:
     print(md)
 
 
+def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
+    """Copy into ``table`` the rows of an earlier results file ``old`` that it lacks, at the ratios both have, with
+    their per-ratio extras and U-Net sources; ``meta.reused[method]`` names the file and its command."""
+    extras = ("injection_report", "biased_model_wrong", "error_set")
+    for pct, cell in table.items():
+        if pct not in old["table"]:
+            continue
+        for method, row in old["table"][pct].items():
+            if method in REGISTRY and method not in cell:
+                cell[method] = row
+                for key in extras:
+                    if method in old["table"][pct].get(key, {}):
+                        cell.setdefault(key, {})[method] = old["table"][pct][key][method]
+                meta.setdefault("reused", {})[method] = {"from": name, "command": old["meta"]["command"]}
+                src = source(method)
+                if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
+                    meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
+
+
 def render(table: dict, args, meta: dict) -> str:
     pcts = list(table)
-    methods = [m for m in NAMES if m in table[pcts[0]]]
+    methods = [m for m in NAMES if any(m in table[p] for p in pcts)]  # a reused row may cover fewer ratios
+    cell = lambda p, m, text: text(table[p][m]) if m in table[p] else "-"  # noqa: E731
     lines = [f"Unbiased / bias-conflicting test accuracy (%), mean ± std over seeds {', '.join(map(str, args.seeds))}.", "",
              "| method | " + " | ".join(pcts) + " |", "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
-        cells = [f"{table[p][m]['unbiased']['mean']:.1f} ± {table[p][m]['unbiased']['std']:.1f} / "
-                 f"{table[p][m]['conflicting']['mean']:.1f}" for p in pcts]
+        cells = [cell(p, m, lambda r: f"{r['unbiased']['mean']:.1f} ± {r['unbiased']['std']:.1f} / "
+                                      f"{r['conflicting']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][m])}." for m in methods if m in SYNTHETIC_ROWS]
+    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][source(m)])}." for m in methods
+                     if source(m) in meta["unet_sources"]]
     lines += ["", "Aligned and worst-group accuracy (%):", "", "| method | " + " | ".join(pcts) + " |",
               "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
-        cells = [f"{table[p][m]['aligned']['mean']:.1f} / {table[p][m]['worst_group']['mean']:.1f}" for p in pcts]
+        cells = [cell(p, m, lambda r: f"{r['aligned']['mean']:.1f} / {r['worst_group']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
-    for m in [m for m in methods if m in table[pcts[0]].get("injection_report", {})]:
+    for m in [m for m in methods if any(m in table[p].get("injection_report", {}) for p in pcts)]:
         lines += ["", f"Injection report, {NAMES[m]} (% of synthetic samples, mean over seeds; \"colour\" is the bias "
                       "attribute) and mining precision:", "",
                   "| ratio | " + " | ".join(REPORT_KEYS) + " | biased model wrong | mining precision |",
                   "|---" * (len(REPORT_KEYS) + 3) + "|"]
-        for p in pcts:
+        for p in [p for p in pcts if m in table[p].get("injection_report", {})]:
             rep = table[p]["injection_report"][m]
             lines.append(f"| {p} | " + " | ".join(f"{rep[k]['mean']:.1f}" for k in REPORT_KEYS)
                          + f" | {table[p]['biased_model_wrong'][m]['mean']:.1f} | {table[p]['mining_precision']['mean']:.1f} |")
+    for m in [m for m in methods if any(m in table[p].get("error_set", {}) for p in pcts)]:
+        per_pct = [(p, table[p]["error_set"][m]) for p in pcts if m in table[p].get("error_set", {})]
+        lines += ["", f"{NAMES[m]}'s error set (its identification model's mistakes, a mining signal) against the "
+                      "hidden bias labels, size / precision / recall by ratio: "
+                      + "; ".join(f"{p} {e['mined']['mean']:.0f} / {e['precision']['mean']:.1f} % / "
+                                  f"{e['recall']['mean']:.1f} %" for p, e in per_pct) + "."]
+    for m, r in meta.get("reused", {}).items():
+        lines += ["", f"{NAMES[m]}: rows copied from `{r['from']}`, measured by `{r['command']}`."]
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
                   f"wall time {meta['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def source(method: str) -> str | None:
+    """The synthetic source a table row learns from (its U-Net's key in ``meta.unet_sources``), if any."""
+    extra = REGISTRY[method].extra if method in REGISTRY else None
+    return extra if extra in SYNTHETIC_ROWS else None
 
 
 def unet_line(per_pct: dict) -> str:

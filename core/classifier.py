@@ -135,31 +135,35 @@ def group_metrics(pred: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor) 
     }
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
-                     valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
-                     loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True,
-                     on_epoch=None) -> nn.Module:
-    """Train a classifier on uint8 ``images``; return the epoch with the best validation accuracy.
+def build_encoder(cfg: ClassifierConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+    """The classifier's backbone without its last linear layer: ``(encoder, feature dimension)`` (DisEnt's E)."""
+    model = build_classifier(cfg, image_shape, num_classes=1)
+    if isinstance(model, ResNet18):
+        dim, model.fc = model.fc.in_features, nn.Identity()
+    else:  # MLP and SmallCNN end their Sequential with the head
+        dim, model.net[-1] = model.net[-1].in_features, nn.Identity()
+    return model, dim
 
-    ``loss_fn(logits, targets)`` defaults to cross entropy. Without a validation split the last epoch is kept.
-    ``on_epoch(epoch, valid_accuracy)`` is called after each epoch that has a validation score (Tune reports it).
-    The batch order comes from a generator seeded by ``seed``: the same inputs give the same model.
+
+def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step, valid_images=None, valid_labels=None,
+               device: str = "cpu", desc: str = "classifier", progress: bool = True, on_epoch=None,
+               order=None) -> nn.Module:
+    """The epoch loop every method shares: batches of ``cfg.batch_size`` indices into ``n`` training samples, the
+    checkpoint of ``model`` with the best validation accuracy kept.
+
+    ``step(idx, i)`` trains on the batch ``idx`` (global step ``i``). ``order(epoch, generator)`` gives an epoch's
+    sample order (default: a permutation of ``n`` from a generator seeded by ``seed``, so the same inputs give the
+    same model). ``on_epoch(epoch, valid_accuracy)`` is called after each validated epoch (Tune reports it).
+    Without a validation split the last epoch is kept. Returns ``model`` in eval mode.
     """
-    torch.manual_seed(seed)
-    model = build_classifier(cfg, tuple(images.shape[1:]), num_classes).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = loss_fn or F.cross_entropy
     g = torch.Generator().manual_seed(seed)
-    best, best_acc = None, -1.0
+    best, best_acc, i = None, -1.0, 0
     for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         model.train()
-        order = torch.randperm(len(labels), generator=g)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss = loss_fn(model(as_float(images[idx]).to(device)), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        perm = order(epoch, g) if order is not None else torch.randperm(n, generator=g)
+        for start in range(0, len(perm), cfg.batch_size):
+            step(perm[start : start + cfg.batch_size], i)
+            i += 1
         if valid_images is not None:
             acc = accuracy(model, valid_images, valid_labels, device)
             if acc > best_acc:
@@ -169,3 +173,24 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: t
     if best is not None:
         model.load_state_dict(best)
     return model.eval()
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
+                     valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
+                     loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True,
+                     on_epoch=None, order=None) -> nn.Module:
+    """Train a classifier on uint8 ``images`` with ``loss_fn(logits, targets)`` (default cross entropy); return
+    the epoch with the best validation accuracy (see :func:`train_loop` for ``on_epoch`` and ``order``)."""
+    torch.manual_seed(seed)
+    model = build_classifier(cfg, tuple(images.shape[1:]), num_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = loss_fn or F.cross_entropy
+
+    def step(idx, _):
+        loss = loss_fn(model(as_float(images[idx]).to(device)), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return train_loop(model, len(labels), cfg, seed, step, valid_images, valid_labels, device, desc, progress,
+                      on_epoch, order)

@@ -13,7 +13,7 @@ import torch
 
 from .data import DataError, load_dataset, pct_name
 from .diffusion import DiffusionConfig, train_diffusion
-from .pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, read_settings
+from .pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
 
 
 def _threads(n: int | None) -> None:
@@ -51,31 +51,36 @@ def cmd_train_diffusion(args) -> int:
     return 0
 
 
-def _overrides(args) -> dict:
-    """YAML file first, then the command-line flags that were given."""
-    over: dict = read_settings(args.config) if args.config else {}
-    flat = {
-        "dataset": args.dataset, "data_root": args.data_root, "ratio": args.ratio, "seed": args.seed,
-        "data_seed": args.data_seed, "image_size": args.image_size,
-        "methods": args.methods.split(",") if args.methods else None,
-    }
-    nested = {
-        ("mining", "k"): args.k, ("mining", "misclassified_only"): args.misclassified_only,
-        ("injection", "gamma"): args.gamma, ("injection", "t_edit"): args.t_edit,
-        ("injection", "steps"): args.steps, ("injection", "num_samples"): args.num_samples,
-        ("injection", "label_from"): args.label_from, ("diffusion", "steps"): args.diffusion_steps,
-        ("diffusion", "hard_share"): args.hard_share,
-        ("classifier", "epochs"): args.epochs,
-    }
-    over.update({k: v for k, v in flat.items() if v is not None})
-    for (section, key), v in nested.items():
-        if v is not None:
-            over.setdefault(section, {})[key] = v
-    if args.unet is not None:
-        over["unet"] = args.unet
-    if args.train_unet:
+# flag -> config key, for every command that takes run settings (``run`` here, ``tune`` in workers.tune)
+TOP_FLAGS = ("dataset", "data_root", "ratio", "seed", "data_seed", "image_size", "methods", "unet")
+NESTED_FLAGS = {
+    "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
+    "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
+    "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
+    "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
+    "epochs": ("classifier", "epochs"),
+}
+
+
+def flag_overrides(args) -> dict:
+    """RunConfig overrides from the flags a command was given (a flag the command lacks, or left unset, is skipped)."""
+    over: dict = {}
+    for name in TOP_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            over[name] = value.split(",") if name == "methods" else value
+    for name, (section, key) in NESTED_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            over.setdefault(section, {})[key] = value
+    if getattr(args, "train_unet", False):
         over["unet"] = None
     return over
+
+
+def _overrides(args) -> dict:
+    """YAML file first, then the command-line flags that were given."""
+    return merge(read_settings(args.config) if args.config else {}, flag_overrides(args))
 
 
 def cmd_run(args) -> int:
@@ -130,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images")
     r.add_argument("--max-minutes", type=float, default=None,
                    help="time budget for training the U-Net: stop and save after this long (exit 3); rerun to resume")
-    r.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: vanilla,lff,diffinject,"
-                                                   "oracle; on the embedded cmnist diffinject-corpus for diffinject)")
+    r.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: vanilla, lff, "
+                                                   "diffinject, oracle; on the embedded cmnist diffinject-corpus for "
+                                                   "diffinject)")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--data-seed", type=int, default=None)
     r.add_argument("--image-size", type=int, default=None, help="folder datasets: resize images on load")

@@ -14,14 +14,15 @@ an overwrite.
       synthetic/injection.json    injection report, biased-classifier disagreement, timing
       synthetic/injection_grid.png  style | content | result rows
       unet-corpus/, synthetic-corpus/   the same for the diffinject-corpus row (embedded Colored MNIST only)
-      classifiers/<method>.pt     vanilla, lff, diffinject, diffinject-corpus, oracle (as the run's methods say)
-      classifiers/<method>.json   its test metrics
+      classifiers/<method>.pt     one per method of the run (core.methods.REGISTRY: vanilla, lff, jtt, disent, ...)
+      classifiers/<method>.json   its test metrics (JTT: its error set's precision against the hidden bias labels)
       metrics.json, report.md     every row, and the U-Net behind each DiffInject row (``unet_sources``)
 
 Rows that say what they use: ``diffinject`` is the label-free method, its U-Net trained on the task's training split
 (here, or shipped under ``core/pretrained/<dataset>-<pct>``) or given by the user. ``diffinject-corpus`` uses the U-Net
 pretrained on the embedded Colored MNIST's colour-balanced corpus, which took knowledge of the bias to build; it is
-reported as its own row, like the oracle, never as the method.
+reported as its own row, like the oracle, never as the method. Any learner combines with the label-free samples
+(``lff+diffinject``, ``disent+diffinject``): each method names the extra data it learns from (``Method.extra``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ import numpy as np
 import torch
 
 from . import diagnostics
+from . import methods as registry
 from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict
-from .data import Dataset, load_dataset, pct_name
-from .debias import oracle_samples, train_lff, train_vanilla, train_with_extra
+from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
 from .filtering import keep_consistent
 from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
@@ -49,8 +50,9 @@ PRETRAINED = Path(__file__).parent / "pretrained"
 CORPUS_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-balanced corpus: uses knowledge of the bias
 SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
 
-# The rows, and the ones that learn from synthetic samples: method -> (U-Net folder, synthetic folder) in the run.
-METHODS = ("vanilla", "lff", "diffinject", "diffinject-corpus", "oracle")
+# The rows a run can make (core/methods: one class each), and the synthetic sources a method's ``extra`` can name:
+# source -> (U-Net folder, synthetic folder) in the run.
+METHODS = tuple(registry.REGISTRY)
 SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("unet-corpus", "synthetic-corpus")}
 # A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the quick default
 # until the label-free row is within 3 points of it (issue 13; benchmarks/results/experiments.md): training a
@@ -77,6 +79,7 @@ class RunConfig:
     # embedded data, else trained here), a U-Net folder, or None: train one on the training split
     unet: str | None = SHIPPED
     methods: tuple[str, ...] | None = None  # None: DEFAULT_METHODS (DEFAULT_METHODS_CMNIST on the embedded cmnist)
+    hparams: dict = field(default_factory=dict)  # method name -> its hyperparameters over the registry's defaults
     mining: MiningConfig = field(default_factory=MiningConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     injection: InjectionConfig = field(default_factory=InjectionConfig)
@@ -86,7 +89,7 @@ class RunConfig:
         self.methods = tuple(self.methods) if self.methods is not None else None
         for f in fields(self):  # nested sections may arrive as dicts (YAML, JSON)
             value = getattr(self, f.name)
-            if isinstance(value, dict):
+            if isinstance(value, dict) and f.name in _section_types():
                 setattr(self, f.name, _section_types()[f.name](**value))
 
     def to_dict(self) -> dict:
@@ -161,7 +164,7 @@ def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
     for k, v in cfg.items():
         if k not in known:
             raise ValueError(f"unknown config key '{prefix}{k}'")
-        if isinstance(v, dict) and isinstance(known[k], dict):
+        if isinstance(v, dict) and isinstance(known[k], dict) and k != "hparams":  # hparams: checked by validate
             _check_keys(v, known[k], f"{prefix}{k}.")
 
 
@@ -202,16 +205,23 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
     methods = run_methods(cfg)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    if "diffinject-corpus" in methods and not _embedded_cmnist(cfg):
+    for name in methods:
+        registry.get(name, cfg.hparams.get(name))  # unknown names and hyperparameters: a one-line error
+    for name in set(cfg.hparams) - set(methods):
+        registry.get(name, cfg.hparams[name])
+    if "diffinject-corpus" in sources_of(methods) and not _embedded_cmnist(cfg):
         raise ValueError("diffinject-corpus needs the embedded cmnist: its U-Net was pretrained on that benchmark's "
                          "colour-balanced corpus")
 
 
 def _embedded_cmnist(cfg: RunConfig) -> bool:
     return cfg.dataset == "cmnist" and cfg.data_root is None
+
+
+def sources_of(methods) -> list[str]:
+    """The synthetic sources (``SYNTHETIC_ROWS``) the ``methods`` learn from, in the order first named."""
+    extras = [registry.REGISTRY[m].extra for m in methods if m in registry.REGISTRY]
+    return list(dict.fromkeys(e for e in extras if e in SYNTHETIC_ROWS))
 
 
 def run_methods(cfg: RunConfig) -> tuple[str, ...]:
@@ -248,6 +258,41 @@ def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tens
     with count_evaluations(unet) as evals:
         syn = inject(unet, ddim_scheduler(unet_dir), images, labels, pairs, cfg, seed, device, progress)
     return syn, evals["images"]
+
+
+@dataclass
+class Synthesized:
+    """What :func:`synthesize` made: the kept samples, how many were generated, the U-Net evaluations and seconds."""
+
+    samples: Synthetic
+    generated: int
+    evaluations: int
+    seconds: float
+
+
+def synthesize(unet_dir: Path, train: ImageSet, pool: np.ndarray, cfg: InjectionConfig, seed: int, generate=None,
+               device: str = "cpu", progress: bool = True) -> Synthesized:
+    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair contents from ``pool`` with styles,
+    generate with ``generate`` (default :func:`generate_in_process`), keep the most consistent ``cfg.count``."""
+    pairs = plan_pairs(train.labels, pool, cfg.generated(len(train)), seed)
+    t0 = time.time()
+    syn, evaluations = (generate or generate_in_process)(unet_dir, train.images, train.labels, pairs, cfg, seed,
+                                                         device, progress)
+    seconds = time.time() - t0
+    generated = len(syn.labels)
+    return Synthesized(keep_consistent(syn, train.images, cfg.count(len(train))), generated, evaluations, seconds)
+
+
+def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet, num_classes: int,
+               cfg: ClassifierConfig, seed: int, device: str = "cpu", progress: bool = True,
+               on_epoch=None) -> registry.Trained:
+    """Stage 4, for the pipeline and every Tune trial alike: ``method`` trained on the training split plus its
+    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one."""
+    images, labels = train.images, train.labels
+    if extra is not None:
+        images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+    return method.fit(ImageSet(images, labels, torch.full_like(labels, -1)), valid.blind(), num_classes, cfg, seed,
+                      device, progress, on_epoch)
 
 
 class Run:
@@ -375,13 +420,8 @@ class Run:
         pool = self.mined()
         unet_dir = self.unet_dir(method)
         cfg, tr = self.cfg.injection, self.ds.train
-        pairs = plan_pairs(tr.labels, pool, cfg.generated(len(tr)), self.cfg.seed)
-        t0 = time.time()
-        syn, evaluations = self.generate(unet_dir, tr.images, tr.labels, pairs, cfg, self.cfg.seed, self.device,
-                                         self.progress)
-        seconds = time.time() - t0
-        generated = len(syn.labels)
-        syn = keep_consistent(syn, tr.images, cfg.count(len(tr)))  # no-op at keep_fraction 1
+        made = synthesize(unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress)
+        syn, generated, evaluations, seconds = made.samples, made.generated, made.evaluations, made.seconds
         self.timings[f"inject {method}"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
@@ -403,35 +443,39 @@ class Run:
 
     # -- stage 4 and baselines ---------------------------------------------------------------------------------
     def method(self, name: str) -> dict:
+        """Train (or read back) one registered method on the training split plus its extra data; its test metrics."""
         folder = self.dir / "classifiers"
         metrics_path = folder / f"{name}.json"
         if metrics_path.exists():
             return json.loads(metrics_path.read_text())
         folder.mkdir(exist_ok=True)
-        ds, cfg, seed = self.ds, self.cfg.classifier, self.cfg.seed
-        common = dict(device=self.device, progress=self.progress)
+        ds, method = self.ds, registry.get(name, self.cfg.hparams.get(name))
         t0 = time.time()
-        if name == "vanilla":
-            model = train_vanilla(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
-        elif name == "lff":
-            model = train_lff(ds.train, ds.valid, ds.num_classes, cfg, seed, **common)
-        elif name in SYNTHETIC_ROWS:
-            syn = self.synthetic(name)
-            model = train_with_extra(ds.train, syn.images, syn.labels, ds.valid, ds.num_classes, cfg, seed, name,
-                                     **common)
-        elif name == "oracle":
-            # as many real samples as the synthetic rows have, with a bias value of another class
-            images, labels = oracle_samples(ds.name, ds.train, self.cfg.injection.count(len(ds.train)), seed)
-            model = train_with_extra(ds.train, images, labels, ds.valid, ds.num_classes, cfg, seed, "oracle", **common)
-        else:
-            raise ValueError(f"unknown method {name!r}")
+        trained = fit_method(method, ds.train, self.extra_data(method.extra), ds.valid, ds.num_classes,
+                             self.cfg.classifier, self.cfg.seed, self.device, self.progress)
         self.timings[name] = round(time.time() - t0, 1)
+        model = trained.model
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
                                 ds.test.bias)
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
+        metrics["params"] = method.describe()["params"]  # the hyperparameters it ran with (registry defaults + hparams)
+        if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
+            errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
+            metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
         _save_torch(folder / f"{name}.pt", model.state_dict())
         _save_json(metrics_path, metrics)
         return metrics
+
+    def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The data a method learns from beside the training split: a synthetic source's samples, or the oracle's
+        real digits redrawn with another class's bias value (as many as the synthetic rows get)."""
+        if extra is None:
+            return None
+        if extra == "oracle":
+            return registry.oracle_samples(self.ds.name, self.ds.train, self.cfg.injection.count(len(self.ds.train)),
+                                           self.cfg.seed)
+        syn = self.synthetic(extra)
+        return syn.images, syn.labels
 
     def methods(self) -> list[str]:
         methods = list(run_methods(self.cfg))
@@ -444,7 +488,7 @@ class Run:
         """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
         t0 = time.time()
         self.mined()
-        synthetic_rows = [m for m in self.methods() if m in SYNTHETIC_ROWS]
+        synthetic_rows = sources_of(self.methods())
         for m in synthetic_rows:
             self.synthetic(m)
         results = {m: self.method(m) for m in self.methods()}
@@ -468,9 +512,7 @@ class Run:
 
 
 METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
-NAMES = {"vanilla": "Vanilla", "lff": "LfF", "diffinject": "DiffInject (label-free)",
-         "diffinject-corpus": "DiffInject, corpus U-Net (uses bias knowledge)",
-         "oracle": "Oracle ceiling (uses bias labels)"}
+NAMES = {name: method.label for name, method in registry.REGISTRY.items()}  # the tables' row labels
 
 
 def render_report(metrics: dict, cfg: RunConfig) -> str:

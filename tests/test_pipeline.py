@@ -13,6 +13,7 @@ from PIL import Image
 
 from core.cli import main
 from core.data import load_dataset
+from core.methods import REGISTRY
 from core.pipeline import Run, make_config
 
 ARTIFACTS = [
@@ -131,14 +132,15 @@ def test_lost_stages_are_recomputed_identically(quick_run, dataset, tmp_path):
 
 
 def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
-    """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same, the diffusion
-    training that oversamples the biased model's hard samples (hard_share) included."""
+    """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same, for every registered
+    method, the diffusion training that oversamples the biased model's hard samples (hard_share) included."""
     folder, _ = quick_run
     shuffled = copy.copy(dataset)
     shuffled.train = copy.copy(dataset.train)
     shuffled.train.bias = dataset.train.bias[torch.randperm(len(dataset.train.bias), generator=torch.Generator().manual_seed(1))]
     assert not torch.equal(shuffled.train.bias, dataset.train.bias)
-    cfg = make_config("quick", {"methods": ["vanilla", "lff", "diffinject"], "diffusion": {"hard_share": 0.5}})
+    every = list(REGISTRY)
+    cfg = make_config("quick", {"methods": every, "diffusion": {"hard_share": 0.5}})
     runs = {}
     for name, data in (("true", dataset), ("shuffled", shuffled)):
         runs[name] = tmp_path / name
@@ -152,7 +154,7 @@ def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
     a = torch.load(one / "synthetic/samples.pt", weights_only=True)
     b = torch.load(other / "synthetic/samples.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("vanilla", "lff", "diffinject"):
+    for name in every:
         sa = torch.load(one / f"classifiers/{name}.pt", weights_only=True)
         sb = torch.load(other / f"classifiers/{name}.pt", weights_only=True)
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
@@ -277,7 +279,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--k", "100000"], "K=100000 is out of range"),
     (["--k", "0"], "K=0 is out of range"),
     (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
-    (["--methods", "vanilla,magic"], "unknown methods"),
+    (["--methods", "vanilla,magic"], "unknown method 'magic'"),
     (["--hard-share", "1.5"], "hard_share 1.5 must be in [0, 1]"),
 ])
 def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):

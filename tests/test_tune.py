@@ -13,12 +13,12 @@ GAMMAS = (0.3, 0.7)
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
     """Quick preset on the shipped label-free U-Net of cmnist 1 % (nothing to train but the biased MLP): K from the flag, gamma and the
-    U-Net from the grid file."""
+    U-Net from the grid file. The trials train LfF on real + synthetic: a registered method reaches Tune by name."""
     folder = tmp_path_factory.mktemp("tune")
     grid = folder / "grid.yaml"
     grid.write_text(f"k: [99]\ngamma: {list(GAMMAS)}\nconfig:\n  unet: shipped\n")
     out = folder / "sweep"
-    code = main(["tune", "--preset", "quick", "--grid", str(grid), "--k", "3", "--epochs", "3", "--num-samples", "8",
+    code = main(["tune", "--preset", "quick", "--method", "lff+diffinject", "--grid", str(grid), "--k", "3", "--epochs", "3", "--num-samples", "8",
                  "--cpus-per-trial", "1", "--threads", "1", "--no-progress", "--out", str(out)])
     return code, out
 
@@ -48,7 +48,7 @@ def test_sweep_chooses_best_valid_accuracy_and_reports_test_metrics(sweep):
     top = max(rows, key=lambda r: float(r["valid_accuracy"]))
     assert (best["k"], best["gamma"]) == (int(top["k"]), float(top["gamma"]))
     assert best["valid_accuracy"] == float(top["valid_accuracy"])
-    assert set(best["test"]) == {"unbiased", "aligned", "conflicting", "worst_group"}
+    assert set(best["test"]) == {"unbiased", "aligned", "conflicting", "worst_group"} and best["method"] == "lff+diffinject"
     assert all(0 <= v <= 100 for v in best["test"].values())
 
 
@@ -57,6 +57,8 @@ def test_sweep_chooses_best_valid_accuracy_and_reports_test_metrics(sweep):
     (["--k", "", "--gamma", "0.5"], "empty grid: no k values"),
     (["--k", "0", "--gamma", "0.5"], "K 0 is invalid"),
     (["--k", "3,x", "--gamma", "0.5"], "--k '3,x' must be a comma list of integers"),
+    (["--method", "jtt"], "--method 'jtt' does not learn from the label-free synthetic samples"),
+    (["--method", "magic"], "unknown method 'magic'"),
 ])
 def test_bad_grid_exits_2_with_one_line(tmp_path, capsys, flags, message):
     assert main(["tune", "--preset", "quick", "--out", str(tmp_path / "sweep"), *flags]) == 2

@@ -2,8 +2,10 @@
 
 The driver prepares one base run folder, ``<out>/base``, with core's ``Run``: the GCE biased classifier and
 the U-Net are trained there once. Every trial loads them (it never retrains them), mines its top-K, injects
-with its gamma (every other setting from the base config, same seed) and trains the debiased classifier,
-reporting the validation accuracy after each epoch so ASHA can stop weak trials early.
+with its gamma (every other setting from the base config, same seed) and trains the debiased classifier of
+``--method`` (any registered method that learns from the label-free synthetic samples: ``diffinject``,
+``lff+diffinject``, ...), with core's own stage functions (``synthesize``, ``fit_method``), reporting the validation
+accuracy after each epoch so ASHA can stop weak trials early.
 
 The config is chosen by best validation accuracy alone. Trials get the training and validation splits with
 their bias labels blanked, and never the test split; the driver reads test and bias labels once, after the
@@ -33,13 +35,12 @@ from pathlib import Path
 
 import torch
 
+from core import methods as registry
 from core.classifier import build_classifier, group_metrics, predict
+from core.cli import flag_overrides
 from core.data import ImageSet, pct_name
-from core.debias import train_with_extra
-from core.filtering import keep_consistent
-from core.injection import plan_pairs
 from core.mining import mine
-from core.pipeline import PRESETS, Run, RunConfig, generate_in_process, make_config, merge, read_settings, validate
+from core.pipeline import PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize, validate
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
@@ -107,9 +108,9 @@ def tag(k: int, gamma: float) -> str:
 # -- one trial (runs in a Ray worker) --------------------------------------------------------------------------
 
 
-def trial(params: dict, *, cfg: RunConfig, base: str, models: str, train: ImageSet, valid: ImageSet,
+def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, train: ImageSet, valid: ImageSet,
           num_classes: int, threads: int) -> None:
-    """One Tune trial: mine top-K with the base biased classifier, inject with gamma, train the debiased model.
+    """One Tune trial: mine top-K with the base biased classifier, inject with gamma, train ``method``.
 
     ``params`` holds the grid point (``k``, ``gamma``); the rest comes from ``tune.with_parameters``. Loads
     ``<base>/biased/model.pt`` and ``<base>/unet`` (a missing one is an error: trials never train them).
@@ -128,11 +129,7 @@ def trial(params: dict, *, cfg: RunConfig, base: str, models: str, train: ImageS
     biased.load_state_dict(torch.load(base / "biased" / "model.pt", weights_only=True))
     pool = mine(biased.eval(), train.images, train.labels, k, DEVICE,
                 misclassified_only=cfg.mining.misclassified_only).indices
-    inj = cfg.injection
-    pairs = plan_pairs(train.labels, pool, inj.generated(len(train)), cfg.seed)
-    syn, _ = generate_in_process(base / "unet", train.images, train.labels, pairs, inj, cfg.seed, DEVICE,
-                                 progress=False)
-    syn = keep_consistent(syn, train.images, inj.count(len(train)))  # as the pipeline does
+    syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
     best = 0.0
 
     def report(epoch: int, acc: float) -> None:
@@ -140,14 +137,9 @@ def trial(params: dict, *, cfg: RunConfig, base: str, models: str, train: ImageS
         best = max(best, acc)
         ray_tune.report({METRIC: best, "epoch_accuracy": acc, "epoch": epoch + 1})
 
-    model = train_with_extra(train, syn.images, syn.labels, valid, num_classes, cfg.classifier, cfg.seed,
-                             tag(k, gamma), DEVICE, progress=False, on_epoch=report)
-    torch.save(model.state_dict(), Path(models) / f"{tag(k, gamma)}.pt")
-
-
-def _blind(split: ImageSet) -> ImageSet:
-    """The split without its bias labels (all -1) and evaluation-only extras: what a trial may see."""
-    return ImageSet(split.images, split.labels, torch.full_like(split.labels, -1))
+    trained = fit_method(registry.get(method, cfg.hparams.get(method)), train, (syn.images, syn.labels), valid,
+                         num_classes, cfg.classifier, cfg.seed, DEVICE, progress=False, on_epoch=report)
+    torch.save(trained.model.state_dict(), Path(models) / f"{tag(k, gamma)}.pt")
 
 
 # -- the sweep (driver) -------------------------------------------------------------------------------------
@@ -171,7 +163,7 @@ def ray_session(num_cpus: int):
 
 
 def sweep(run: Run, ks: list[int], gammas: list[float], out: Path, cpus_per_trial: int = 1, asha: bool = True,
-          verbose: int = 1) -> list[dict]:
+          verbose: int = 1, method: str = "diffinject") -> list[dict]:
     """Run the grid ``ks`` x ``gammas`` as Tune trials on the prepared base ``run``; one row per trial.
 
     Rows (sorted by K, gamma): ``valid_accuracy`` in percent (None if the trial reported nothing),
@@ -185,8 +177,8 @@ def sweep(run: Run, ks: list[int], gammas: list[float], out: Path, cpus_per_tria
     models = out / "ray" / name / "models"
     models.mkdir(parents=True, exist_ok=True)
     ds = run.ds
-    trainable = ray_tune.with_parameters(trial, cfg=run.cfg, base=str(run.dir.resolve()), models=str(models),
-                                         train=_blind(ds.train), valid=_blind(ds.valid),
+    trainable = ray_tune.with_parameters(trial, cfg=run.cfg, method=method, base=str(run.dir.resolve()),
+                                         models=str(models), train=ds.train.blind(), valid=ds.valid.blind(),
                                          num_classes=ds.num_classes, threads=cpus_per_trial)
     # stop_last_trials=False: reaching max_t is not a stop; a trial ends by returning, after saving its model
     scheduler = ASHAScheduler(time_attr="epoch", max_t=max(epochs, DEFAULTS["grace_period"]),
@@ -228,9 +220,9 @@ def choose(rows: list[dict]) -> dict:
     return best
 
 
-def evaluate_on_test(run: Run, model_path: str) -> dict:
+def evaluate_on_test(run: Run, model_path: str, method: str = "diffinject") -> dict:
     """Group metrics of a saved debiased model on the test split: the sweep's only read of test/bias labels."""
-    model = build_classifier(run.cfg.classifier, run.ds.image_shape, run.ds.num_classes)
+    model = registry.get(method).build(run.cfg.classifier, run.ds.image_shape, run.ds.num_classes)
     model.load_state_dict(torch.load(model_path, weights_only=True))
     test = run.ds.test
     return group_metrics(predict(model, test.images, device=DEVICE).argmax(1), test.labels, test.bias)
@@ -292,17 +284,6 @@ def write_outputs(out: Path, rows: list[dict], best: dict, summary: dict) -> str
 # -- the command ----------------------------------------------------------------------------------------------
 
 
-def _overrides(args, grid: dict) -> dict:
-    """RunConfig overrides: the grid file's ``config:``, then the flags that were given."""
-    top = {"dataset": args.dataset, "data_root": args.data_root, "ratio": args.ratio, "seed": args.seed}
-    nested = {("classifier", "epochs"): args.epochs, ("injection", "num_samples"): args.num_samples}
-    flags = {k: v for k, v in top.items() if v is not None}
-    for (section, key), v in nested.items():
-        if v is not None:
-            flags.setdefault(section, {})[key] = v
-    return merge(grid.get("config") or {}, flags)
-
-
 def cmd_tune(args) -> int:
     """Validate the grid, prepare ``<out>/base`` once, sweep, choose by validation accuracy, write, print."""
     if args.threads:
@@ -313,7 +294,10 @@ def cmd_tune(args) -> int:
                             else grid.get("gamma", DEFAULTS["gamma"]))
     if args.cpus_per_trial < 1:
         raise ValueError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
-    cfg = make_config(args.preset, _overrides(args, grid))
+    if registry.get(args.method).extra != "diffinject":
+        raise ValueError(f"--method {args.method!r} does not learn from the label-free synthetic samples, so K and "
+                         f"gamma do not reach it; choose one of {', '.join(synthetic_methods())}")
+    cfg = make_config(args.preset, merge(grid.get("config") or {}, flag_overrides(args)))
     if cfg.classifier.epochs < 1:
         raise ValueError(f"epochs {cfg.classifier.epochs} must be at least 1")
     out = Path(args.out or f"runs/tune-{cfg.dataset}-{pct_name(cfg.ratio)}-{args.preset}").resolve()
@@ -323,10 +307,12 @@ def cmd_tune(args) -> int:
     run.biased()
     run.unet_dir()
     with ray_session(max(os.cpu_count() or 1, args.cpus_per_trial)):
-        rows = sweep(run, ks, gammas, out, args.cpus_per_trial, args.asha, verbose=0 if args.no_progress else 1)
+        rows = sweep(run, ks, gammas, out, args.cpus_per_trial, args.asha, verbose=0 if args.no_progress else 1,
+                     method=args.method)
     best = choose(rows)
     summary = {"k": best["k"], "gamma": best["gamma"], "valid_accuracy": best["valid_accuracy"],
-               "epochs": best["epochs"], "test": evaluate_on_test(run, best["model"]),
+               "epochs": best["epochs"], "test": evaluate_on_test(run, best["model"], args.method),
+               "method": args.method,
                "chosen_by": "best validation accuracy (test and bias labels never read by the choice)",
                "trials": len(rows), "base": str(run.dir), "model": best["model"]}
     table = write_outputs(out, rows, best, summary)
@@ -337,6 +323,11 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def synthetic_methods() -> list[str]:
+    """The registered methods that learn from the label-free synthetic samples (the ones K and gamma reach)."""
+    return [name for name, m in registry.REGISTRY.items() if m.extra == "diffinject"]
+
+
 def _csv(values: list) -> str:
     return ",".join(f"{v:g}" for v in values)
 
@@ -345,6 +336,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``diffinject tune`` on the subparsers object ``sub``."""
     t = sub.add_parser("tune", help="Ray Tune sweep over K and gamma on one shared biased classifier and U-Net")
     t.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    t.add_argument("--method", default="diffinject",
+                   help=f"the debiased classifier each trial trains: {', '.join(synthetic_methods())}")
     t.add_argument("--dataset", default=None,
                    help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
     t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")

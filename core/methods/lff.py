@@ -1,0 +1,51 @@
+"""LfF, Learning from Failure (Nam et al., NeurIPS 2020): a GCE-trained biased model and a debiased model trained
+together; each sample's cross entropy in the debiased model is weighted by its relative difficulty
+W = L_b / (L_b + L_d), from per-sample loss averages normalised by their class maximum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..classifier import as_float, build_classifier, gce_loss, train_loop
+from .base import LossEMA, Method, Trained, relative_difficulty
+
+
+@dataclass
+class LfFParams:
+    ema_alpha: float = 0.7  # the loss averages' decay (reference: 0.7)
+
+
+class LfF(Method):
+    name, label, Params = "lff", "LfF", LfFParams
+
+    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None) -> Trained:
+        torch.manual_seed(seed)
+        shape = tuple(train.images.shape[1:])
+        model_b = build_classifier(cfg, shape, num_classes).to(device)
+        model_d = build_classifier(cfg, shape, num_classes).to(device)
+        opt_b = torch.optim.Adam(model_b.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt_d = torch.optim.Adam(model_d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema_b, ema_d = LossEMA(train.labels, self.params.ema_alpha), LossEMA(train.labels, self.params.ema_alpha)
+
+        def step(idx, _):
+            model_b.train()  # train_loop sets model_d's mode
+            x, y = as_float(train.images[idx]).to(device), train.labels[idx].to(device)
+            logit_b, logit_d = model_b(x), model_d(x)
+            ce_d = F.cross_entropy(logit_d, y, reduction="none")
+            ema_b.update(F.cross_entropy(logit_b, y, reduction="none"), idx)
+            ema_d.update(ce_d, idx)
+            w = relative_difficulty(ema_b, ema_d, idx).to(device)
+            loss = (ce_d * w).mean() + gce_loss(logit_b, y, cfg.gce_q)
+            opt_b.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_b.step()
+            opt_d.step()
+
+        model = train_loop(model_d, len(train), cfg, seed, step, valid.images, valid.labels, device, self.name,
+                           progress, on_epoch)
+        return Trained(model)
+

@@ -1,0 +1,155 @@
+"""The registry of methods and each method's loss or weights against its closed form on planted data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from core import methods as registry
+from core.classifier import ClassifierConfig, build_classifier
+from core.data import ImageSet
+from core.methods.base import LossEMA, relative_difficulty
+from core.methods.disent import DisEntClassifier, swap_features
+from core.methods.jtt import error_set, upsampled_order
+
+
+def test_loss_ema_first_value_whole_then_decayed_and_class_normalised():
+    labels = torch.tensor([0, 0, 1, 1])
+    ema = LossEMA(labels, alpha=0.7)
+    ema.update(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))  # first values are taken whole
+    assert torch.allclose(ema.value, torch.tensor([2.0, 0.0, 4.0, 0.0]))
+    ema.update(torch.tensor([1.0, 8.0, 1.0]), torch.tensor([0, 1, 3]))
+    assert torch.allclose(ema.value, torch.tensor([0.7 * 2 + 0.3 * 1, 8.0, 4.0, 1.0]))
+    # class 0's largest average is 8, class 1's is 4
+    assert torch.allclose(ema.normalised(torch.arange(4)), torch.tensor([1.7 / 8, 1.0, 1.0, 0.25]))
+
+
+def test_relative_difficulty_is_lb_over_lb_plus_ld():
+    labels = torch.tensor([0, 0, 0])
+    ema_b, ema_d = LossEMA(labels, 0.7), LossEMA(labels, 0.7)
+    ema_b.update(torch.tensor([4.0, 1.0, 2.0]), torch.arange(3))  # the biased model fails sample 0
+    ema_d.update(torch.tensor([1.0, 2.0, 2.0]), torch.arange(3))
+    lb, ld = torch.tensor([1.0, 0.25, 0.5]), torch.tensor([0.5, 1.0, 1.0])
+    w = relative_difficulty(ema_b, ema_d, torch.arange(3))
+    assert torch.allclose(w, lb / (lb + ld), atol=1e-6)
+    assert w.argmax() == 0  # the sample the shortcut gets wrong weighs most
+
+
+class _Constant(nn.Module):
+    """Predicts class 0 for every image."""
+
+    def forward(self, x):
+        return torch.tensor([10.0, 0.0, 0.0]).expand(len(x), 3)
+
+
+def test_jtt_error_set_is_what_the_first_model_gets_wrong():
+    labels = torch.tensor([0, 1, 0, 2, 2, 0])
+    images = torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
+    assert error_set(_Constant(), images, labels).tolist() == [1, 3, 4]
+
+
+def test_jtt_upsampling_weights_the_error_set_lambda_up_times():
+    n, errors, lam = 100, torch.tensor([3, 7, 11, 50]), 20
+    order = upsampled_order(n, errors, lam)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([order(e, g) for e in range(400)])
+    assert all(len(order(0, g)) == n for _ in range(3))  # an epoch is as long as the training split
+    share = torch.isin(draws, errors).float().mean().item()
+    expected = lam * len(errors) / (n + (lam - 1) * len(errors))  # closed form: 80 / 176
+    assert abs(share - expected) < 0.01
+    counts = torch.bincount(draws, minlength=n).float()
+    others = counts[~torch.isin(torch.arange(n), errors)]
+    assert abs(counts[errors].mean().item() / others.mean().item() - lam) < 1.0
+
+
+def test_disent_swap_keeps_labels_and_permutes_only_the_bias_features():
+    z_i = torch.randn(5, 3, requires_grad=True)
+    z_b = torch.randn(5, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    perm = torch.tensor([2, 0, 1, 4, 3])
+    mix_i, mix_b, y_i, y_b = swap_features(z_i, z_b, y, perm)
+    assert torch.equal(mix_i[:, :3], z_i) and torch.equal(mix_i[:, 3:], z_b[perm])
+    assert torch.equal(mix_b[:, :3], z_i) and torch.equal(mix_b[:, 3:], z_b[perm])
+    assert torch.equal(y_i, y) and torch.equal(y_b, y[perm])  # C_i keeps the label, C_b follows its bias features
+    # each classifier's gradient reaches only its own encoder's half
+    mix_i.sum().backward(retain_graph=True)
+    assert z_b.grad is None and torch.equal(z_i.grad, torch.ones_like(z_i))
+    z_i.grad = None
+    mix_b.sum().backward()
+    assert z_i.grad is None and torch.equal(z_b.grad, torch.ones_like(z_b))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet18"])
+def test_disent_predicts_from_both_encoders(arch):
+    cfg = ClassifierConfig(arch=arch)
+    model = DisEntClassifier(cfg, (3, 28, 28), 10).eval()
+    x = torch.rand(2, 3, 28, 28)
+    z_i, z_b = model.features(x)
+    assert z_i.shape == z_b.shape and z_i.shape[1] * 2 == model.fc_intrinsic.in_features
+    assert torch.allclose(model(x), model.fc_intrinsic(torch.cat([z_i, z_b], 1)))
+    # the registry builds the same module to load a saved model into
+    again = registry.get("disent").build(cfg, (3, 28, 28), 10)
+    again.load_state_dict(model.state_dict())
+
+
+def _planted(n=240, seed=0):
+    """Two classes told apart by a bright top half (class 1) on random noise, 28 px, 3 channels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 60, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
+    images[labels == 1, :, :14] += 150
+    return ImageSet(images, labels, torch.full_like(labels, -1))
+
+
+@pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])
+def test_every_label_free_learner_learns_a_planted_task_reproducibly(name):
+    train, valid = _planted(), _planted(80, seed=1)
+    cfg = ClassifierConfig(epochs=3, batch_size=32)
+    seen = []
+    a = registry.get(name).fit(train, valid, 2, cfg, seed=0, progress=False, on_epoch=lambda e, acc: seen.append(acc))
+    b = registry.get(name).fit(train, valid, 2, cfg, seed=0, progress=False)
+    assert len(seen) == 3 and max(seen) > 0.9  # every method reports each epoch to Tune and learns the task
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_registry_names_every_method_once_with_defaults_in_one_place():
+    assert list(registry.REGISTRY)[:4] == ["vanilla", "lff", "jtt", "disent"]
+    for name, cls in registry.REGISTRY.items():
+        method = registry.get(name)
+        assert method.name == name and method.label
+        assert method.extra in (None, "diffinject", "diffinject-corpus", "oracle")
+    assert registry.get("jtt", {"lambda_up": 7}).params.lambda_up == 7
+    assert registry.get("disent").params.lambda_dis_align == 10.0  # the reference's Colored MNIST setting
+
+
+def test_unknown_method_or_hyperparameter_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown method 'magic'; choose from vanilla, lff, jtt, disent"):
+        registry.get("magic")
+    with pytest.raises(ValueError, match="unknown hyperparameter.* lamda_up for method 'jtt'"):
+        registry.get("jtt", {"lamda_up": 5})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        registry.get("jtt", 5)
+
+
+def test_methods_flag_accepts_exactly_the_registry(capsys):
+    from core.cli import build_parser, main
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    methods_help = next(a.help for a in run._actions if a.dest == "methods")
+    assert all(name in methods_help for name in registry.REGISTRY)
+    assert main(["run", "--preset", "quick", "--methods", "jtt,magic", "--out", "/nonexistent/never"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method 'magic'" in err
+
+
+def test_build_classifier_unchanged_by_the_encoder_split():
+    """build_encoder strips the head of the same backbone the other methods train (same parameters otherwise)."""
+    from core.classifier import build_encoder
+
+    cfg = ClassifierConfig(arch="mlp")
+    enc, dim = build_encoder(cfg, (3, 28, 28))
+    full = build_classifier(cfg, (3, 28, 28), 10)
+    assert dim == 16 and enc(torch.rand(2, 3, 28, 28)).shape == (2, 16)
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in full.parameters()) - (16 * 10 + 10)
