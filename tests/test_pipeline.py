@@ -362,3 +362,29 @@ def test_table_rows_carry_their_unet_source(quick_run):
     md = render(table, types.SimpleNamespace(seeds=[0, 1]),
                 {"unet_sources": sources, "command": "x", "machine": "y", "torch": "z", "wall_seconds": 60})
     assert "DiffInject (label-free): U-Net trained in this run on the training split; no knowledge of the bias." in md
+
+
+def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
+    """--reuse copies an earlier file's rows (and their extras and U-Net) for the methods this run lacks, never over
+    a row it made, and names the file and command; a row measured at fewer ratios renders '-' elsewhere."""
+    import types
+
+    from benchmarks.debias_table import render, reuse_rows, summarise
+
+    _, metrics = quick_run
+    old_table, old_sources = summarise({(1.0, 0): metrics}, [1.0], [0])
+    old = {"meta": {"command": "python old", "unet_sources": old_sources}, "table": old_table}
+    peers = copy.deepcopy(metrics)
+    peers["methods"] = {"vanilla": {k: v + 1 for k, v in metrics["methods"]["vanilla"].items() if k != "params"}}
+    peers["injection"], peers["unet_sources"] = {}, {}
+    table, sources = summarise({(1.0, 0): peers, (5.0, 0): peers}, [1.0, 5.0], [0])
+    meta = {"unet_sources": sources, "command": "python new", "machine": "y", "torch": "z", "wall_seconds": 60}
+    reuse_rows(table, meta, old, "old.json")
+    assert table["1pct"]["vanilla"]["unbiased"]["mean"] == metrics["methods"]["vanilla"]["unbiased"] + 1  # kept
+    assert table["1pct"]["diffinject"] == old_table["1pct"]["diffinject"] and "diffinject" not in table["5pct"]
+    assert table["1pct"]["injection_report"]["diffinject"] == old_table["1pct"]["injection_report"]["diffinject"]
+    assert meta["reused"]["diffinject"] == {"from": "old.json", "command": "python old"}
+    assert meta["unet_sources"]["diffinject"] == old_sources["diffinject"]
+    md = render(table, types.SimpleNamespace(seeds=[0]), meta)
+    row = next(line for line in md.splitlines() if line.startswith("| DiffInject (label-free) |"))
+    assert row.endswith("| - |") and "rows copied from `old.json`, measured by `python old`" in md
