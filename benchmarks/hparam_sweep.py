@@ -69,10 +69,11 @@ def main() -> None:
     best = max(rows, key=lambda r: r["valid"])
     lines = [f"{args.method} on {args.dataset}, ratios {args.ratios}, seeds {args.seeds}: chosen by validation "
              "accuracy (task labels); test shown, never read by the choice.", "",
-             "| " + " | ".join(grid) + " | valid | test unbiased | test conflicting |", "|---" * (len(grid) + 3) + "|"]
+             "| " + " | ".join(grid or ["settings"]) + " | valid | test unbiased | test conflicting |",
+             "|---" * (max(1, len(grid)) + 3) + "|"]
     for r in rows:
         mark = " (chosen)" if r is best else ""
-        lines.append("| " + " | ".join(f"{v:g}" for v in r["params"].values())
+        lines.append("| " + (" | ".join(f"{v:g}" for v in r["params"].values()) or "defaults")
                      + f" | {r['valid']:.1f}{mark} | {r['unbiased']:.1f} | {r['conflicting']:.1f} |")
     lines.append(f"\nCommand: `python {' '.join(sys.argv)}`")
     lines.append("Per run: " + "; ".join(f"{'-'.join(f'{k}={v:g}' for k, v in pt.items()) or 'defaults'}: "
