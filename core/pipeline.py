@@ -205,6 +205,8 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
     methods = run_methods(cfg)
+    if not isinstance(cfg.hparams, dict):
+        raise ValueError(f"hparams must map method names to their hyperparameters, got {cfg.hparams!r}")
     for name in methods:
         registry.get(name, cfg.hparams.get(name))  # unknown names and hyperparameters: a one-line error
     for name in set(cfg.hparams) - set(methods):

@@ -304,6 +304,12 @@ def test_cli_bad_yaml(tmp_path, capsys):
     bad.write_text("injection: {gama: 0.5}\n")
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "unknown config key 'injection.gama'" in capsys.readouterr().err
+    for text, words in (("hparams: 5\n", "hparams must map method names"),
+                        ("hparams: {jtt: {lamda_up: 5}}\n", "unknown hyperparameter(s) lamda_up for method 'jtt'"),
+                        ("hparams: {magic: {}}\n", "unknown method 'magic'")):
+        bad.write_text(text)
+        assert main(["run", "--preset", "quick", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_console_script_exit_code(tmp_path):
