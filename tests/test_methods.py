@@ -153,3 +153,33 @@ def test_build_classifier_unchanged_by_the_encoder_split():
     full = build_classifier(cfg, (3, 28, 28), 10)
     assert dim == 16 and enc(torch.rand(2, 3, 28, 28)).shape == (2, 16)
     assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in full.parameters()) - (16 * 10 + 10)
+
+
+def test_a_new_method_is_one_class_and_one_registry_entry(monkeypatch, tmp_path, cmnist):
+    """A method defined outside the pipeline, once registered, runs from a run's methods with no other change."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from core.classifier import train_classifier
+    from core.pipeline import Run, make_config
+
+    @dataclass
+    class SmoothParams:
+        smoothing: float = 0.1
+
+    class Smooth(registry.Method):
+        name, label, Params = "smooth", "Label smoothing", SmoothParams
+
+        def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None):
+            assert (train.bias == -1).all()  # the pipeline blanks the bias labels before any method sees them
+            loss = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=self.params.smoothing)  # noqa: E731
+            return registry.Trained(train_classifier(train.images, train.labels, valid.images, valid.labels, cfg,
+                                                     num_classes, seed, loss_fn=loss, progress=False))
+
+    monkeypatch.setitem(registry.REGISTRY, "smooth", Smooth)
+    cfg = make_config("quick", {"methods": ["vanilla", "smooth"], "hparams": {"smooth": {"smoothing": 0.2}}})
+    metrics = Run(tmp_path / "run", cfg, progress=False, dataset=cmnist).all()
+    assert set(metrics["methods"]) == {"vanilla", "smooth"}
+    assert metrics["methods"]["smooth"]["params"] == {"smoothing": 0.2}
+    assert (tmp_path / "run" / "classifiers" / "smooth.pt").exists()
