@@ -9,7 +9,7 @@ with its class, and one line below.
 from __future__ import annotations
 
 from .base import LossEMA, Method, Trained, relative_difficulty
-from .diffinject import DiffInject, DiffInjectCorpus, DisEntDiffInject, LfFDiffInject
+from .diffinject import DiffInject, DiffInjectCorpus, DisEntDiffInject, JTTDiffInject, LfFDiffInject
 from .disent import DisEnt
 from .jtt import JTT
 from .lff import LfF
@@ -23,6 +23,7 @@ REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     DisEnt,
     DiffInject,
     LfFDiffInject,
+    JTTDiffInject,
     DisEntDiffInject,
     DiffInjectCorpus,
     Oracle,

@@ -1,7 +1,8 @@
 """DiffInject's stage 4: a learner trained on the real training split plus the synthetic bias-conflict samples.
 
 The synthetic samples are data, so they combine with any learner: ``diffinject`` is cross entropy (Vanilla) on real
-+ synthetic, the paper's row; ``lff+diffinject`` and ``disent+diffinject`` reweight the same data with LfF or DisEnt.
++ synthetic, the paper's row; ``lff+diffinject``, ``jtt+diffinject`` and ``disent+diffinject`` reweight the same data
+with LfF, JTT or DisEnt.
 ``diffinject-corpus`` takes its samples from the U-Net pretrained on the embedded Colored MNIST's colour-balanced
 corpus, which took knowledge of the bias to build: it is reported as its own row, never as the method.
 """
@@ -9,6 +10,7 @@ corpus, which took knowledge of the bias to build: it is reported as its own row
 from __future__ import annotations
 
 from .disent import DisEnt
+from .jtt import JTT
 from .lff import LfF
 from .vanilla import Vanilla
 
@@ -24,6 +26,10 @@ class DiffInjectCorpus(Vanilla):
 
 class LfFDiffInject(LfF):
     name, label, extra = "lff+diffinject", "LfF + DiffInject (label-free)", "diffinject"
+
+
+class JTTDiffInject(JTT):
+    name, label, extra = "jtt+diffinject", "JTT + DiffInject (label-free)", "diffinject"
 
 
 class DisEntDiffInject(DisEnt):
