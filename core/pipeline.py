@@ -22,7 +22,8 @@ Rows that say what they use: ``diffinject`` is the label-free method, its U-Net 
 (here, or shipped under ``core/pretrained/<dataset>-<pct>``) or given by the user. ``diffinject-corpus`` uses the U-Net
 pretrained on the embedded Colored MNIST's colour-balanced corpus, which took knowledge of the bias to build; it is
 reported as its own row, like the oracle, never as the method. Any learner combines with the label-free samples
-(``lff+diffinject``, ``jtt+diffinject``, ``disent+diffinject``): each method names the extra data it learns from (``Method.extra``).
+(``lff+diffinject``, ``jtt+diffinject``, ``disent+diffinject``): each method names the extra data it learns from
+(``Method.extra``).
 """
 
 from __future__ import annotations
