@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     p.commands = sub  # workers.cli adds the Ray commands here
 
-    r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with Vanilla and LfF beside it")
+    r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with the --methods rows beside it")
     r.add_argument("--preset", default="default", choices=sorted(PRESETS))
     r.add_argument("--config", default=None, help="YAML file of settings (same keys as the run's config.json)")
     r.add_argument("--dataset", default=None, help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, "

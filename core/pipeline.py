@@ -1,4 +1,4 @@
-"""The whole method in one run folder: mine -> diffusion -> inject -> debias, plus the Vanilla and LfF baselines.
+"""The whole method in one run folder: mine -> diffusion -> inject -> debias, plus the peers (core/methods) beside it.
 
 Each stage writes its artifacts atomically and is skipped when they already exist, so a rerun resumes where
 the last one stopped. A run folder belongs to one config: rerunning it with another config is an error, never

@@ -289,8 +289,9 @@ def cmd_tune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = read_grid(args.grid) if args.grid else {}
-    ks, gammas = check_grid(parse_list(args.k, int, "--k") if args.k is not None else grid.get("k", DEFAULTS["k"]),
-                            parse_list(args.gamma, float, "--gamma") if args.gamma is not None
+    ks, gammas = check_grid(parse_list(args.grid_k, int, "--k") if args.grid_k is not None
+                            else grid.get("k", DEFAULTS["k"]),
+                            parse_list(args.grid_gamma, float, "--gamma") if args.grid_gamma is not None
                             else grid.get("gamma", DEFAULTS["gamma"]))
     if args.cpus_per_trial < 1:
         raise ValueError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
@@ -342,8 +343,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
     t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     t.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    t.add_argument("--k", default=None, help=f"comma list of K (mined samples per class); default {_csv(DEFAULTS['k'])}")
-    t.add_argument("--gamma", default=None, help=f"comma list of gamma in [0, 1]; default {_csv(DEFAULTS['gamma'])}")
+    # dest grid_*: lists for the sweep, not the single run settings core.cli.flag_overrides reads as k and gamma
+    t.add_argument("--k", dest="grid_k", default=None, help=f"comma list of K (mined samples per class); default {_csv(DEFAULTS['k'])}")
+    t.add_argument("--gamma", dest="grid_gamma", default=None, help=f"comma list of gamma in [0, 1]; default {_csv(DEFAULTS['gamma'])}")
     t.add_argument("--grid", default=None, help="YAML file: k: [...], gamma: [...], config: {RunConfig overrides}")
     t.add_argument("--epochs", type=int, default=None, help="epochs of each trial's debiased classifier")
     t.add_argument("--num-samples", type=int, default=None, help="synthetic samples per trial (default: the preset's)")
