@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
-from core.methods import REGISTRY  # noqa: E402
 from core.pipeline import (  # noqa: E402
-    METHODS, NAMES, SYNTHETIC_ROWS, Run, bias_knowledge_phrase, make_config, merge, read_settings,
+    METHODS, NAMES, Run, bias_knowledge_phrase, make_config, merge, read_settings, synthetic_source,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -168,13 +167,13 @@ def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
         if pct not in old["table"]:
             continue
         for method, row in old["table"][pct].items():
-            if method in REGISTRY and method not in cell:
+            if method in NAMES and method not in cell:
                 cell[method] = row
                 for key in extras:
                     if method in old["table"][pct].get(key, {}):
                         cell.setdefault(key, {})[method] = old["table"][pct][key][method]
                 meta.setdefault("reused", {})[method] = {"from": name, "command": old["meta"]["command"]}
-                src = source(method)
+                src = synthetic_source(method)
                 if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
                     meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
 
@@ -189,8 +188,8 @@ def render(table: dict, args, meta: dict) -> str:
         cells = [cell(p, m, lambda r: f"{r['unbiased']['mean']:.1f} ± {r['unbiased']['std']:.1f} / "
                                       f"{r['conflicting']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][source(m)])}." for m in methods
-                     if source(m) in meta["unet_sources"]]
+    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][synthetic_source(m)])}." for m in methods
+                     if synthetic_source(m) in meta["unet_sources"]]
     lines += ["", "Aligned and worst-group accuracy (%):", "", "| method | " + " | ".join(pcts) + " |",
               "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
@@ -216,12 +215,6 @@ def render(table: dict, args, meta: dict) -> str:
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
                   f"wall time {meta['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
-
-
-def source(method: str) -> str | None:
-    """The synthetic source a table row learns from (its U-Net's key in ``meta.unet_sources``), if any."""
-    extra = REGISTRY[method].extra if method in REGISTRY else None
-    return extra if extra in SYNTHETIC_ROWS else None
 
 
 def unet_line(per_pct: dict) -> str:

@@ -61,11 +61,10 @@ def main() -> None:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     jobs = [(args.method, pt, r, s, args.runs, settings) for pt in points for r in args.ratios for s in args.seeds]
     results = run_jobs(run_point, jobs, args.jobs, args.threads)
-    rows, n = [], len(args.ratios) * len(args.seeds)
-    for i, pt in enumerate(points):
-        got = results[i * n:(i + 1) * n]
-        rows.append({"params": pt, **{c: round(statistics.fmean(r[c] for r in got), 2)
-                                      for c in ("valid", "unbiased", "conflicting")}})
+    n = len(args.ratios) * len(args.seeds)
+    per_point = [results[i * n:(i + 1) * n] for i in range(len(points))]  # each point's runs, ratios x seeds
+    rows = [{"params": pt, **{c: round(statistics.fmean(r[c] for r in got), 2)
+                              for c in ("valid", "unbiased", "conflicting")}} for pt, got in zip(points, per_point)]
     best = max(rows, key=lambda r: r["valid"])
     lines = [f"{args.method} on {args.dataset}, ratios {args.ratios}, seeds {args.seeds}: chosen by validation "
              "accuracy (task labels); test shown, never read by the choice.", "",
@@ -77,8 +76,8 @@ def main() -> None:
                      + f" | {r['valid']:.1f}{mark} | {r['unbiased']:.1f} | {r['conflicting']:.1f} |")
     lines.append(f"\nCommand: `python {' '.join(sys.argv)}`")
     lines.append("Per run: " + "; ".join(f"{'-'.join(f'{k}={v:g}' for k, v in pt.items()) or 'defaults'}: "
-                                           + ", ".join(f"{r['unbiased']:.1f}" for r in results[i * n:(i + 1) * n])
-                                           for i, pt in enumerate(points)) + " (test unbiased, ratios x seeds).")
+                                           + ", ".join(f"{r['unbiased']:.1f}" for r in got)
+                                           for pt, got in zip(points, per_point)) + " (test unbiased, ratios x seeds).")
     md = "\n".join(lines) + "\n"
     name = args.name or f"hparams_{args.method}" + ("" if args.dataset == "cmnist" else f"_{args.dataset}")
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows,

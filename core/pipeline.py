@@ -208,10 +208,8 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
     methods = run_methods(cfg)
     if not isinstance(cfg.hparams, dict):
         raise ValueError(f"hparams must map method names to their hyperparameters, got {cfg.hparams!r}")
-    for name in methods:
-        registry.get(name, cfg.hparams.get(name))  # unknown names and hyperparameters: a one-line error
-    for name in set(cfg.hparams) - set(methods):
-        registry.get(name, cfg.hparams[name])
+    for name in dict.fromkeys([*methods, *cfg.hparams]):  # unknown names and hyperparameters: a one-line error
+        registry.get(name, cfg.hparams.get(name))
     if "diffinject-corpus" in sources_of(methods) and not _embedded_cmnist(cfg):
         raise ValueError("diffinject-corpus needs the embedded cmnist: its U-Net was pretrained on that benchmark's "
                          "colour-balanced corpus")
@@ -221,10 +219,15 @@ def _embedded_cmnist(cfg: RunConfig) -> bool:
     return cfg.dataset == "cmnist" and cfg.data_root is None
 
 
+def synthetic_source(method: str) -> str | None:
+    """The synthetic source (a ``SYNTHETIC_ROWS`` key) a registered method learns from, if any."""
+    extra = registry.REGISTRY[method].extra if method in registry.REGISTRY else None
+    return extra if extra in SYNTHETIC_ROWS else None
+
+
 def sources_of(methods) -> list[str]:
-    """The synthetic sources (``SYNTHETIC_ROWS``) the ``methods`` learn from, in the order first named."""
-    extras = [registry.REGISTRY[m].extra for m in methods if m in registry.REGISTRY]
-    return list(dict.fromkeys(e for e in extras if e in SYNTHETIC_ROWS))
+    """The synthetic sources the ``methods`` learn from, in the order first named."""
+    return list(dict.fromkeys(s for s in map(synthetic_source, methods) if s is not None))
 
 
 def run_methods(cfg: RunConfig) -> tuple[str, ...]:
@@ -461,7 +464,7 @@ class Run:
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
                                 ds.test.bias)
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
-        metrics["params"] = method.describe()["params"]  # the hyperparameters it ran with (registry defaults + hparams)
+        metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)

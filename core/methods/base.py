@@ -9,7 +9,7 @@ one subclass that sets ``extra``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -68,10 +68,6 @@ class Method:
     def build(self, cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """An untrained model of the kind :meth:`fit` returns, to load a saved ``state_dict`` into."""
         return build_classifier(cfg, image_shape, num_classes)
-
-    def describe(self) -> dict:
-        return {"label": self.label, "extra": self.extra, "bias_knowledge": self.bias_knowledge,
-                "params": asdict(self.params)}
 
 
 class LossEMA:

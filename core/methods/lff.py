@@ -31,7 +31,6 @@ class LfF(Method):
         ema_b, ema_d = LossEMA(train.labels, self.params.ema_alpha), LossEMA(train.labels, self.params.ema_alpha)
 
         def step(idx, _):
-            model_b.train()  # train_loop sets model_d's mode
             x, y = as_float(train.images[idx]).to(device), train.labels[idx].to(device)
             logit_b, logit_d = model_b(x), model_d(x)
             ce_d = F.cross_entropy(logit_d, y, reduction="none")
