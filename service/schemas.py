@@ -1,4 +1,11 @@
-"""The HTTP edge's request and response models (pydantic). Range checks that answer 400 live in app.py."""
+"""The HTTP edge's request and response models (pydantic).
+
+Every range the service accepts is stated here, so the OpenAPI document carries it; a value outside its range
+answers 400 naming the field (app.py turns pydantic's range errors into 400), a value of the wrong type 422.
+The per-deployment maxima (``max_samples``, ``max_steps``) are checked in app.py and patched into the document.
+"""
+
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -6,30 +13,42 @@ from core.injection import InjectionConfig
 
 _DEFAULTS = InjectionConfig()  # one place for the injection defaults: core's config
 
+MAX_SEED = 2**63 - 1  # seeds are int64 all the way down (numpy SeedSequence, torch generators)
+MAX_INDEX = 2**31 - 1
+MAX_LIST = 100_000  # list lengths; the body limit (max_body_bytes) usually binds first
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
+
 
 class InlineDataset(BaseModel):
     """A small dataset carried in the request: base64 PNG images (all one size) and their task labels."""
 
     model_config = ConfigDict(extra="forbid")
-    images: list[str] = Field(description="base64-encoded PNG images, all the same size")
-    labels: list[int] = Field(description="task label of each image (never a bias label)")
+    images: list[str] = Field(min_length=1, max_length=MAX_LIST,
+                              description="base64-encoded PNG images, all the same size")
+    labels: list[Index] = Field(min_length=1, max_length=MAX_LIST,
+                                description="task label of each image (never a bias label)")
 
 
 class InjectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dataset: str | None = Field(None, description="name of a dataset registered with the service (GET /datasets)")
+    dataset: str | None = Field(None, max_length=256,
+                                description="name of a dataset registered with the service (GET /datasets)")
     inline: InlineDataset | None = Field(None, description="or: a small dataset carried in the request")
-    model: str | None = Field(None, description="inline datasets: whose registered dataset's U-Net to use "
-                                                "(default: the first registered)")
-    conflict_indices: list[int] | None = Field(None, description="content pool (indices into the dataset); "
-                                               "omitted: top-K mined with the dataset's biased classifier")
-    k: int | None = Field(None, description="with mining: samples per class (default: the dataset's K)")
-    style_indices: list[int] | None = Field(None, description="style pool (default: every image of another class)")
-    num_samples: int = Field(16, description="synthetic samples to generate")
-    gamma: float = Field(_DEFAULTS.gamma, description="injection strength in [0, 1]")
-    t_edit: int = Field(_DEFAULTS.t_edit, description="inject at generation steps with t >= t_edit")
-    steps: int = Field(_DEFAULTS.steps, description="DDIM steps for inversion and generation")
-    seed: int = Field(0, description="same request and seed give the same images")
+    model: str | None = Field(None, max_length=256, description="inline datasets: whose registered dataset's U-Net "
+                                                                "to use (default: the first registered)")
+    conflict_indices: list[Index] | None = Field(None, min_length=1, max_length=MAX_LIST, description=(
+        "content pool (distinct indices into the dataset); omitted: top-K mined with the dataset's biased classifier"))
+    k: int | None = Field(None, ge=1, le=MAX_INDEX, description="with mining: samples per class (default: the "
+                                                                 "dataset's K; at most its smallest class)")
+    style_indices: list[Index] | None = Field(None, min_length=1, max_length=MAX_LIST, description=(
+        "style pool (distinct indices; default: every image of another class)"))
+    num_samples: int = Field(16, ge=1, le=MAX_LIST, description="synthetic samples to generate (at most the "
+                                                                "deployment's max_samples: GET /datasets)")
+    gamma: float = Field(_DEFAULTS.gamma, ge=0.0, le=1.0, allow_inf_nan=False, description="injection strength")
+    t_edit: int = Field(_DEFAULTS.t_edit, ge=0, le=999, description="inject at generation steps with t >= t_edit")
+    steps: int = Field(_DEFAULTS.steps, ge=2, le=1000, description="DDIM steps for inversion and generation (at "
+                                                                   "most the deployment's max_steps)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="same request and seed give the same images")
 
 
 class SyntheticSample(BaseModel):
@@ -54,3 +73,16 @@ class DatasetInfo(BaseModel):
     image_size: list[int] = Field(description="channels, height, width")
     k: int
     model: str
+    max_samples: int = Field(description="this deployment's limit on num_samples")
+    max_steps: int = Field(description="this deployment's limit on steps")
+
+
+class Problem(BaseModel):
+    """Every 4xx/5xx body the service writes itself: the field at fault (or null) and what is wrong."""
+
+    field: str | None
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: Problem | list[dict] = Field(description="a Problem, or FastAPI's list of {loc, msg, type} (422)")

@@ -1,7 +1,7 @@
 """The deploy/ files, checked without a cluster: Ray's own Serve schema, importable code, pinned versions.
 
-``rayservice.yaml``'s ``serveConfigV2`` must be ``serve.yaml`` plus exactly two Kubernetes-only changes (see the
-manifest's header): each application's ``runtime_env`` and the GPU of the Injector's ``ray_actor_options``.
+``rayservice.yaml``'s ``serveConfigV2`` must be ``serve.yaml`` plus exactly the Kubernetes-only changes of the
+manifest's header: each application's ``runtime_env``, and the settings of ``K8S_ONLY`` with their reasons.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RAY_VERSION = "2.60.0"
-K8S_ONLY = {"Injector": {"ray_actor_options": {"num_gpus": 1}}}  # deployment -> settings only the RayService adds
+# Where serveConfigV2 differs from serve.yaml: path -> (serve.yaml's value, the RayService's); None: absent.
+# A path's ("Injector") step picks the deployment of that name.
+K8S_ONLY = {
+    # the Injector runs on the GPU worker group
+    ("applications", 0, "deployments", "Injector", "ray_actor_options", "num_gpus"): (None, 1),
+    # local: this machine only; pods: reached through the Service, so every interface ...
+    ("http_options", "host"): ("127.0.0.1", "0.0.0.0"),
+    # ... and therefore never without a key (from the Secret, in every pod's environment)
+    ("applications", 0, "args", "require_api_key"): (False, True),
+}
 
 
 def _serve_schema(config: dict):
@@ -118,15 +127,25 @@ def test_serve_import_paths_and_deployments_exist(serve_config):
 # --- rayservice.yaml -------------------------------------------------------------------------------------
 
 
-def _without_k8s_only(config: dict) -> dict:
-    """serveConfigV2 less what only the RayService adds (runtime_env, K8S_ONLY), for comparison with serve.yaml."""
+def _pop(config: dict, path: tuple):
+    """Remove and return the value at ``path`` (None when absent); a string step into a list picks by ``name``."""
+    node = config
+    for step in path[:-1]:
+        if isinstance(node, list) and isinstance(step, str):
+            node = next((d for d in node if d.get("name") == step), {})
+        else:
+            node = node[step] if isinstance(node, list) else node.get(step, {})
+    return node.pop(path[-1], None) if isinstance(node, dict) else None
+
+
+def _without_k8s_only(config: dict, side: int) -> dict:
+    """A config less what differs by design (runtime_env, K8S_ONLY), after checking each such value: ``side`` 0 is
+    serve.yaml, 1 the RayService."""
     config = copy.deepcopy(config)
     for app in config.get("applications", []):
         app.pop("runtime_env", None)
-        for dep in app.get("deployments", []):
-            for key, sub in K8S_ONLY.get(dep["name"], {}).items():
-                for k in sub:
-                    dep.get(key, {}).pop(k, None)
+    for path, values in K8S_ONLY.items():
+        assert _pop(config, path) == values[side], f"{'.'.join(map(str, path))} should be {values[side]!r}"
     return config
 
 
@@ -135,16 +154,30 @@ def test_rayservice_serve_config_is_serve_yaml(rayservice, serve_config):
     assert isinstance(v2, str), "serveConfigV2 must be a YAML string (a `|` block)"
     config = yaml.safe_load(v2)
     _serve_schema(config)
-    base = _without_k8s_only(serve_config)
-    assert _without_k8s_only(config) == base, (
+    base = _without_k8s_only(serve_config, 0)
+    assert _without_k8s_only(config, 1) == base, (
         "serveConfigV2 differs from deploy/serve.yaml beyond runtime_env and K8S_ONLY: copy serve.yaml's change over")
     for app in config["applications"]:
         assert "runtime_env" in app, f"application {app['name']}: the RayService needs a runtime_env for the code"
         _check_runtime_env(app["runtime_env"], f"serveConfigV2 application {app['name']}")
-        for dep in app.get("deployments", []):
-            for key, sub in K8S_ONLY.get(dep["name"], {}).items():
-                for k, v in sub.items():
-                    assert dep.get(key, {}).get(k) == v, f"{dep['name']}.{key}.{k} should be {v} in the RayService"
+
+
+def test_keys_never_in_the_configs_and_from_a_secret_on_every_pod(rayservice, serve_config):
+    """No key in either config (Serve prints its config); the pods read it from a Secret; file settings relative."""
+    from service.app import check_relative
+
+    v2 = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    for config in (serve_config, v2):
+        for app in config["applications"]:
+            assert "api_key" not in app["args"], "a key in the Serve config is printed and logged"
+            env_name = app["args"]["api_key_env"]
+            for name, spec in app["args"]["datasets"].items():
+                for key in ("data_root", "unet"):
+                    if key in (spec or {}):
+                        check_relative(spec[key], f"{name}.{key}")
+    for c in _containers(rayservice["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env_name in env and "secretKeyRef" in env[env_name]["valueFrom"], f"{c['name']}: no key from a Secret"
 
 
 def _containers(cluster: dict) -> list[dict]:

@@ -1,8 +1,13 @@
-"""The Serve app: POST /inject, GET /datasets, /healthz, and every class of bad input."""
+"""The Serve app: POST /inject, GET /datasets, /healthz, every class of bad input, and faults (a poisoned batch,
+a killed injector replica: last in the module, since it restarts the replica)."""
 
 import base64
 import io
+import os
+import signal
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,16 +24,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PER_KEY = 6  # max_requests_per_key of the test service
+
+
 @pytest.fixture(scope="module")
-def url(ray_cluster, quick_run):
+def url(ray_cluster, quick_run, tmp_path_factory):
     from ray import serve
 
-    from service.app import build_app
+    from service.app import Ingress, InjectorDeployment
 
     port = _free_port()
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"other-client-key\n{KEY}\n")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"datasets": {quick_run.dir.name: {"preset": "quick"}}, "root": str(quick_run.dir.parent),
-                     "api_key": KEY, "max_samples": 32, "max_steps": 10, "max_body_bytes": 200_000})
+    # as deploy/serve.yaml sets them: Serve's default max_ongoing_requests (5) would cap batches and the queue
+    injector = InjectorDeployment.options(max_ongoing_requests=64).bind(
+        datasets={quick_run.dir.name: {"preset": "quick"}}, root=str(quick_run.dir.parent))
+    app = Ingress.options(max_ongoing_requests=64).bind(
+        injector, api_key_file=str(key_file), max_samples=32, max_steps=10, max_body_bytes=200_000,
+        max_requests_per_key=PER_KEY, retry_after_s=2)
     serve.run(app, name="diffinject", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -56,12 +70,22 @@ def test_health_datasets_and_docs(url, quick_run):
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # no key needed
     info = requests.get(f"{url}/datasets", headers={"x-api-key": KEY}, timeout=30).json()
     assert info == [{"name": quick_run.dir.name, "images": 3000, "num_classes": 10, "image_size": [3, 28, 28],
-                     "k": 5, "model": info[0]["model"]}]
-    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
-    body = spec["paths"]["/inject"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["$ref"] == "#/components/schemas/InjectRequest"
+                     "k": 5, "model": info[0]["model"], "max_samples": 32, "max_steps": 10}]
+    for page in ("openapi.json", "docs", "redoc"):  # behind the key like every route but /healthz
+        assert requests.get(f"{url}/{page}", timeout=30).status_code == 401
+        assert requests.get(f"{url}/{page}", headers={"x-api-key": KEY}, timeout=30).status_code == 200
+    spec = requests.get(f"{url}/openapi.json", headers={"x-api-key": KEY}, timeout=30).json()
+    route = spec["paths"]["/inject"]["post"]
+    assert route["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/InjectRequest"
     assert {"InjectRequest", "InlineDataset", "InjectResponse"} <= set(spec["components"]["schemas"])
-    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+    # every range is stated, the deployment's maxima included, and every status the route answers is documented
+    props = spec["components"]["schemas"]["InjectRequest"]["properties"]
+    assert props["seed"]["minimum"] == 0 and props["seed"]["maximum"] == 2**63 - 1
+    assert props["num_samples"]["maximum"] == 32 and props["steps"]["maximum"] == 10 and "num_samples <= 32" in route["description"]
+    assert props["gamma"]["minimum"] == 0 and props["gamma"]["maximum"] == 1 and props["t_edit"]["maximum"] == 999
+    assert {"minimum", "maximum"} <= set(props["k"]["anyOf"][0])
+    assert {"200", "400", "401", "404", "413", "422", "429", "503"} <= set(route["responses"])
+    assert {"200", "401", "503"} <= set(spec["paths"]["/datasets"]["get"]["responses"])
 
 
 def test_inject_returns_pngs_with_content_labels_and_is_reproducible(url, quick_run):
@@ -124,6 +148,13 @@ def test_inline_dataset(url, quick_run):
     ({"num_samples": 0}, 400, "num_samples"),
     ({"steps": 500}, 400, "steps"),
     ({"k": 10_000, "conflict_indices": None}, 400, "k"),
+    ({"k": 0, "conflict_indices": None}, 400, "k"),
+    ({"seed": -1}, 400, "seed"),
+    ({"seed": 2**63}, 400, "seed"),
+    ({"t_edit": 1000}, 400, "t_edit"),
+    ({"steps": 1}, 400, "steps"),
+    ({"conflict_indices": [2**40]}, 400, "conflict_indices"),
+    ({"inline": {"images": ["x"], "labels": [-1]}, "dataset": None}, 400, "inline.labels"),
     ({"num_samples": "many"}, 422, "num_samples"),
     ({"surprise": 1}, 422, "surprise"),
 ])
@@ -136,6 +167,13 @@ def test_bad_input_gets_its_status_and_names_the_field(url, quick_run, change, s
     assert field in named
 
 
+def test_keys_never_come_from_the_serve_config():
+    from service.app import build_app
+
+    with pytest.raises(ValueError, match="environment variable"):
+        build_app({"datasets": {"x": {}}, "api_key": "in-clear-text"})
+
+
 def test_body_limit_and_api_key(url, quick_run):
     huge = {"dataset": quick_run.dir.name, "conflict_indices": list(range(50_000))}
     r = _post(url, huge)
@@ -145,3 +183,81 @@ def test_body_limit_and_api_key(url, quick_run):
         r = _post(url, body, key=key)
         assert r.status_code == 401 and r.json()["detail"]["field"] == "x-api-key"
     assert requests.get(f"{url}/datasets", timeout=30).status_code == 401
+
+
+def _body(quick_run, **over) -> dict:
+    pool = [int(i) for i in quick_run.mined()[:6]]
+    return {"dataset": quick_run.dir.name, "conflict_indices": pool, "num_samples": 4, "steps": STEPS} | over
+
+
+def _together(url, bodies: list[dict]) -> list:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: _post(url, b), bodies))
+
+
+def test_a_poisoned_request_fails_alone_and_pixels_do_not_depend_on_the_batch(url, quick_run):
+    """Four valid requests beside one with an out-of-range seed: the four get their images, exactly as alone."""
+    valid = [_body(quick_run, seed=s, num_samples=n) for s, n in ((1, 3), (2, 5), (3, 4), (4, 2))]
+    alone = [_post(url, b).json()["samples"] for b in valid]
+    for _ in range(2):
+        out = _together(url, [*valid, _body(quick_run, seed=2**63)])
+        assert out[-1].status_code == 400 and out[-1].json()["detail"]["field"] == "seed"
+        assert [r.status_code for r in out[:-1]] == [200] * 4
+        assert [r.json()["samples"] for r in out[:-1]] == alone  # base64 PNGs: every pixel equal
+
+
+def test_inside_the_batch_a_failing_job_fails_alone(url, quick_run):
+    """Behind the Ingress (any handle caller): jobs batched with a poisoned one still get their images."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Injector", app_name="diffinject")
+    name = quick_run.dir.name
+    job = {"dataset": name, "model": name, "content": np.array([1, 2]), "style": np.array([0, 0]),
+           "cfg": {"steps": STEPS, "t_edit": 300, "gamma": 0.5}}
+    labels = quick_run.ds.train.labels.numpy()
+    style = np.flatnonzero(labels != labels[1])[:2]
+    good = [job | {"seed": s, "style": style} for s in range(4)]
+    bad = [job | {"seed": 2**64, "style": style}, job | {"seed": 0, "style": np.array([0, 10**6])}]
+    responses = [handle.generate.remote(j) for j in [*good[:2], *bad, *good[2:]]]
+    out = [r.result() for r in responses]
+    assert [o["error"]["field"] for o in out[2:4]] == ["seed", "style"] and all(o["error"]["status"] == 400
+                                                                              for o in out[2:4])
+    assert all("error" not in o and len(o["images"]) == 2 for o in out[:2] + out[4:])
+    assert max(o["batch_requests"] for o in out) > 1  # they did share a batch
+
+
+def test_one_key_cannot_fill_the_queue(url, quick_run):
+    """Over ``max_requests_per_key`` in flight: 429 with Retry-After for that key; another key is unaffected."""
+    out = _together(url, [_body(quick_run, seed=s, num_samples=8, steps=10) for s in range(PER_KEY + 4)])
+    codes = sorted(r.status_code for r in out)
+    assert set(codes) == {200, 429} and codes.count(200) >= PER_KEY, codes
+    limited = next(r for r in out if r.status_code == 429)
+    assert limited.headers["Retry-After"] == "1" and limited.json()["detail"]["field"] == "x-api-key"
+    assert _post(url, _body(quick_run), key="other-client-key").status_code == 200
+
+
+def test_a_killed_injector_replica_answers_503_and_the_retry_succeeds(url, quick_run):
+    """kill -9 of the injector replica while requests are in flight: 503 with Retry-After (or 200 from the new
+    replica), never 500; every request succeeds on retry. Last in the module: the replica restarts."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Injector", app_name="diffinject")
+    pid = handle.info.remote().result()["pid"]
+    bodies = [_body(quick_run, seed=s, num_samples=8, steps=10) for s in range(4)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(_post, url, b) for b in bodies]
+        time.sleep(1.5)  # requests reach the replica's batch
+        os.kill(pid, signal.SIGKILL)
+        out = [f.result() for f in futures]
+    assert all(r.status_code in (200, 503) for r in out), [(r.status_code, r.text[:200]) for r in out]
+    for r in out:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] == "2" and r.json()["detail"]["message"]
+    assert any(r.status_code == 503 for r in out) or handle.info.remote().result()["pid"] != pid
+    deadline = time.time() + 120
+    for b, r in zip(bodies, out):
+        while r.status_code != 200 and time.time() < deadline:
+            time.sleep(int(r.headers.get("Retry-After", 1)))
+            r = _post(url, b)
+        assert r.status_code == 200, r.text
+    assert handle.info.remote().result()["pid"] != pid

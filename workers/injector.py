@@ -84,10 +84,12 @@ class InjectResult:
 
 
 class Injector:
-    """One U-Net, loaded once, with its content cache. ``threads``: torch CPU threads (Ray gives actors one)."""
+    """One U-Net, loaded once, with its content cache. ``threads``: torch CPU threads (Ray gives actors one);
+    ``bucket``: U-Net batches of exactly this many images, so a sample's pixels never depend on its batch-mates
+    (``core.injection.inject``); None: batches as they come, faster for odd sizes, equal up to float rounding."""
 
     def __init__(self, model: str | Path, threads: int | None = None, cache_size: int = 4096,
-                 device: str | None = None):
+                 device: str | None = None, bucket: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +99,7 @@ class Injector:
         weights = self.model_dir / "diffusion_pytorch_model.safetensors"
         self.model_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
         self.cache = ContentCache(cache_size)
+        self.bucket = bucket
 
     def inject(self, images: torch.Tensor, labels: torch.Tensor, content, style, cfg: InjectionConfig | dict,
                seed=0, sample_ids=None, images_key: str | None = None) -> InjectResult:
@@ -112,12 +115,53 @@ class Injector:
         t0 = time.time()
         with count_evaluations(self.unet) as evals:
             syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
-                         sample_ids=sample_ids, content_cache=scope)
+                         sample_ids=sample_ids, content_cache=scope, bucket=self.bucket)
         return InjectResult(syn, evals["images"], time.time() - t0, self.cache.stats())
 
     def info(self) -> dict:
         return {"model": str(self.model_dir), "model_id": self.model_id, "device": self.device,
                 "threads": torch.get_num_threads(), "cache": self.cache.stats(), "pid": os.getpid()}
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_job(job: dict, n_images: int) -> dict | None:
+    """What is wrong with one injection job (``seed``, ``content``, ``style``, ``cfg``), as ``{status, field,
+    message}``, or None. The Serve deployment runs it on every job, so a bad one from any caller fails alone."""
+
+    def problem(field: str, message: str) -> dict:
+        return {"status": 400, "field": field, "message": message}
+
+    seed = job.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        return problem("seed", f"seed {seed!r} must be an integer in [0, 2^63 - 1]")
+    for field in ("content", "style"):
+        index = np.asarray(job.get(field, []))
+        if index.dtype.kind not in "iu" or len(index) != len(job.get("content", [])):
+            return problem(field, f"{field} must be integer indices, one per sample")
+        if len(index) and (index.min() < 0 or index.max() >= n_images):
+            return problem(field, f"{field} indices must be in [0, {n_images - 1}]")
+    for key, value in job.get("cfg", {}).items():  # one setting at a time, so the answer names it
+        try:
+            InjectionConfig(**{key: value}).validate()
+        except (TypeError, ValueError) as e:
+            return problem(f"cfg.{key}", str(e))
+    return None
+
+
+def run_isolated(jobs: list, run_group) -> list[dict]:
+    """``run_group(jobs)`` (one result per job), such that a job that fails fails alone: a group that raises is
+    split in halves and each half run again, down to single jobs, which answer ``{"error": {...}}`` (status 500,
+    the exception's type and first line). With ``bucket`` set a job's pixels do not depend on its group."""
+    try:
+        return run_group(jobs)
+    except Exception as e:  # noqa: BLE001 - any failure of one job must not reach its batch-mates
+        if len(jobs) == 1:
+            message = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            return [{"error": {"status": 500, "field": None, "message": message}}]
+        half = len(jobs) // 2
+        return run_isolated(jobs[:half], run_group) + run_isolated(jobs[half:], run_group)
 
 
 def injector_actor(model: str | Path, threads: int = 1, cache_size: int = 4096):
