@@ -5,7 +5,7 @@ import torch
 
 from core.diffusion import ddim_scheduler, load_unet
 from core.injection import InjectionConfig, inject, plan_pairs
-from workers.injector import ContentCache, Injector, fan_out, injector_actor
+from workers.injector import ContentCache, Injector, check_job, fan_out, injector_actor, run_isolated
 
 CFG = InjectionConfig(steps=5, num_samples=12, batch_size=16)
 
@@ -29,6 +29,33 @@ def test_lru_cache_evicts_oldest_and_counts():
     a[3] = "z"  # evicts 2, the least recently used (1 was just read)
     assert 2 not in a and 1 in a and 3 in a
     assert cache.stats()["entries"] == 2 and cache.stats()["hits"] == 3 and cache.stats()["misses"] == 2
+
+
+def test_run_isolated_fails_only_the_job_that_fails_alone():
+    """A group that raises is split until the failing job stands alone; the others get their results."""
+    calls = []
+
+    def run_group(jobs):
+        calls.append(len(jobs))
+        if any(j == "poison" for j in jobs):
+            raise RuntimeError("boom\nsecond line")
+        return [{"ok": j} for j in jobs]
+
+    out = run_isolated(["a", "b", "poison", "c", "d"], run_group)
+    assert [o.get("ok") for o in out] == ["a", "b", None, "c", "d"]
+    assert out[2] == {"error": {"status": 500, "field": None, "message": "RuntimeError: boom"}}
+    assert calls[0] == 5 and 1 in calls
+
+
+def test_check_job_names_the_field():
+    job = {"seed": 3, "content": np.array([0, 1]), "style": np.array([2, 3]), "cfg": {"steps": 5, "gamma": 0.5}}
+    assert check_job(job, 10) is None
+    assert check_job(job | {"seed": 2**63}, 10)["field"] == "seed"
+    assert check_job(job | {"seed": -1}, 10)["field"] == "seed"
+    assert check_job(job | {"style": np.array([2, 10])}, 10)["field"] == "style"
+    assert check_job(job | {"content": np.array([0])}, 10)["field"] == "style"  # one style per content
+    assert check_job(job | {"cfg": {"gamma": 2.0}}, 10)["field"] == "cfg.gamma"
+    assert check_job(job | {"cfg": {"steps": 1}}, 10)["field"] == "cfg.steps"
 
 
 def test_injector_cache_is_hit_on_reuse_and_changes_nothing(quick_run):
