@@ -308,7 +308,7 @@ class Ingress:
     async def _call(self, method, *args):
         """A call to the injector deployment. A replica that dies holding it costs one retry (Serve routes it to
         another replica when there is one), then a 503 with ``Retry-After``: the request is safe to repeat."""
-        for attempt in range(2):
+        for attempt in range(2):  # the first try, and one retry
             try:
                 return await method.remote(*args)
             except _REPLICA_GONE as e:
