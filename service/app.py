@@ -18,11 +18,14 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
+import gc
 import hmac
 import io
 import os
 import threading
 import time
+import weakref
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -38,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from core.injection import InjectionConfig, plan_pairs
 from core.mining import mine
+from core.diffusion import is_trained
 from core.pipeline import SHIPPED, Run, make_config
 from workers.injector import Injector, check_job, images_id, run_isolated
 
@@ -92,31 +96,70 @@ def decode_png(data: str, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(*array.shape[:2], channels).permute(2, 0, 1).contiguous()
 
 
+def registered_runs(datasets: dict, root: str = "runs/serve", data_root: str = ".") -> dict[str, Run]:
+    """The run folder of every registered dataset (``name -> settings``: a preset plus ``RunConfig`` overrides).
+
+    A dataset's file settings (``data_root``, ``unet``) must be relative without ``..``; folder datasets resolve
+    inside ``data_root``. Builds no model: see :func:`unprepared` and ``diffinject prepare``."""
+    if not datasets:
+        raise ValueError("the service needs at least one registered dataset (args.datasets)")
+    base = Path(data_root).resolve()
+    runs = {}
+    for name, spec in datasets.items():
+        spec = dict(spec or {})
+        cfg = make_config(spec.pop("preset", "default"), spec)
+        for key in ("data_root", "unet"):  # file settings stay under the service's folders
+            if getattr(cfg, key) not in (None, SHIPPED):
+                check_relative(getattr(cfg, key), f"dataset {name!r}: {key}")
+        if cfg.data_root is not None:
+            cfg.data_root = str((base / cfg.data_root).resolve())
+        runs[name] = Run(Path(root) / name, cfg, progress=False)
+    return runs
+
+
+def unprepared(run: Run) -> list[str]:
+    """What a run folder lacks before it can be served: its U-Net (unless one is to be copied: a shipped or given
+    folder) and its biased classifier (mining). Training either takes minutes to hours: never inside a replica."""
+    missing = []
+    if run._unet_source() is None and not is_trained(run.dir / "unet"):
+        missing.append(f"a trained U-Net in {run.dir / 'unet'}")
+    if not (run.dir / "biased" / "model.pt").exists():
+        missing.append(f"the biased classifier {run.dir / 'biased' / 'model.pt'}")
+    return missing
+
+
 @serve.deployment(name="Injector")
 class InjectorDeployment:
-    """Registered datasets and their U-Nets; batches injection jobs from many requests."""
+    """Registered datasets, their U-Nets loaded on demand (Serve's model multiplexing, at most
+    ``max_models_per_replica`` per replica, least recently used first out); batches injection jobs from many
+    requests, one dataset's U-Net per batch (Serve splits batches by model id)."""
 
     def __init__(self, datasets: dict, root: str = "runs/serve", data_root: str = ".", threads: int | None = None,
-                 cache_size: int = 4096, bucket: int | None = 8):
-        if not datasets:
-            raise ValueError("the service needs at least one registered dataset (args.datasets)")
-        data_root = Path(data_root).resolve()
-        self.runs: dict[str, Run] = {}
-        self.injectors: dict[str, Injector] = {}
+                 cache_size: int = 4096, bucket: int | None = 8, max_models_per_replica: int = 2):
+        self.runs = registered_runs(datasets, root, data_root)
+        missing = {name: unprepared(run) for name, run in self.runs.items()}
+        if any(missing.values()):
+            lines = "; ".join(f"{n} lacks {' and '.join(m)}" for n, m in missing.items() if m)
+            raise ValueError(f"registered datasets are not prepared ({lines}): make them before serving with "
+                             "`diffinject prepare deploy/serve.yaml` (or the pipeline as a `ray job submit`, "
+                             "deploy/README.md), into the same `root`")
+        for run in self.runs.values():
+            run.unet_dir()  # a shipped or given U-Net: copied into the run folder (seconds)
+        self.threads, self.cache_size, self.bucket = threads or _assigned_cpus(), cache_size, bucket
+        self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Injector, while held
+        _bound_models(self, type(self).injector, max_models_per_replica)
         # one injection at a time: the U-Net's h hook and the content cache are not thread-safe
         self._model_lock = threading.Lock()
-        for name, spec in datasets.items():
-            spec = dict(spec or {})
-            cfg = make_config(spec.pop("preset", "default"), spec)
-            for key in ("data_root", "unet"):  # file settings stay under the service's folders
-                if getattr(cfg, key) not in (None, SHIPPED):
-                    check_relative(getattr(cfg, key), f"dataset {name!r}: {key}")
-            if cfg.data_root is not None:  # folder datasets resolve inside the configured data root
-                cfg.data_root = str((data_root / cfg.data_root).resolve())
-            run = Run(Path(root) / name, cfg, progress=False)
-            self.runs[name] = run
-            self.injectors[name] = Injector(run.unet_dir(), threads=threads or _assigned_cpus(), cache_size=cache_size,
-                                            bucket=bucket)
+
+    @serve.multiplexed(max_num_models_per_replica=2)  # the bound is set per deployment in __init__
+    async def injector(self, name: str) -> Injector:
+        """The U-Net of a registered dataset, loaded on first use and kept while Serve's LRU holds it."""
+        run = self.runs[name]
+        injector = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: Injector(run.dir / "unet", threads=self.threads, cache_size=self.cache_size,
+                                   bucket=self.bucket))
+        self.loaded[name] = injector
+        return injector
 
     def reconfigure(self, user_config: dict) -> None:
         """Batch settings from the Serve config: ``max_batch_size``, ``batch_wait_timeout_s``."""
@@ -125,13 +168,13 @@ class InjectorDeployment:
 
     def describe(self) -> dict:
         return {name: {"labels": run.ds.train.labels.tolist(), "num_classes": run.ds.num_classes,
-                       "image_size": list(run.ds.image_shape), "k": run.cfg.mining.k,
-                       "model": str(self.injectors[name].model_dir)}
+                       "image_size": list(run.ds.image_shape), "k": run.cfg.mining.k, "model": str(run.dir / "unet")}
                 for name, run in self.runs.items()}
 
     def info(self) -> dict:
-        """This replica's process and caches (the fault benchmark and tests find the replica to kill by its pid)."""
-        return {"pid": os.getpid(), "injectors": {name: inj.info() for name, inj in self.injectors.items()}}
+        """This replica's process and the U-Nets it holds (the fault benchmark and tests find a replica by its pid)."""
+        gc.collect()  # a U-Net Serve's LRU let go of is gone once collected
+        return {"pid": os.getpid(), "loaded": {name: inj.info() for name, inj in self.loaded.items()}}
 
     def mine(self, name: str, k: int) -> list[int]:
         """Top-K per class by the dataset's biased classifier (trained once, kept in the run folder), filtered as
@@ -158,7 +201,9 @@ class InjectorDeployment:
             groups.setdefault(key, []).append(i)
         loop = asyncio.get_running_loop()
         for members in groups.values():  # computed off the event loop, so the next batch can fill meanwhile
-            out = await loop.run_in_executor(None, run_isolated, [jobs[i] for i in members], self._inject_group)
+            injector = await self.injector(jobs[members[0]]["model"])
+            out = await loop.run_in_executor(None, run_isolated, [jobs[i] for i in members],
+                                             functools.partial(self._inject_group, injector))
             for i, result in zip(members, out):
                 results[i] = result
         return [r | {"batch_requests": len(jobs)} for r in results]
@@ -167,7 +212,7 @@ class InjectorDeployment:
         """What is wrong with a job that does not come through the Ingress's checks (any handle caller), or None."""
         if job.get("images") is None and job.get("dataset") not in self.runs:
             return {"status": 404, "field": "dataset", "message": f"unknown dataset {job.get('dataset')!r}"}
-        if job.get("model") not in self.injectors:
+        if job.get("model") not in self.runs:
             return {"status": 404, "field": "model", "message": f"unknown model {job.get('model')!r}"}
         return check_job(job, len(self._images(job)[1]))
 
@@ -177,13 +222,13 @@ class InjectorDeployment:
         train = self.runs[job["dataset"]].ds.train
         return train.images, train.labels
 
-    def _inject_group(self, jobs: list[dict]) -> list[dict]:
+    def _inject_group(self, injector: Injector, jobs: list[dict]) -> list[dict]:
         first = jobs[0]
         images, labels = self._images(first)
         seeds = np.concatenate([np.full(len(j["content"]), j["seed"], dtype=np.int64) for j in jobs])
         ids = np.concatenate([np.arange(len(j["content"])) for j in jobs])
         with self._model_lock:
-            result = self.injectors[first["model"]].inject(
+            result = injector.inject(
                 images, labels, np.concatenate([j["content"] for j in jobs]),
                 np.concatenate([j["style"] for j in jobs]), first["cfg"], seeds, ids, first.get("images_key"))
         syn, out, start = result.synthetic, [], 0
@@ -194,6 +239,16 @@ class InjectorDeployment:
                         "style": syn.style[sl].tolist(), "inject_seconds": result.seconds,
                         "evaluations_per_sample": result.evaluations / max(1, len(syn.labels))})
         return out
+
+
+def _bound_models(deployment, loader, bound: int) -> None:
+    """Set the per-replica bound of ``@serve.multiplexed`` from the Serve config (the decorator takes a constant):
+    Serve keeps its LRU of models on the object under this attribute, made on first use unless already there."""
+    from ray.serve.multiplex import _ModelMultiplexWrapper
+
+    if bound < 1:
+        raise ValueError(f"max_models_per_replica {bound} must be at least 1")
+    setattr(deployment, "__serve_multiplex_wrapper", _ModelMultiplexWrapper(loader.__wrapped__, deployment, bound))
 
 
 def _assigned_cpus() -> int:
@@ -403,7 +458,7 @@ class Ingress:
             job |= {"content": pairs.content, "style": pairs.style, "seed": req.seed,
                     "cfg": {"steps": cfg.steps, "t_edit": cfg.t_edit, "gamma": cfg.gamma}}
             t1 = time.time()
-            out = await self._call(self.injector.generate, job)
+            out = await self._call(self.injector.options(multiplexed_model_id=job["model"]).generate, job)
             t2 = time.time()
         if "error" in out:  # failed alone inside its batch
             raise _error(out["error"]["status"], out["error"]["field"], out["error"]["message"])
@@ -493,6 +548,6 @@ def build_app(args: dict):
         raise ValueError("api_key in the Serve config would be printed by `serve run` and kept in Ray's logs: put the "
                          "key in an environment variable (api_key_env, default DIFFINJECT_API_KEY) or a file "
                          "(api_key_file)")
-    injector_keys = ("datasets", "root", "data_root", "threads", "cache_size", "bucket")
+    injector_keys = ("datasets", "root", "data_root", "threads", "cache_size", "bucket", "max_models_per_replica")
     injector = InjectorDeployment.bind(**{k: args.pop(k) for k in injector_keys if k in args})
     return Ingress.bind(injector, **args)

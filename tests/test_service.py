@@ -4,6 +4,7 @@ a killed injector replica: last in the module, since it restarts the replica).""
 import base64
 import io
 import os
+import shutil
 import signal
 import socket
 import time
@@ -25,6 +26,7 @@ def _free_port() -> int:
 
 
 PER_KEY = 6  # max_requests_per_key of the test service
+COPIES = ("second", "third")  # two more registered datasets: copies of the quick run folder (multiplexing)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,12 @@ def url(ray_cluster, quick_run, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"other-client-key\n{KEY}\n")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name in COPIES:  # prepared run folders: U-Net and biased classifier made beforehand
+        shutil.copytree(quick_run.dir, quick_run.dir.parent / name, dirs_exist_ok=True)
+    names = (quick_run.dir.name, *COPIES)
     # as deploy/serve.yaml sets them: Serve's default max_ongoing_requests (5) would cap batches and the queue
     injector = InjectorDeployment.options(max_ongoing_requests=64).bind(
-        datasets={quick_run.dir.name: {"preset": "quick"}}, root=str(quick_run.dir.parent))
+        datasets={n: {"preset": "quick"} for n in names}, root=str(quick_run.dir.parent), max_models_per_replica=2)
     app = Ingress.options(max_ongoing_requests=64).bind(
         injector, api_key_file=str(key_file), max_samples=32, max_steps=10, max_body_bytes=200_000,
         max_requests_per_key=PER_KEY, retry_after_s=2)
@@ -69,8 +74,9 @@ def _png(image) -> str:
 def test_health_datasets_and_docs(url, quick_run):
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # no key needed
     info = requests.get(f"{url}/datasets", headers={"x-api-key": KEY}, timeout=30).json()
-    assert info == [{"name": quick_run.dir.name, "images": 3000, "num_classes": 10, "image_size": [3, 28, 28],
-                     "k": 5, "model": info[0]["model"], "max_samples": 32, "max_steps": 10}]
+    assert info == [{"name": n, "images": 3000, "num_classes": 10, "image_size": [3, 28, 28], "k": 5,
+                     "model": str(quick_run.dir.parent / n / "unet"), "max_samples": 32, "max_steps": 10}
+                    for n in (quick_run.dir.name, *COPIES)]
     for page in ("openapi.json", "docs", "redoc"):  # behind the key like every route but /healthz
         assert requests.get(f"{url}/{page}", timeout=30).status_code == 401
         assert requests.get(f"{url}/{page}", headers={"x-api-key": KEY}, timeout=30).status_code == 200
@@ -243,6 +249,29 @@ def test_one_key_cannot_fill_the_queue(url, quick_run):
     limited = next(r for r in out if r.status_code == 429)
     assert limited.headers["Retry-After"] == "1" and limited.json()["detail"]["field"] == "x-api-key"
     assert _post(url, _body(quick_run), key="other-client-key").status_code == 200
+
+
+def test_three_datasets_never_hold_more_than_the_bound_of_unets(url, quick_run):
+    """Serve's model multiplexing: U-Nets load on demand, at most max_models_per_replica (2) per replica, least
+    recently used out; each dataset answers as it would alone."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Injector", app_name="diffinject")
+    first = _post(url, _body(quick_run, seed=5)).json()["samples"]
+    for name in (*COPIES, quick_run.dir.name):
+        r = _post(url, _body(quick_run, seed=5) | {"dataset": name})
+        assert r.status_code == 200 and r.json()["samples"] == first  # the same U-Net and images
+        loaded = handle.info.remote().result()["loaded"]
+        assert name in loaded and len(loaded) <= 2, loaded
+    assert sorted(handle.info.remote().result()["loaded"]) == sorted([COPIES[1], quick_run.dir.name])
+
+
+def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):
+    from service.app import InjectorDeployment
+
+    with pytest.raises(ValueError, match="diffinject prepare") as e:
+        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"}}, root=str(tmp_path))
+    assert "lacks a trained U-Net" in str(e.value) and "biased classifier" in str(e.value)
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(url, tmp_path):

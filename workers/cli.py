@@ -1,7 +1,8 @@
 """The ``diffinject`` command: core's commands (``run``, ``train-diffusion``) plus the Ray ones.
 
 ``run --workers N`` fans the generation stage out over N injection actors; ``tune`` sweeps K and gamma with
-Ray Tune. Ray is imported only by the commands that use it.
+Ray Tune; ``prepare`` trains what a Serve config's datasets need before ``serve run``. Ray is imported only by
+the commands that use it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,32 @@ def build_parser():
     from . import tune  # light: Ray is imported only when a sweep runs
 
     tune.add_parser(p.commands)
+    prep = p.commands.add_parser("prepare", help="train what the datasets registered in a Serve config need (U-Net, "
+                                                 "biased classifier) into their run folders, before `serve run`")
+    prep.add_argument("config", help="the Serve config, e.g. deploy/serve.yaml (run from the folder `serve run` uses)")
+    prep.set_defaults(func=cmd_prepare)
     return p
+
+
+def cmd_prepare(args) -> int:
+    """Every registered dataset of the config's diffinject applications: its U-Net (trained, resumable, or copied
+    from a shipped or given folder) and its biased classifier, in the run folder the service will read."""
+    from core.pipeline import read_settings
+    from service.app import registered_runs
+
+    apps = [a for a in read_settings(args.config, "Serve config").get("applications", [])
+            if str(a.get("import_path", "")).startswith("service.app")]
+    if not apps:
+        raise ValueError(f"{args.config} has no application with import_path service.app:build_app")
+    for app in apps:
+        settings = app.get("args", {})
+        runs = registered_runs(settings.get("datasets", {}), settings.get("root", "runs/serve"),
+                               settings.get("data_root", "."))
+        for name, run in runs.items():
+            run.progress = True
+            print(f"{name}: U-Net {run.unet_dir()}, biased classifier "
+                  f"{run.biased() is not None and run.dir / 'biased' / 'model.pt'}", flush=True)
+    return 0
 
 
 def _generator(args):
