@@ -288,7 +288,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(url, tmp_
     cmd = [st, "run", f"{url}/openapi.json", "-H", f"x-api-key: {KEY}", "--checks", checks, "--max-examples", "40",
            "--seed", "1", "--workers", "2", "--generation-database", "none", "--request-timeout", "60", "--no-color",
            "--report", "junit", "--report-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its caches stay there
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
