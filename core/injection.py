@@ -304,53 +304,74 @@ class _ContentInversions:
         return {t: torch.cat([self.done[int(c)].h[t] for c in index]) for t in first}
 
 
+def _padded(index: np.ndarray, size: int | None) -> np.ndarray:
+    """``index`` followed by copies of its last entry up to ``size`` entries (unchanged when ``size`` is None)."""
+    if size is None:
+        return index
+    return np.concatenate([index, np.repeat(index[-1:], size - len(index))])
+
+
 def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor, pairs: Pairs,
            cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
-           sample_ids=None, content_cache=None, joint_inversion: bool | None = None) -> Synthetic:
+           sample_ids=None, content_cache=None, joint_inversion: bool | None = None,
+           bucket: int | None = None) -> Synthetic:
     """Generate one synthetic sample per pair: the style image regenerated with the content's h injected.
 
     ``images``/``labels`` are the training set (uint8, task labels); bias labels are never passed in.
     ``sample_ids`` (default 0..n-1) seed each sample's noise, so any split of the pairs over batches or
-    workers gives the same pixels (up to float rounding of other batch shapes); ``seed`` may also be one per pair.
-    Each distinct content is inverted once, with the first batch of styles that needs it. ``content_cache`` (a
-    mapping from image index to Inversion, e.g. an actor's LRU, specific to this U-Net, image set, ``cfg.steps``
-    and ``cfg.t_edit``) supplies the inversions it holds and receives the new ones.
+    workers gives the same pixels up to float rounding of other batch shapes (exactly, with ``bucket``);
+    ``seed`` may also be one per pair. Each distinct content is inverted once, with the first batch of styles
+    that needs it. ``content_cache`` (a mapping from image index to Inversion, e.g. an actor's LRU, specific to
+    this U-Net, image set, ``cfg.steps`` and ``cfg.t_edit``) supplies the inversions it holds and receives the new
+    ones.
     ``joint_inversion`` inverts a batch's styles and its new contents in the same U-Net calls (default: on CUDA
-    only). A GPU pays per call at these sizes, so this saves a third of the calls; a CPU pays per image, so there
-    it saves nothing, and separate calls keep the output bit-identical whether or not a content was cached
-    (batch shape changes float rounding).
+    only, never with ``bucket``). A GPU pays per call at these sizes, so this saves a third of the calls; a CPU
+    pays per image, so there it saves nothing, and separate calls keep the output bit-identical whether or not a
+    content was cached (batch shape changes float rounding).
+    ``bucket`` fixes the shape of every U-Net call: pairs go in micro-batches of exactly ``bucket`` (instead of
+    ``cfg.batch_size``) and new contents are inverted in chunks of exactly ``bucket`` images, a short last one
+    padded with copies of its last entry whose outputs are discarded. A sample's pixels then do not depend on its
+    batch-mates, the request order, or whether its content was cached (tests/test_injection.py checks this on
+    CPU), at the price of the padding's evaluations.
     """
     cfg.validate()
+    if bucket is not None and (bucket < 1 or joint_inversion):
+        raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     n = len(pairs.content)
     sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
+    seeds = np.broadcast_to(np.asarray(seed), (n,))
     contents = _ContentInversions(content_cache)
-    joint = torch.device(device).type == "cuda" if joint_inversion is None else joint_inversion
+    joint = (torch.device(device).type == "cuda" and bucket is None) if joint_inversion is None else joint_inversion
 
     def invert(index, **kw):
         return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size).to(device),
                            cfg.steps, **kw)
 
+    def invert_contents(new):  # in one call, or in padded chunks of ``bucket``
+        for i in range(0, len(new), bucket or max(1, len(new))):
+            chunk = new[i : i + (bucket or len(new))]
+            contents.add(chunk, invert(_padded(chunk, bucket), record_h_from=cfg.t_edit))
+
     results = []
     bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
-    for start in range(0, n, cfg.batch_size):
-        sl = slice(start, start + cfg.batch_size)
-        c_idx, s_idx = pairs.content[sl], pairs.style[sl]
+    for start in range(0, n, bucket or cfg.batch_size):
+        sl = slice(start, start + (bucket or cfg.batch_size))
+        c_idx, s_idx, ids, batch_seeds = (_padded(a[sl], bucket) for a in (pairs.content, pairs.style, sample_ids, seeds))
+        real = len(pairs.content[sl])  # the rest is padding
         new = contents.missing(c_idx) if cfg.gamma > 0 else np.zeros(0, dtype=np.int64)
         if joint:  # styles and new contents in one U-Net call per step
             inv = invert(np.concatenate([new, s_idx]), record_h_from=cfg.t_edit, h_rows=len(new))
             contents.add(new, inv)
             x_T = inv.x_T[len(new) :]
         else:
-            if len(new):
-                contents.add(new, invert(new, record_h_from=cfg.t_edit))
+            invert_contents(new)
             x_T = invert(s_idx).x_T
         h = contents.h(c_idx) if cfg.gamma > 0 else None
-        seeds = np.broadcast_to(np.asarray(seed), (n,))[sl]
-        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(seeds, sample_ids[sl]))
-        results.append(from_model_space(x.cpu(), images.shape[-1]))
-        bar.update(len(c_idx))
+        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids))
+        results.append(from_model_space(x[:real].cpu(), images.shape[-1]))
+        bar.update(real)
     bar.close()
     source = pairs.content if cfg.label_from == "content" else pairs.style
     return Synthetic(torch.cat(results), labels[torch.as_tensor(source)].clone(),

@@ -355,3 +355,52 @@ def test_validate_accepts_good_configs(kw):
 def test_inject_validates_its_config(tiny_unet):
     with pytest.raises(ValueError, match="gamma"):
         _inject(tiny_unet, _cfg(gamma=1.5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bucket: fixed U-Net batch shapes, so a sample does not depend on its batch
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bucket_makes_a_sample_independent_of_its_batch(tiny_unet, monkeypatch, threads):
+    """With ``bucket`` the same (content, style, seed, sample id) gives bit-identical float output alone, at other
+    rows of batches of other sizes and batch-mates, and with its content inversion cached or fresh; without it,
+    the batch shape changes the rounding (the control)."""
+    monkeypatch.setattr("core.injection.from_model_space", lambda x, size: x.clone())  # floats, not uint8 levels
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.arange(16) % 4
+    cfg = _cfg(steps=5, t_edit=300, gamma=0.9, t_boost=600, batch_size=64)
+    target = (3, 6, 5, 42)  # content, style, seed, sample id
+
+    def run(mates, at, bucket=4, cache=None):
+        """The target at row ``at`` among ``mates`` (content, style, seed, id); its output row."""
+        rows = [*mates[:at], target, *mates[at:]]
+        content, style, seed, ids = (np.array(col) for col in zip(*rows))
+        out = inject(tiny_unet, ddim_scheduler(cfg=tiny_config()), images, labels, Pairs(content, style), cfg, seed,
+                     progress=False, sample_ids=ids, content_cache=cache, bucket=bucket)
+        return out.images[at]
+
+    mates = [(c, (c + 1) % 16, 10 + c, c) for c in (0, 8, 9, 12, 13, 2, 14)]
+    try:
+        alone = run([], 0)
+        assert torch.equal(run(mates[:3], 3), alone)  # last row of a full bucket, new contents beside it
+        assert torch.equal(run(mates, 5), alone)  # second bucket, padded, its content inverted in another chunk
+        cache = {}
+        run([(3, 9, 1, 7), (4, 10, 1, 8)], 1, cache=cache)  # content 3 inverted beside content 4 ...
+        assert 3 in cache
+        assert torch.equal(run(mates[:2], 1, cache=cache), alone)  # ... and read back from the cache
+        assert not torch.equal(run(mates[:3], 3, bucket=None), run([], 0, bucket=None))  # the control
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bucket_is_checked(tiny_unet):
+    pairs = Pairs(content=np.array([0]), style=np.array([1]))
+    for kw in ({"bucket": 0}, {"bucket": 4, "joint_inversion": True}):
+        with pytest.raises(ValueError, match="bucket"):
+            inject(tiny_unet, ddim_scheduler(cfg=tiny_config()), square_images(), INJECT_LABELS, pairs, _cfg(),
+                   progress=False, **kw)
