@@ -331,8 +331,12 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
     ``bucket`` fixes the shape of every U-Net call: pairs go in micro-batches of exactly ``bucket`` (instead of
     ``cfg.batch_size``) and new contents are inverted in chunks of exactly ``bucket`` images, a short last one
     padded with copies of its last entry whose outputs are discarded. A sample's pixels then do not depend on its
-    batch-mates, the request order, or whether its content was cached (tests/test_injection.py checks this on
-    CPU), at the price of the padding's evaluations.
+    batch-mates, the request order, or whether its content was cached, at the price of the padding's evaluations.
+    On CPU that holds at one torch thread for any ``bucket``; with more threads a sample's row can still change
+    its rounding where a thread's share of an op ends inside a sample (SiLU switches between its vectorised and
+    scalar paths there; Linear's GEMM tiles rows): measured exact with ``bucket`` and the thread count both powers
+    of two, threads <= ``bucket`` (AVX2, torch 2.13; tests/test_injection.py checks 1 and 2 threads), not e.g.
+    with 3 or 6 threads at ``bucket`` 8, nor 2 threads at ``bucket`` 6.
     """
     cfg.validate()
     if bucket is not None and (bucket < 1 or joint_inversion):
