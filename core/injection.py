@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,8 +33,21 @@ from tqdm.auto import tqdm
 from .diffusion import from_model_space, to_model_space
 
 
+class SettingError(ValueError):
+    """A setting outside its range; ``field`` names it (the CLI prints the message, the service answers 400 naming
+    the field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class InjectionConfig:
+    # Each bounded setting's inclusive range, written once: validate() checks it, the service's schema states it.
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "steps": (2, 1000), "t_edit": (0, 999), "gamma": (0.0, 1.0), "t_boost": (-1, 999)}
+
     steps: int = 10  # DDIM steps for inversion and generation (reference: 1000; benchmarks/steps_study.py)
     # measured best with the shipped U-Net (benchmarks/results/experiments.md); the paper's are t_edit 500, gamma 0.5
     t_edit: int = 300  # inject h at every generation step with t >= t_edit
@@ -54,14 +69,15 @@ class InjectionConfig:
         return int(math.ceil(self.count(train_size) / self.keep_fraction))
 
     def validate(self) -> "InjectionConfig":
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma {self.gamma} is outside [0, 1]")
-        if self.steps < 2:
-            raise ValueError(f"injection steps {self.steps} must be at least 2")
+        """Raises :class:`SettingError` naming the first setting out of its range."""
+        for name, (lo, hi) in self.RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise SettingError(name, f"{name} {value} is outside [{lo:g}, {hi:g}]")
         if self.label_from not in ("content", "style"):
-            raise ValueError(f"label_from {self.label_from!r} must be 'content' or 'style'")
+            raise SettingError("label_from", f"label_from {self.label_from!r} must be 'content' or 'style'")
         if not 0.0 < self.keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction {self.keep_fraction} must be in (0, 1]")
+            raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
 
 
@@ -274,6 +290,11 @@ class Synthetic:
     def load(cls, path) -> "Synthetic":
         return cls(**torch.load(path, weights_only=True))
 
+    @classmethod
+    def cat(cls, parts: list["Synthetic"]) -> "Synthetic":
+        """The samples of ``parts``, in order."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
 
 class _ContentInversions:
     """The h-trajectories of content images (t >= t_edit), each inverted once: from ``cache`` when it holds
@@ -338,16 +359,35 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
     of two, threads <= ``bucket`` (AVX2, torch 2.13; tests/test_injection.py checks 1 and 2 threads), not e.g.
     with 3 or 6 threads at ``bucket`` 8, nor 2 threads at ``bucket`` 6.
     """
+    parts = [samples for _, samples in inject_batches(unet, scheduler, images, labels, pairs, cfg, seed, device,
+                                                       progress, sample_ids, content_cache, joint_inversion, bucket)]
+    return Synthetic.cat(parts)
+
+
+def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor,
+                   pairs: Pairs, cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
+                   sample_ids=None, content_cache=None, joint_inversion: bool | None = None,
+                   bucket: int | None = None, skip=frozenset()) -> Iterator[tuple[slice, Synthetic | None]]:
+    """:func:`inject` one batch at a time: yields ``(rows, samples)`` per batch, ``rows`` its slice of the pairs.
+
+    A batch whose first row is in ``skip`` (its samples made earlier, e.g. saved by an interrupted run) yields
+    ``(rows, None)``, neither its styles inverted nor its samples generated; its new contents are still inverted
+    as the batch would have (beside its styles with joint inversion), because on CPU an inversion's batch shape
+    changes its rounding: the batches after it then give the pixels of an uninterrupted run. A skipped batch after
+    the last generated one inverts nothing.
+    """
     cfg.validate()
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    n = len(pairs.content)
+    n, step = len(pairs.content), bucket or cfg.batch_size
     sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
     seeds = np.broadcast_to(np.asarray(seed), (n,))
+    source = pairs.content if cfg.label_from == "content" else pairs.style
     contents = _ContentInversions(content_cache)
     joint = (torch.device(device).type == "cuda" and bucket is None) if joint_inversion is None else joint_inversion
+    last = max((start for start in range(0, n, step) if start not in skip), default=-1)
 
     def invert(index, **kw):
         return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size).to(device),
@@ -358,25 +398,33 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
             chunk = new[i : i + (bucket or len(new))]
             contents.add(chunk, invert(_padded(chunk, bucket), record_h_from=cfg.t_edit))
 
-    results = []
-    bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
-    for start in range(0, n, bucket or cfg.batch_size):
-        sl = slice(start, start + (bucket or cfg.batch_size))
-        c_idx, s_idx, ids, batch_seeds = (_padded(a[sl], bucket) for a in (pairs.content, pairs.style, sample_ids, seeds))
-        real = len(pairs.content[sl])  # the rest is padding
+    def styles_x_T(c_idx, s_idx, styles: bool):
+        """Invert the batch's new contents, and its styles (always with joint inversion): the styles' x_T."""
         new = contents.missing(c_idx) if cfg.gamma > 0 else np.zeros(0, dtype=np.int64)
         if joint:  # styles and new contents in one U-Net call per step
             inv = invert(np.concatenate([new, s_idx]), record_h_from=cfg.t_edit, h_rows=len(new))
             contents.add(new, inv)
-            x_T = inv.x_T[len(new) :]
-        else:
-            invert_contents(new)
-            x_T = invert(s_idx).x_T
-        h = contents.h(c_idx) if cfg.gamma > 0 else None
-        x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids))
-        results.append(from_model_space(x[:real].cpu(), images.shape[-1]))
-        bar.update(real)
-    bar.close()
-    source = pairs.content if cfg.label_from == "content" else pairs.style
-    return Synthetic(torch.cat(results), labels[torch.as_tensor(source)].clone(),
-                     torch.as_tensor(pairs.content), torch.as_tensor(pairs.style))
+            return inv.x_T[len(new) :]
+        invert_contents(new)
+        return invert(s_idx).x_T if styles else None
+
+    bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            c_idx, s_idx, ids, batch_seeds = (_padded(a[rows], bucket) for a in (pairs.content, pairs.style,
+                                                                                 sample_ids, seeds))
+            samples = None
+            if start <= last:
+                x_T = styles_x_T(c_idx, s_idx, styles=start not in skip)
+                if start not in skip:
+                    h = contents.h(c_idx) if cfg.gamma > 0 else None
+                    x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids))
+                    real = rows.stop - start  # the rest is padding
+                    samples = Synthetic(from_model_space(x[:real].cpu(), images.shape[-1]),
+                                        labels[torch.as_tensor(source[rows])],
+                                        torch.as_tensor(pairs.content[rows]), torch.as_tensor(pairs.style[rows]))
+            bar.update(rows.stop - start)
+            yield rows, samples
+    finally:
+        bar.close()

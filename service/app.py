@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import weakref
+from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -39,7 +40,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from core.injection import InjectionConfig, plan_pairs
+from core.injection import InjectionConfig, SettingError, plan_pairs
 from core.mining import mine
 from core.diffusion import is_trained
 from core.pipeline import SHIPPED, Run, make_config
@@ -168,7 +169,8 @@ class InjectorDeployment:
 
     def describe(self) -> dict:
         return {name: {"labels": run.ds.train.labels.tolist(), "num_classes": run.ds.num_classes,
-                       "image_size": list(run.ds.image_shape), "k": run.cfg.mining.k, "model": str(run.dir / "unet")}
+                       "image_size": list(run.ds.image_shape), "k": run.cfg.mining.k, "model": str(run.dir / "unet"),
+                       "injection": asdict(run.cfg.injection)}
                 for name, run in self.runs.items()}
 
     def info(self) -> dict:
@@ -197,7 +199,9 @@ class InjectorDeployment:
             if problem is not None:
                 results[i] = {"error": problem}
                 continue
-            key = (job["dataset"], job.get("images_key"), job["model"], tuple(sorted(job["cfg"].items())))
+            if isinstance(job["cfg"], dict):  # a handle caller's plain settings
+                job["cfg"] = InjectionConfig(**job["cfg"])
+            key = (job["dataset"], job.get("images_key"), job["model"], tuple(sorted(asdict(job["cfg"]).items())))
             groups.setdefault(key, []).append(i)
         loop = asyncio.get_running_loop()
         for members in groups.values():  # computed off the event loop, so the next batch can fill meanwhile
@@ -263,7 +267,7 @@ def openapi_schema(max_samples: int, max_steps: int) -> dict:
     schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
     request = InjectRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     request["properties"]["num_samples"]["maximum"] = max_samples
-    request["properties"]["steps"]["maximum"] = max_steps
+    request["properties"]["steps"]["anyOf"][0]["maximum"] = max_steps
     schema.setdefault("components", {}).setdefault("schemas", {}).update(request.pop("$defs", {}))
     schema["components"]["schemas"]["InjectRequest"] = request
     route = schema["paths"]["/inject"]["post"]
@@ -431,7 +435,8 @@ class Ingress:
     async def datasets(self, request: Request) -> list[DatasetInfo]:
         self._client(request)
         return [DatasetInfo(name=n, images=len(m["labels"]), num_classes=m["num_classes"], image_size=m["image_size"],
-                            k=m["k"], model=m["model"], max_samples=self.max_samples, max_steps=self.max_steps)
+                            k=m["k"], model=m["model"], injection=m["injection"], max_samples=self.max_samples,
+                            max_steps=self.max_steps)
                 for n, m in (await self.meta()).items()]
 
     @api.post("/inject", response_model=InjectResponse, responses=_responses(400, 401, 404, 413, 422, 429, 503),
@@ -445,7 +450,7 @@ class Ingress:
             req = await self._read_request(request)
             meta = await self.meta()
             job, labels = await self._resolve_dataset(req, meta)
-            self._check_settings(req)
+            cfg = self._injection(req, meta[job["model"]]["injection"])
             n_images = len(labels)
             content = await self._content_pool(req, job, meta, n_images)
             style_pool = _check_indices(req.style_indices, "style_indices", n_images)
@@ -454,9 +459,7 @@ class Ingress:
             except ValueError as e:  # every pool class has no other class to take a style from
                 field = "style_indices" if style_pool is not None else "inline.labels" if req.inline else "dataset"
                 raise _error(400, field, str(e)) from None
-            cfg = InjectionConfig(steps=req.steps, t_edit=req.t_edit, gamma=req.gamma, num_samples=req.num_samples)
-            job |= {"content": pairs.content, "style": pairs.style, "seed": req.seed,
-                    "cfg": {"steps": cfg.steps, "t_edit": cfg.t_edit, "gamma": cfg.gamma}}
+            job |= {"content": pairs.content, "style": pairs.style, "seed": req.seed, "cfg": cfg}
             t1 = time.time()
             out = await self._call(self.injector.options(multiplexed_model_id=job["model"]).generate, job)
             t2 = time.time()
@@ -516,12 +519,20 @@ class Ingress:
         job = {"dataset": "inline", "model": model, "images": images, "labels": labels, "images_key": images_id(images)}
         return job, labels.numpy()
 
-    def _check_settings(self, req: InjectRequest) -> None:
-        """The deployment's own maxima (the schema states the fixed ranges)."""
+    def _injection(self, req: InjectRequest, dataset_settings: dict) -> InjectionConfig:
+        """The job's injection settings: the request's fields, then the dataset's settings, then core's defaults;
+        checked by core's ranges and this deployment's maxima, each error naming its field."""
+        overrides = {f: getattr(req, f) for f in ("gamma", "t_edit", "steps") if getattr(req, f) is not None}
+        cfg = replace(InjectionConfig(**dataset_settings), **overrides, num_samples=req.num_samples)
+        try:
+            cfg.validate()
+        except SettingError as e:
+            raise _error(400, e.field, str(e)) from None
         if req.num_samples > self.max_samples:
             raise _error(400, "num_samples", f"num_samples {req.num_samples} must be between 1 and {self.max_samples}")
-        if req.steps > self.max_steps:
-            raise _error(400, "steps", f"steps {req.steps} must be between 2 and {self.max_steps}")
+        if cfg.steps > self.max_steps:
+            raise _error(400, "steps", f"steps {cfg.steps} must be between 2 and {self.max_steps}")
+        return cfg
 
     async def _content_pool(self, req: InjectRequest, job: dict, meta: dict, n_images: int) -> np.ndarray:
         if req.conflict_indices is not None:

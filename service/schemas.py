@@ -3,6 +3,7 @@
 Every range the service accepts is stated here, so the OpenAPI document carries it; a value outside its range
 answers 400 naming the field (app.py turns pydantic's range errors into 400), a value of the wrong type 422.
 The per-deployment maxima (``max_samples``, ``max_steps``) are checked in app.py and patched into the document.
+The injection settings' ranges are core's (``InjectionConfig.RANGES``), written once.
 """
 
 from typing import Annotated
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.injection import InjectionConfig
 
-_DEFAULTS = InjectionConfig()  # one place for the injection defaults: core's config
+_RANGES = InjectionConfig.RANGES  # one place for the injection settings' ranges: core's config
 
 MAX_SEED = 2**63 - 1  # seeds are int64 all the way down (numpy SeedSequence, torch generators)
 MAX_INDEX = 2**31 - 1
@@ -44,10 +45,13 @@ class InjectRequest(BaseModel):
         "style pool (distinct indices; default: every image of another class)"))
     num_samples: int = Field(16, ge=1, le=MAX_LIST, description="synthetic samples to generate (at most the "
                                                                 "deployment's max_samples: GET /datasets)")
-    gamma: float = Field(_DEFAULTS.gamma, ge=0.0, le=1.0, allow_inf_nan=False, description="injection strength")
-    t_edit: int = Field(_DEFAULTS.t_edit, ge=0, le=999, description="inject at generation steps with t >= t_edit")
-    steps: int = Field(_DEFAULTS.steps, ge=2, le=1000, description="DDIM steps for inversion and generation (at "
-                                                                   "most the deployment's max_steps)")
+    # injection settings: omitted, the registered dataset's own (its `injection:` settings), else core's defaults
+    gamma: float | None = Field(None, ge=_RANGES["gamma"][0], le=_RANGES["gamma"][1], allow_inf_nan=False,
+                                description="injection strength (default: the dataset's)")
+    t_edit: int | None = Field(None, ge=_RANGES["t_edit"][0], le=_RANGES["t_edit"][1],
+                               description="inject at generation steps with t >= t_edit (default: the dataset's)")
+    steps: int | None = Field(None, ge=_RANGES["steps"][0], le=_RANGES["steps"][1], description=(
+        "DDIM steps for inversion and generation (default: the dataset's; at most the deployment's max_steps)"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="same request and seed give the same images")
 
 
@@ -73,6 +77,7 @@ class DatasetInfo(BaseModel):
     image_size: list[int] = Field(description="channels, height, width")
     k: int
     model: str
+    injection: dict = Field(description="the dataset's injection settings: what a request's omitted fields take")
     max_samples: int = Field(description="this deployment's limit on num_samples")
     max_steps: int = Field(description="this deployment's limit on steps")
 

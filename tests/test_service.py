@@ -10,6 +10,8 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import requests
@@ -27,6 +29,7 @@ def _free_port() -> int:
 
 PER_KEY = 6  # max_requests_per_key of the test service
 COPIES = ("second", "third")  # two more registered datasets: copies of the quick run folder (multiplexing)
+GAMMA_03 = "gamma-0.3"  # the quick run's U-Net registered with its own injection settings (gamma 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +44,13 @@ def url(ray_cluster, quick_run, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name in COPIES:  # prepared run folders: U-Net and biased classifier made beforehand
         shutil.copytree(quick_run.dir, quick_run.dir.parent / name, dirs_exist_ok=True)
-    names = (quick_run.dir.name, *COPIES)
+    for part in ("unet", "biased"):  # its own run folder (another config), with the same models
+        shutil.copytree(quick_run.dir / part, quick_run.dir.parent / GAMMA_03 / part, dirs_exist_ok=True)
+    datasets = {n: {"preset": "quick"} for n in (quick_run.dir.name, *COPIES)}
+    datasets[GAMMA_03] = {"preset": "quick", "injection": {"gamma": 0.3}}
     # as deploy/serve.yaml sets them: Serve's default max_ongoing_requests (5) would cap batches and the queue
     injector = InjectorDeployment.options(max_ongoing_requests=64).bind(
-        datasets={n: {"preset": "quick"} for n in names}, root=str(quick_run.dir.parent), max_models_per_replica=2)
+        datasets=datasets, root=str(quick_run.dir.parent), max_models_per_replica=2)
     app = Ingress.options(max_ongoing_requests=64).bind(
         injector, api_key_file=str(key_file), max_samples=32, max_steps=10, max_body_bytes=200_000,
         max_requests_per_key=PER_KEY, retry_after_s=2)
@@ -74,9 +80,11 @@ def _png(image) -> str:
 def test_health_datasets_and_docs(url, quick_run):
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # no key needed
     info = requests.get(f"{url}/datasets", headers={"x-api-key": KEY}, timeout=30).json()
+    quick = quick_run.cfg.injection
     assert info == [{"name": n, "images": 3000, "num_classes": 10, "image_size": [3, 28, 28], "k": 5,
-                     "model": str(quick_run.dir.parent / n / "unet"), "max_samples": 32, "max_steps": 10}
-                    for n in (quick_run.dir.name, *COPIES)]
+                     "model": str(quick_run.dir.parent / n / "unet"), "max_samples": 32, "max_steps": 10,
+                     "injection": asdict(quick) | ({"gamma": 0.3} if n == GAMMA_03 else {})}
+                    for n in (quick_run.dir.name, *COPIES, GAMMA_03)]
     for page in ("openapi.json", "docs", "redoc"):  # behind the key like every route but /healthz
         assert requests.get(f"{url}/{page}", timeout=30).status_code == 401
         assert requests.get(f"{url}/{page}", headers={"x-api-key": KEY}, timeout=30).status_code == 200
@@ -87,8 +95,9 @@ def test_health_datasets_and_docs(url, quick_run):
     # every range is stated, the deployment's maxima included, and every status the route answers is documented
     props = spec["components"]["schemas"]["InjectRequest"]["properties"]
     assert props["seed"]["minimum"] == 0 and props["seed"]["maximum"] == 2**63 - 1
-    assert props["num_samples"]["maximum"] == 32 and props["steps"]["maximum"] == 10 and "num_samples <= 32" in route["description"]
-    assert props["gamma"]["minimum"] == 0 and props["gamma"]["maximum"] == 1 and props["t_edit"]["maximum"] == 999
+    steps, gamma, t_edit = (props[f]["anyOf"][0] for f in ("steps", "gamma", "t_edit"))  # optional: [range, null]
+    assert props["num_samples"]["maximum"] == 32 and steps["maximum"] == 10 and "num_samples <= 32" in route["description"]
+    assert gamma["minimum"] == 0 and gamma["maximum"] == 1 and t_edit["maximum"] == 999
     assert {"minimum", "maximum"} <= set(props["k"]["anyOf"][0])
     assert {"200", "400", "401", "404", "413", "422", "429", "503"} <= set(route["responses"])
     assert {"200", "401", "503"} <= set(spec["paths"]["/datasets"]["get"]["responses"])
@@ -264,6 +273,30 @@ def test_three_datasets_never_hold_more_than_the_bound_of_unets(url, quick_run):
         loaded = handle.info.remote().result()["loaded"]
         assert name in loaded and len(loaded) <= 2, loaded
     assert sorted(handle.info.remote().result()["loaded"]) == sorted([COPIES[1], quick_run.dir.name])
+
+
+def test_a_datasets_own_injection_settings_reach_its_images(url, quick_run):
+    """Registered with gamma 0.3 in the Serve config: a request that names no gamma gets exactly the images that
+    in-process ``inject`` gives at gamma 0.3 (the request, then the dataset's settings, then core's defaults)."""
+    from dataclasses import replace
+
+    from core.injection import plan_pairs
+    from workers.injector import Injector
+
+    body = _body(quick_run, seed=9, dataset=GAMMA_03)
+    served = _post(url, body)
+    assert served.status_code == 200, served.text
+    tr = quick_run.ds.train
+    pairs = plan_pairs(tr.labels, np.asarray(body["conflict_indices"]), body["num_samples"], body["seed"])
+    cfg = replace(quick_run.cfg.injection, gamma=0.3, steps=STEPS)
+    local = Injector(quick_run.dir / "unet", threads=1, bucket=8).inject(
+        tr.images, tr.labels, pairs.content, pairs.style, cfg, body["seed"]).synthetic.images
+    images = [_decode(s["image"]) for s in served.json()["samples"]]
+    assert all(np.array_equal(a, b.permute(1, 2, 0).numpy()) for a, b in zip(images, local))
+    default = _post(url, body | {"dataset": quick_run.dir.name}).json()["samples"]
+    assert [s["image"] for s in default] != [s["image"] for s in served.json()["samples"]]  # gamma 0.9 differs
+    overridden = _post(url, body | {"gamma": quick_run.cfg.injection.gamma}).json()["samples"]
+    assert [s["image"] for s in overridden] == [s["image"] for s in default]  # the request's field comes first
 
 
 def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core.diffusion import ddim_scheduler, is_trained, load_unet
-from core.injection import InjectionConfig, Pairs, Synthetic, count_evaluations, inject
+from core.injection import InjectionConfig, Pairs, SettingError, Synthetic, count_evaluations, inject
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -142,11 +142,13 @@ def check_job(job: dict, n_images: int) -> dict | None:
             return problem(field, f"{field} must be integer indices, one per sample")
         if len(index) and (index.min() < 0 or index.max() >= n_images):
             return problem(field, f"{field} indices must be in [0, {n_images - 1}]")
-    for key, value in job.get("cfg", {}).items():  # one setting at a time, so the answer names it
-        try:
-            InjectionConfig(**{key: value}).validate()
-        except (TypeError, ValueError) as e:
-            return problem(f"cfg.{key}", str(e))
+    cfg = job.get("cfg", {})
+    try:
+        (cfg if isinstance(cfg, InjectionConfig) else InjectionConfig(**cfg)).validate()
+    except SettingError as e:
+        return problem(f"cfg.{e.field}", str(e))
+    except TypeError as e:  # an unknown setting
+        return problem("cfg", str(e))
     return None
 
 

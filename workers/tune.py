@@ -39,6 +39,7 @@ from core import methods as registry
 from core.classifier import build_classifier, group_metrics, predict
 from core.cli import flag_overrides
 from core.data import ImageSet, pct_name
+from core.injection import InjectionConfig
 from core.mining import mine
 from core.pipeline import PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize, validate
 
@@ -91,8 +92,9 @@ def check_grid(ks: list, gammas: list) -> tuple[list[int], list[float]]:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"K {k!r} is invalid: K (mined samples per class) must be an integer >= 1")
     for g in gammas:
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
-            raise ValueError(f"gamma {g!r} is outside [0, 1]")
+        if isinstance(g, bool) or not isinstance(g, (int, float)):
+            raise ValueError(f"gamma {g!r} is not a number")
+        InjectionConfig(gamma=g).validate()  # its range, written once in core
     return list(dict.fromkeys(ks)), list(dict.fromkeys(float(g) for g in gammas))
 
 
