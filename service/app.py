@@ -42,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 
 from core.injection import InjectionConfig, SettingError, plan_pairs
 from core.mining import mine
+from core.classifier import MLP, build_classifier
 from core.diffusion import is_trained
 from core.pipeline import SHIPPED, Run, make_config
 from workers.injector import Injector, check_job, images_id, run_isolated
@@ -120,11 +121,13 @@ def registered_runs(datasets: dict, root: str = "runs/serve", data_root: str = "
 
 def unprepared(run: Run) -> list[str]:
     """What a run folder lacks before it can be served: its U-Net (unless one is to be copied: a shipped or given
-    folder) and its biased classifier (mining). Training either takes minutes to hours: never inside a replica."""
+    folder), and its biased classifier (mining) unless that is the MLP of small images, which trains in seconds.
+    The rest takes minutes to hours: never inside a replica."""
     missing = []
     if run._unet_source() is None and not is_trained(run.dir / "unet"):
         missing.append(f"a trained U-Net in {run.dir / 'unet'}")
-    if not (run.dir / "biased" / "model.pt").exists():
+    quick = isinstance(build_classifier(run.cfg.mining.classifier, run.ds.image_shape, run.ds.num_classes), MLP)
+    if not quick and not (run.dir / "biased" / "model.pt").exists():
         missing.append(f"the biased classifier {run.dir / 'biased' / 'model.pt'}")
     return missing
 
@@ -144,8 +147,9 @@ class InjectorDeployment:
             raise ValueError(f"registered datasets are not prepared ({lines}): make them before serving with "
                              "`diffinject prepare deploy/serve.yaml` (or the pipeline as a `ray job submit`, "
                              "deploy/README.md), into the same `root`")
-        for run in self.runs.values():
-            run.unet_dir()  # a shipped or given U-Net: copied into the run folder (seconds)
+        for run in self.runs.values():  # what takes seconds: a shipped or given U-Net copied, an MLP biased model
+            run.unet_dir()
+            run.biased()
         self.threads, self.cache_size, self.bucket = threads or _assigned_cpus(), cache_size, bucket
         self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Injector, while held
         _bound_models(self, type(self).injector, max_models_per_replica)

@@ -302,9 +302,13 @@ def test_a_datasets_own_injection_settings_reach_its_images(url, quick_run):
 def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):
     from service.app import InjectorDeployment
 
+    resnet = {"mining": {"classifier": {"arch": "resnet18"}}}  # a biased model that takes minutes: made beforehand
     with pytest.raises(ValueError, match="diffinject prepare") as e:
-        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"}}, root=str(tmp_path))
+        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | resnet}, root=str(tmp_path))
     assert "lacks a trained U-Net" in str(e.value) and "biased classifier" in str(e.value)
+    with pytest.raises(ValueError, match="diffinject prepare") as e:  # the quick MLP would train at start: not named
+        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"}}, root=str(tmp_path / "mlp"))
+    assert "lacks a trained U-Net" in str(e.value) and "biased classifier" not in str(e.value)
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(url, tmp_path):

@@ -45,8 +45,9 @@ def cmd_prepare(args) -> int:
                                settings.get("data_root", "."))
         for name, run in runs.items():
             run.progress = True
-            print(f"{name}: U-Net {run.unet_dir()}, biased classifier "
-                  f"{run.biased() is not None and run.dir / 'biased' / 'model.pt'}", flush=True)
+            unet = run.unet_dir()
+            run.biased()
+            print(f"{name}: U-Net {unet}, biased classifier {run.dir / 'biased' / 'model.pt'}", flush=True)
     return 0
 
 
