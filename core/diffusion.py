@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,13 +79,36 @@ def ddpm_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 
 def ddim_scheduler(unet_dir: str | Path | None = None, cfg: DiffusionConfig | None = None) -> DDIMScheduler:
-    """The DDIM scheduler matching a trained model (from its saved scheduler config, else from ``cfg``)."""
-    if unet_dir is not None and (Path(unet_dir) / "scheduler_config.json").exists():
-        return DDIMScheduler.from_pretrained(unet_dir)
+    """The DDIM scheduler matching a U-Net: from the model's own scheduler config (beside its weights, or the
+    ``scheduler/`` folder of its pipeline, or a hub id's), else built from ``cfg``. Any diffusers noise scheduler's
+    config serves (DDPM's included); its prediction type must be epsilon, as inversion assumes."""
+    config = _scheduler_config(unet_dir) if unet_dir is not None else None
+    if config is not None:
+        scheduler = DDIMScheduler.from_config(config)
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"the U-Net at {unet_dir} predicts {scheduler.config.prediction_type!r}; DiffInject's "
+                             "DDIM inversion needs an epsilon-prediction model")
+        return scheduler
     cfg = cfg or DiffusionConfig()
     return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                          beta_end=cfg.beta_end, beta_schedule="linear", clip_sample=False,
                          set_alpha_to_one=True, prediction_type="epsilon")
+
+
+def _scheduler_config(source: str | Path) -> dict | None:
+    folder = unet_folder(source)
+    if folder is not None:
+        for candidate in (folder, folder.parent / "scheduler", Path(source) / "scheduler"):
+            if (candidate / "scheduler_config.json").exists():
+                return json.loads((candidate / "scheduler_config.json").read_text())
+        return None
+    if _is_hub_id(source):
+        for kw in ({"subfolder": "scheduler"}, {}):
+            try:
+                return DDIMScheduler.load_config(str(source), **kw)
+            except Exception:  # noqa: BLE001 - the next layout, then our default scheduler
+                continue
+    return None
 
 
 def p2_weights(alphas_cumprod: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
@@ -93,9 +117,12 @@ def p2_weights(alphas_cumprod: torch.Tensor, k: float, gamma: float) -> torch.Te
     return 1.0 / (k + snr) ** gamma
 
 
-def to_model_space(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float in [-1, 1] at ``size`` (zero-pad when smaller, resize when larger)."""
+def to_model_space(images: torch.Tensor, size: int, channels: int | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float in [-1, 1] at ``size`` (zero-pad when smaller, resize when larger); grey images
+    repeated to ``channels`` = 3 for an RGB model."""
     x = images.float() / 127.5 - 1.0
+    if channels is not None and channels != x.shape[1]:
+        x = x.expand(-1, channels, -1, -1)  # 1 -> 3 (unet_problem refuses the other mismatches)
     h = x.shape[-1]
     if h == size:
         return x
@@ -105,8 +132,11 @@ def to_model_space(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def from_model_space(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Inverse of :func:`to_model_space`: float in [-1, 1] -> uint8 (N, C, size, size)."""
+def from_model_space(x: torch.Tensor, size: int, channels: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`to_model_space`: float in [-1, 1] -> uint8 (N, C, size, size); an RGB model's output
+    averaged to ``channels`` = 1 for grey images."""
+    if channels is not None and channels != x.shape[1]:
+        x = x.mean(1, keepdim=True)
     h = x.shape[-1]
     if h > size and (h - size) % 2 == 0:
         p = (h - size) // 2
@@ -260,11 +290,109 @@ def plot_loss(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def unet_folder(path: str | Path) -> Path | None:
+    """The folder holding a U-Net's ``config.json`` and weights (safetensors or bin): ``path`` itself (ours, or any
+    ``save_pretrained`` folder) or its ``unet/`` (a pipeline folder, e.g. ``DDPMPipeline.save_pretrained``)."""
+    for candidate in (Path(path), Path(path) / "unet"):
+        if (candidate / "config.json").exists() and any((candidate / w).exists() for w in WEIGHTS):
+            return candidate
+    return None
+
+
+def is_unet(path: str | Path) -> bool:
+    """A U-Net folder in any layout :func:`load_unet` reads (with or without our ``train.json``)."""
+    return unet_folder(path) is not None
+
+
+def _is_hub_id(source: str | Path) -> bool:
+    text = str(source)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
+
+
+def unet_problem(config: dict, channels: int, where: str) -> str | None:
+    """Why a U-Net (its ``config.json``) cannot serve images of ``channels`` channels, in one line, or None.
+
+    DiffInject needs an unconditional pixel-space ``UNet2DModel`` with a middle block (its h-space); grey images go
+    into an RGB model (repeated, and averaged back), never the other way round."""
+    kind = config.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        conditional = " (a conditional U-Net)" if "Condition" in kind else ""
+        return f"{where} is a {kind}{conditional}: DiffInject needs an unconditional UNet2DModel"
+    cin, cout = config.get("in_channels", 3), config.get("out_channels", 3)
+    if cin != cout or cin not in (1, 3):
+        return (f"{where} takes {cin} channels and gives {cout}: a latent-space model? DiffInject needs a "
+                "pixel-space U-Net of 1 or 3 channels")
+    if channels != cin and not (channels == 1 and cin == 3):
+        return f"{where} takes {cin}-channel images, the dataset's have {channels}: a channel mismatch"
+    if config.get("mid_block_type", "UNetMidBlock2D") is None:
+        return f"{where} has no middle block (mid_block_type null): no h-space to inject"
+    return None
+
+
+def check_unet(source: str | Path, channels: int) -> None:
+    """One-line ``ValueError`` for a U-Net (folder or hub id) that cannot work on ``channels``-channel images, read
+    from its config alone; ``FileNotFoundError`` when there is none."""
+    folder = unet_folder(source)
+    if folder is None:
+        if not _is_hub_id(source):
+            raise FileNotFoundError(f"no U-Net at {source} (expected a diffusers U-Net folder: config.json and "
+                                    f"{WEIGHTS[0]} or .bin, or a pipeline folder with unet/, or a hub id)")
+        return  # a hub id: checked once fetched (fetch_unet)
+    pipeline = folder.parent if folder.name == "unet" else folder
+    index = pipeline / "model_index.json"
+    if any((pipeline / sub).is_dir() for sub in ("vae", "vqvae")) or (
+            index.exists() and any(k in index.read_text() for k in ("VQModel", "AutoencoderKL"))):
+        raise ValueError(f"{source} is a latent-space pipeline (it has an autoencoder): DiffInject needs a "
+                         "pixel-space U-Net")
+    problem = unet_problem(json.loads((folder / "config.json").read_text()), channels, str(source))
+    if problem:
+        raise ValueError(problem)
+
+
+def fetch_unet(source: str | Path, out: str | Path, channels: int) -> Path:
+    """Copy a U-Net (any layout :func:`unet_folder` reads) with its scheduler config into ``out``, or save a hub
+    model there (``from_pretrained``, online only); checked first (:func:`check_unet`). Returns ``out``."""
+    out = Path(out)
+    check_unet(source, channels)
+    if is_unet(source):
+        shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
+        return out
+    try:
+        unet = _from_hub(str(source))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, not a UNet2DModel: one line
+        raise ValueError(f"cannot load {source!r} from the hub ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+    problem = unet_problem(dict(unet.config), channels, str(source))
+    if problem:
+        raise ValueError(problem)
+    unet.save_pretrained(out)
+    ddim_scheduler(source).save_pretrained(out)
+    return out
+
+
+def _from_hub(hub_id: str) -> UNet2DModel:
+    try:
+        return UNet2DModel.from_pretrained(hub_id, subfolder="unet")
+    except Exception:  # noqa: BLE001 - a bare model repository rather than a pipeline
+        return UNet2DModel.from_pretrained(hub_id)
+
+
 def load_unet(path: str | Path, device: str = "cpu") -> UNet2DModel:
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no U-Net at {path} (expected config.json and diffusion_pytorch_model.safetensors)")
-    return UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
+    """A U-Net from any layout :func:`unet_folder` reads (safetensors or bin weights), in eval mode."""
+    folder = unet_folder(path)
+    if folder is None:
+        raise FileNotFoundError(f"no U-Net at {path} (expected config.json and {WEIGHTS[0]} or .bin, here or in unet/)")
+    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+
+
+def weights_id(path: str | Path) -> str:
+    """A short content hash of a U-Net's weights file: names the model in caches and manifests."""
+    folder = unet_folder(path)
+    weights = next(folder / w for w in WEIGHTS if (folder / w).exists())
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
 def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu", ema: bool = False) -> tuple[UNet2DModel, int]:
@@ -281,6 +409,7 @@ def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu", ema: bool 
 
 
 def is_trained(path: str | Path) -> bool:
+    """A U-Net this project trained (its ``train.json`` records how far); see :func:`is_unet` for any U-Net."""
     return (Path(path) / "diffusion_pytorch_model.safetensors").exists() and (Path(path) / "train.json").exists()
 
 

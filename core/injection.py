@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from .diffusion import from_model_space, to_model_space
+from .diffusion import from_model_space, to_model_space, unet_problem
 
 
 class SettingError(ValueError):
@@ -379,8 +379,12 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     cfg.validate()
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
+    problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")
+    if problem:
+        raise ValueError(problem)
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
+    channels = unet.config.in_channels  # grey images go into an RGB model and come back grey
     n, step = len(pairs.content), bucket or cfg.batch_size
     sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
     seeds = np.broadcast_to(np.asarray(seed), (n,))
@@ -390,7 +394,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     last = max((start for start in range(0, n, step) if start not in skip), default=-1)
 
     def invert(index, **kw):
-        return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size).to(device),
+        return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size, channels).to(device),
                            cfg.steps, **kw)
 
     def invert_contents(new):  # in one call, or in padded chunks of ``bucket``
@@ -421,7 +425,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
                     h = contents.h(c_idx) if cfg.gamma > 0 else None
                     x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids))
                     real = rows.stop - start  # the rest is padding
-                    samples = Synthetic(from_model_space(x[:real].cpu(), images.shape[-1]),
+                    samples = Synthetic(from_model_space(x[:real].cpu(), images.shape[-1], images.shape[1]),
                                         labels[torch.as_tensor(source[rows])],
                                         torch.as_tensor(pairs.content[rows]), torch.as_tensor(pairs.style[rows]))
             bar.update(rows.stop - start)

@@ -9,13 +9,19 @@ an overwrite.
       biased/model.pt             GCE-trained biased classifier
       biased/mining.json          mined indices (top-K per class), mining precision/recall
       biased/mined.png            the mined samples, one row per class
+      biased/model.ckpt.pt        while it trains: its state after the last complete epoch, read back by a rerun;
+                                  removed once model.pt is written (core.classifier.train_loop)
       unet/                       the label-free row's U-Net (save_pretrained, safetensors) with train.json, loss.png
       synthetic/samples.pt        synthetic images, labels, content and style index
-      synthetic/injection.json    injection report, biased-classifier disagreement, timing
+      synthetic/injection.json    injection report, biased-classifier disagreement, timing (each batch's own seconds,
+                                  summed over the invocations that made them)
+      synthetic/shards/           while the stage runs: one file per batch of pairs, read back by a rerun; removed
+                                  once samples.pt is written
       synthetic/injection_grid.png  style | content | result rows
       unet-corpus/, synthetic-corpus/   the same for the diffinject-corpus row (embedded Colored MNIST only)
       classifiers/<method>.pt     one per method of the run (core.methods.REGISTRY: vanilla, lff, jtt, disent, ...)
       classifiers/<method>.json   its test metrics (JTT: its error set's precision against the hidden bias labels)
+      classifiers/<method>.ckpt.pt  while it trains: the same, for every model and optimizer of the method
       metrics.json, report.md     every row, and the U-Net behind each DiffInject row (``unet_sources``)
 
 Rows that say what they use: ``diffinject`` is the label-free method, its U-Net trained on the task's training split
@@ -28,6 +34,7 @@ reported as its own row, like the oracle, never as the method. Any learner combi
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
@@ -40,11 +47,12 @@ import torch
 
 from . import diagnostics
 from . import methods as registry
-from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict
+from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict, save_atomic
 from .data import Dataset, ImageSet, load_dataset, pct_name
-from .diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, num_parameters, train_diffusion
+from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
+                        num_parameters, train_diffusion)
 from .filtering import keep_consistent
-from .injection import InjectionConfig, Synthetic, count_evaluations, inject, plan_pairs
+from .injection import InjectionConfig, Synthetic, count_evaluations, inject_batches, plan_pairs
 from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
@@ -178,12 +186,6 @@ def _save_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def _save_torch(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 # Settings added after run folders existed whose default is not what such a folder was made with: a folder's
 # config.json without them is read at these values (any other missing setting reads at its default).
 BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
@@ -258,12 +260,54 @@ def describe_unet(folder: Path, origin: str) -> dict:
 
 
 def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tensor, pairs, cfg: InjectionConfig,
-                        seed: int, device: str = "cpu", progress: bool = True) -> tuple[Synthetic, int]:
-    """The generation stage in this process: the synthetic samples and the U-Net evaluations (images) spent."""
+                        seed: int, device: str = "cpu", progress: bool = True,
+                        shards: Path | None = None) -> tuple[Synthetic, int, float]:
+    """The generation stage in this process: the synthetic samples, the U-Net evaluations (images) and the seconds
+    they took.
+
+    With ``shards`` (a folder) each batch of ``cfg.batch_size`` pairs is saved there as it is made, with its pairs,
+    evaluations and seconds; a rerun reads back every batch whose shard holds the pairs planned for it and
+    generates the rest, to the pixels, evaluations and (summed) seconds of an uninterrupted run (see
+    :func:`~core.injection.inject_batches` for why its contents are still inverted).
+    """
     unet = load_unet(unet_dir, device)
+    saved = {}
+    if shards is not None:
+        shards.mkdir(parents=True, exist_ok=True)
+        saved = _saved_shards(shards, pairs, cfg.batch_size)
+    made = dict(saved)
     with count_evaluations(unet) as evals:
-        syn = inject(unet, ddim_scheduler(unet_dir), images, labels, pairs, cfg, seed, device, progress)
-    return syn, evals["images"]
+        mark, t0 = 0, time.time()
+        for rows, syn in inject_batches(unet, ddim_scheduler(unet_dir), images, labels, pairs, cfg, seed, device,
+                                        progress, skip=set(saved)):
+            spent, mark = evals["images"] - mark, evals["images"]
+            if syn is not None:  # a saved batch's inversions were counted when it was made
+                made[rows.start] = {**vars(syn), "evaluations": spent, "seconds": time.time() - t0}
+                if shards is not None:
+                    save_atomic(_shard_path(shards, rows.start), made[rows.start])
+            t0 = time.time()
+    parts = [made[start] for start in sorted(made)]
+    syn = Synthetic.cat([Synthetic(**{f.name: p[f.name] for f in fields(Synthetic)}) for p in parts])
+    return syn, sum(p["evaluations"] for p in parts), sum(p["seconds"] for p in parts)
+
+
+def _shard_path(shards: Path, start: int) -> Path:
+    return shards / f"{start:07d}.pt"
+
+
+def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
+    """The shards in ``shards`` that hold the pairs planned for their batch, by the batch's first row; any other
+    (from other pairs, or unreadable) is ignored, so its batch is generated again."""
+    saved = {}
+    for start in range(0, len(pairs.content), batch_size):
+        try:
+            shard = torch.load(_shard_path(shards, start), weights_only=True)
+        except (OSError, RuntimeError, EOFError):  # absent, or not a complete torch file
+            continue
+        rows = slice(start, start + batch_size)
+        if np.array_equal(shard["content"], pairs.content[rows]) and np.array_equal(shard["style"], pairs.style[rows]):
+            saved[start] = shard
+    return saved
 
 
 @dataclass
@@ -277,28 +321,42 @@ class Synthesized:
 
 
 def synthesize(unet_dir: Path, train: ImageSet, pool: np.ndarray, cfg: InjectionConfig, seed: int, generate=None,
-               device: str = "cpu", progress: bool = True) -> Synthesized:
+               device: str = "cpu", progress: bool = True, shards: Path | None = None) -> Synthesized:
     """Stage 3 after mining, for the pipeline and every Tune trial alike: pair contents from ``pool`` with styles,
-    generate with ``generate`` (default :func:`generate_in_process`), keep the most consistent ``cfg.count``."""
+    generate with ``generate`` (default :func:`generate_in_process`), keep the most consistent ``cfg.count``.
+
+    A generator returns ``(samples, evaluations)``, or ``(samples, evaluations, seconds)`` when it knows better
+    than the wall clock how long its samples took (resumed from shards); ``shards`` reaches it only if it takes a
+    ``shards`` argument (the Ray fan-out does not).
+    """
+    generate = generate or generate_in_process
     pairs = plan_pairs(train.labels, pool, cfg.generated(len(train)), seed)
+    kw = {"shards": shards} if shards is not None and _takes(generate, "shards") else {}
     t0 = time.time()
-    syn, evaluations = (generate or generate_in_process)(unet_dir, train.images, train.labels, pairs, cfg, seed,
-                                                         device, progress)
-    seconds = time.time() - t0
+    syn, evaluations, *seconds = generate(unet_dir, train.images, train.labels, pairs, cfg, seed, device, progress,
+                                          **kw)
+    seconds = seconds[0] if seconds else time.time() - t0
     generated = len(syn.labels)
     return Synthesized(keep_consistent(syn, train.images, cfg.count(len(train))), generated, evaluations, seconds)
 
 
 def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet, num_classes: int,
                cfg: ClassifierConfig, seed: int, device: str = "cpu", progress: bool = True,
-               on_epoch=None) -> registry.Trained:
+               on_epoch=None, checkpoint: Path | None = None) -> registry.Trained:
     """Stage 4, for the pipeline and every Tune trial alike: ``method`` trained on the training split plus its
-    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one."""
+    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one. ``checkpoint``
+    (epoch checkpoints, see :meth:`Method.fit <core.methods.base.Method.fit>`) reaches methods that take it."""
     images, labels = train.images, train.labels
     if extra is not None:
         images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+    kw = {"checkpoint": checkpoint} if checkpoint is not None and _takes(method.fit, "checkpoint") else {}
     return method.fit(ImageSet(images, labels, torch.full_like(labels, -1)), valid.blind(), num_classes, cfg, seed,
-                      device, progress, on_epoch)
+                      device, progress, on_epoch, **kw)
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (optional protocol arguments go only to those that take them)."""
+    return name in inspect.signature(fn).parameters
 
 
 class Run:
@@ -315,6 +373,8 @@ class Run:
         self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
+        if "diffinject" in sources_of(run_methods(cfg)):
+            self.unet_source()  # a given U-Net that cannot work is refused now, not after mining
         self.timings: dict[str, float] = {}
         self._claim_folder()
 
@@ -347,9 +407,11 @@ class Run:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval()
         path.parent.mkdir(exist_ok=True)
+        checkpoint = path.with_suffix(".ckpt.pt")  # epoch checkpoints: a rerun resumes after the last epoch
         model = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,
-                                                           self.cfg.seed, self.device, self.progress))
-        _save_torch(path, model.state_dict())
+                                                           self.cfg.seed, self.device, self.progress, checkpoint))
+        save_atomic(path, model.state_dict())
+        checkpoint.unlink(missing_ok=True)
         return model.cpu()
 
     def mined(self) -> np.ndarray:
@@ -374,10 +436,10 @@ class Run:
         corpus U-Net.
         """
         out = self.dir / SYNTHETIC_ROWS[method][0]
-        source = CORPUS_UNET if method == "diffinject-corpus" else self._unet_source()
+        source = CORPUS_UNET if method == "diffinject-corpus" else self.unet_source()
         if source is not None:
-            if not is_trained(out):
-                shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            if not is_unet(out):
+                fetch_unet(source, out, self.ds.image_shape[0])
             return out
         if is_trained(out) and json.loads((out / "train.json").read_text())["steps"] >= self.cfg.diffusion.steps:
             return out
@@ -394,21 +456,20 @@ class Run:
                                   f"{self.cfg.diffusion.steps} steps, saved in {out}; rerun the same command to resume")
         return out
 
-    def _unet_source(self) -> Path | None:
-        """The label-free row's U-Net to copy, or None to train one here."""
+    def unet_source(self) -> Path | str | None:
+        """The label-free row's U-Net to copy (a folder in any diffusers layout, or a hub id), or None to train one
+        here; a U-Net that cannot work on this dataset is refused with a one-line error before any stage runs."""
         if self.cfg.unet is None:
             return None
         if self.cfg.unet == SHIPPED:
             return shipped_unet(self.cfg)
-        path = Path(self.cfg.unet)
-        if not is_trained(path):
-            raise FileNotFoundError(f"no trained U-Net at {path} (expected diffusion_pytorch_model.safetensors and train.json)")
-        return path
+        check_unet(self.cfg.unet, self.ds.image_shape[0])
+        return Path(self.cfg.unet) if is_unet(self.cfg.unet) else self.cfg.unet
 
     def unet_origin(self, method: str) -> str:
         if method == "diffinject-corpus":
             return f"{CORPUS_UNET.relative_to(PRETRAINED.parent.parent)} (pretrained on the colour-balanced corpus)"
-        source = self._unet_source()
+        source = self.unet_source()
         if source is None:
             return "trained in this run on the training split"
         if source == shipped_unet(self.cfg):
@@ -426,9 +487,10 @@ class Run:
         pool = self.mined()
         unet_dir = self.unet_dir(method)
         cfg, tr = self.cfg.injection, self.ds.train
-        made = synthesize(unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress)
+        # each batch saved as it is made (synthetic/shards/), so an interrupted stage resumes where it stopped
+        made = self._timed(f"inject {method}", lambda: synthesize(
+            unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress, shards=folder / "shards"))
         syn, generated, evaluations, seconds = made.samples, made.generated, made.evaluations, made.seconds
-        self.timings[f"inject {method}"] = round(seconds, 1)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
         info = {"samples": len(syn.labels), "generated": generated, "seconds": round(seconds, 1),
@@ -440,6 +502,7 @@ class Run:
             info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers)
         _save_json(folder / "injection.json", info)
         syn.save(path)  # last: its existence marks the stage done
+        shutil.rmtree(folder / "shards", ignore_errors=True)
         return syn
 
     @cached_property
@@ -457,8 +520,9 @@ class Run:
         folder.mkdir(exist_ok=True)
         ds, method = self.ds, registry.get(name, self.cfg.hparams.get(name))
         t0 = time.time()
+        checkpoint = folder / f"{name}.ckpt.pt"  # epoch checkpoints: a rerun resumes after the last epoch
         trained = fit_method(method, ds.train, self.extra_data(method.extra), ds.valid, ds.num_classes,
-                             self.cfg.classifier, self.cfg.seed, self.device, self.progress)
+                             self.cfg.classifier, self.cfg.seed, self.device, self.progress, checkpoint=checkpoint)
         self.timings[name] = round(time.time() - t0, 1)
         model = trained.model
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
@@ -468,8 +532,9 @@ class Run:
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
-        _save_torch(folder / f"{name}.pt", model.state_dict())
+        save_atomic(folder / f"{name}.pt", model.state_dict())
         _save_json(metrics_path, metrics)
+        checkpoint.unlink(missing_ok=True)
         return metrics
 
     def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:

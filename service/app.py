@@ -34,16 +34,17 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from core.injection import InjectionConfig, SettingError, plan_pairs
+from core.export import png_bytes, zip_bytes
+from core.injection import InjectionConfig, SettingError, Synthetic, plan_pairs
 from core.mining import mine
 from core.classifier import MLP, build_classifier
-from core.diffusion import is_trained
+from core.diffusion import is_unet
 from core.pipeline import SHIPPED, Run, make_config
 from workers.injector import Injector, check_job, images_id, run_isolated
 
@@ -80,10 +81,7 @@ def check_relative(value: str, what: str) -> None:
 
 def encode_png(image: torch.Tensor) -> str:
     """uint8 (C, H, W) -> base64 PNG."""
-    array = image.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 def decode_png(data: str, channels: int) -> torch.Tensor:
@@ -124,7 +122,7 @@ def unprepared(run: Run) -> list[str]:
     folder), and its biased classifier (mining) unless that is the MLP of small images, which trains in seconds.
     The rest takes minutes to hours: never inside a replica."""
     missing = []
-    if run._unet_source() is None and not is_trained(run.dir / "unet"):
+    if run.unet_source() is None and not is_unet(run.dir / "unet"):
         missing.append(f"a trained U-Net in {run.dir / 'unet'}")
     quick = isinstance(build_classifier(run.cfg.mining.classifier, run.ds.image_shape, run.ds.num_classes), MLP)
     if not quick and not (run.dir / "biased" / "model.pt").exists():
@@ -244,7 +242,7 @@ class InjectorDeployment:
             sl = slice(start, start + len(j["content"]))
             start = sl.stop
             out.append({"images": syn.images[sl], "labels": syn.labels[sl].tolist(), "content": syn.content[sl].tolist(),
-                        "style": syn.style[sl].tolist(), "inject_seconds": result.seconds,
+                        "style": syn.style[sl].tolist(), "inject_seconds": result.seconds, "unet": injector.model_id,
                         "evaluations_per_sample": result.evaluations / max(1, len(syn.labels))})
         return out
 
@@ -443,7 +441,9 @@ class Ingress:
                             max_steps=self.max_steps)
                 for n, m in (await self.meta()).items()]
 
-    @api.post("/inject", response_model=InjectResponse, responses=_responses(400, 401, 404, 413, 422, 429, 503),
+    @api.post("/inject", response_model=InjectResponse, responses=_responses(400, 401, 404, 413, 422, 429, 503) | {
+                  200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+                        "description": "JSON (InjectResponse), or with `\"format\": \"zip\"` the image folder as a zip"}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": {"$ref": "#/components/schemas/InjectRequest"}}}}})
     async def inject(self, request: Request) -> InjectResponse:
@@ -469,6 +469,12 @@ class Ingress:
             t2 = time.time()
         if "error" in out:  # failed alone inside its batch
             raise _error(out["error"]["status"], out["error"]["field"], out["error"]["message"])
+        if req.format == "zip":
+            syn = Synthetic(out["images"], torch.tensor(out["labels"]), torch.tensor(out["content"]),
+                            torch.tensor(out["style"]))
+            made = {"gamma": cfg.gamma, "t_edit": cfg.t_edit, "steps": cfg.steps, "seed": req.seed, "unet": out["unet"]}
+            return Response(zip_bytes(syn, made), media_type="application/zip",
+                            headers={"Content-Disposition": 'attachment; filename="synthetic.zip"'})
         samples = [SyntheticSample(image=encode_png(im), label=lab, content=c, style=s)
                    for im, lab, c, s in zip(out["images"], out["labels"], out["content"], out["style"])]
         return InjectResponse(dataset=job["dataset"], samples=samples,

@@ -6,7 +6,7 @@ The per-deployment maxima (``max_samples``, ``max_steps``) are checked in app.py
 The injection settings' ranges are core's (``InjectionConfig.RANGES``), written once.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +53,9 @@ class InjectRequest(BaseModel):
     steps: int | None = Field(None, ge=_RANGES["steps"][0], le=_RANGES["steps"][1], description=(
         "DDIM steps for inversion and generation (default: the dataset's; at most the deployment's max_steps)"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="same request and seed give the same images")
+    format: Literal["json", "zip"] = Field("json", description=(
+        "json: base64 PNGs in the body; zip: the image-folder layout ({label}/{name}.png) with manifest.csv, as "
+        "`diffinject export` writes it"))
 
 
 class SyntheticSample(BaseModel):

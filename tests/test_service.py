@@ -299,6 +299,22 @@ def test_a_datasets_own_injection_settings_reach_its_images(url, quick_run):
     assert [s["image"] for s in overridden] == [s["image"] for s in default]  # the request's field comes first
 
 
+def test_inject_answers_a_zip_of_the_export_layout(url, quick_run):
+    import csv
+    import zipfile
+
+    body = _body(quick_run, seed=11)
+    as_json = _post(url, body).json()["samples"]
+    r = _post(url, body | {"format": "zip"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    rows = list(csv.DictReader(io.StringIO(z.read("manifest.csv").decode())))
+    assert len(rows) == len(as_json) and all(row["kind"] == "synthetic" and row["seed"] == "11" for row in rows)
+    for row, sample in zip(rows, as_json):
+        assert row["file"].startswith(f"{sample['label']}/") and int(row["content"]) == sample["content"]
+        assert z.read(row["file"]) == base64.b64decode(sample["image"])  # the same PNG bytes
+
+
 def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):
     from service.app import InjectorDeployment
 

@@ -1,7 +1,8 @@
 """The ``diffinject`` command: core's commands (``run``, ``train-diffusion``) plus the Ray ones.
 
 ``run --workers N`` fans the generation stage out over N injection actors; ``tune`` sweeps K and gamma with
-Ray Tune; ``prepare`` trains what a Serve config's datasets need before ``serve run``. Ray is imported only by
+Ray Tune; ``prepare`` trains what a Serve config's datasets need before ``serve run``; ``export`` writes a run's
+synthetic samples as an image folder. Ray is imported only by
 the commands that use it.
 """
 
@@ -26,7 +27,22 @@ def build_parser():
                                                  "biased classifier) into their run folders, before `serve run`")
     prep.add_argument("config", help="the Serve config, e.g. deploy/serve.yaml (run from the folder `serve run` uses)")
     prep.set_defaults(func=cmd_prepare)
+    exp = p.commands.add_parser("export", help="write a run's synthetic samples as an image folder "
+                                               "(DIR/{label}/{name}.png) with manifest.csv, for your own training code")
+    exp.add_argument("run_dir", help="a finished run folder (diffinject run --out)")
+    exp.add_argument("--to", required=True, help="a new (or empty) folder")
+    exp.add_argument("--with-real", action="store_true", help="add the training images: DIR is the debiased training set")
+    exp.add_argument("--corpus", action="store_true", help="the diffinject-corpus row's samples instead of the label-free ones")
+    exp.set_defaults(func=cmd_export)
     return p
+
+
+def cmd_export(args) -> int:
+    from core.export import export_run
+
+    done = export_run(args.run_dir, args.to, args.with_real, "synthetic-corpus" if args.corpus else "synthetic")
+    print(f"{done.synthetic} synthetic and {done.real} real images in {done.folder} (manifest.csv lists them)")
+    return 0
 
 
 def cmd_prepare(args) -> int:

@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.diffusion import ddim_scheduler, is_trained, load_unet
+from core.diffusion import ddim_scheduler, is_unet, load_unet, weights_id
 from core.injection import InjectionConfig, Pairs, SettingError, Synthetic, count_evaluations, inject
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A U-Net folder, or a run folder holding one in ``unet/``."""
+    """A U-Net folder (any diffusers layout), or a run folder holding one in ``unet/``."""
     path = Path(path)
     for candidate in (path, path / "unet"):
-        if is_trained(candidate):
+        if is_unet(candidate):
             return candidate
-    raise FileNotFoundError(f"no trained U-Net at {path} (nor in {path / 'unet'})")
+    raise FileNotFoundError(f"no U-Net at {path} (nor in {path / 'unet'})")
 
 
 def images_id(images: torch.Tensor) -> str:
@@ -96,8 +96,7 @@ class Injector:
         self.model_dir = resolve_model_dir(model)
         self.unet = load_unet(self.model_dir, self.device)
         self.scheduler = ddim_scheduler(self.model_dir)
-        weights = self.model_dir / "diffusion_pytorch_model.safetensors"
-        self.model_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        self.model_id = weights_id(self.model_dir)
         self.cache = ContentCache(cache_size)
         self.bucket = bucket
 

@@ -1,0 +1,113 @@
+"""Synthetic samples out of a run, for the user's own training code: an image folder and its manifest.
+
+    DIR/{label}/{name}.png     the layout torchvision's ImageFolder and the datasets library's imagefolder read
+    DIR/manifest.csv           file,label,kind,content,style,gamma,t_edit,steps,seed,unet: how each image was made
+
+``kind`` is ``synthetic`` (content and style are indices into the training split) or ``real`` (``--with-real``: the
+training images themselves, so DIR is the debiased training set). The service answers the same layout as a zip
+(``POST /inject`` with ``"format": "zip"``): :func:`entries` makes both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .diffusion import weights_id
+from .injection import Synthetic
+
+COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "steps", "seed", "unet")
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes (grey for one channel)."""
+    array = image.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def entries(syn: Synthetic, made: dict, real: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``(path, png bytes, manifest row)`` of every image: the synthetic samples (``made``: gamma, t_edit, steps,
+    seed, unet, what each row records of how they were made), then the real images if given."""
+    for i in range(len(syn.labels)):
+        label = int(syn.labels[i])
+        path = f"{label}/synthetic-{i:06d}.png"
+        yield path, png_bytes(syn.images[i]), {"file": path, "label": label, "kind": "synthetic",
+                                               "content": int(syn.content[i]), "style": int(syn.style[i]), **made}
+    if real is not None:
+        images, labels = real
+        for i in range(len(labels)):
+            label = int(labels[i])
+            path = f"{label}/real-{i:06d}.png"
+            yield path, png_bytes(images[i]), {"file": path, "label": label, "kind": "real", "content": i}
+
+
+def manifest_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def zip_bytes(syn: Synthetic, made: dict) -> bytes:
+    """The image-folder layout and its manifest as one zip (the service's ``"format": "zip"``)."""
+    buf, rows = io.BytesIO(), []
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
+        for path, data, row in entries(syn, made):
+            z.writestr(path, data)
+            rows.append(row)
+        z.writestr("manifest.csv", manifest_csv(rows))
+    return buf.getvalue()
+
+
+@dataclass
+class Exported:
+    folder: Path
+    synthetic: int
+    real: int
+
+
+def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, source: str = "synthetic") -> Exported:
+    """Write a run's synthetic samples (``run_dir/<source>/samples.pt``) as an image folder with ``manifest.csv``.
+
+    ``with_real`` adds the run's training images (its dataset is loaded as the run's config says). ``to`` must not
+    exist or be empty: an export never overwrites."""
+    run_dir, to = Path(run_dir), Path(to)
+    samples = run_dir / source / "samples.pt"
+    if not samples.exists():
+        raise FileNotFoundError(f"no synthetic samples at {samples}: finish the run first (diffinject run --out {run_dir})")
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    inj, unet = cfg["injection"], run_dir / ("unet" if source == "synthetic" else "unet-corpus")
+    made = {"gamma": inj["gamma"], "t_edit": inj["t_edit"], "steps": inj["steps"], "seed": cfg["seed"],
+            "unet": weights_id(unet)}
+    real = None
+    if with_real:
+        from .data import load_dataset
+
+        ds = load_dataset(cfg["dataset"], cfg["ratio"], cfg["data_root"], cfg["data_seed"], cfg.get("image_size"))
+        real = (ds.train.images, ds.train.labels)  # task labels only: the bias labels stay behind
+    syn = Synthetic.load(samples)
+    rows = []
+    tmp = to.with_name(to.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export left
+    for path, data, row in entries(syn, made, real):
+        (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / path).write_bytes(data)
+        rows.append(row)
+    (tmp / "manifest.csv").write_text(manifest_csv(rows))
+    if to.exists():
+        to.rmdir()
+    tmp.replace(to)  # whole or not at all
+    return Exported(to, len(syn.labels), 0 if real is None else len(real[1]))
