@@ -4,7 +4,8 @@ with validation checkpoint selection, and the group metrics of the unbiased test
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -145,9 +146,25 @@ def build_encoder(cfg: ClassifierConfig, image_shape: tuple[int, int, int]) -> t
     return model, dim
 
 
+def save_atomic(path: Path, obj) -> None:
+    """``torch.save`` to a temporary file, then rename: a reader (or a rerun after a kill) sees the old file or the
+    new one, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _state(obj):
+    return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+
+
+def _restore(obj, state) -> None:
+    obj.set_state(state) if isinstance(obj, torch.Generator) else obj.load_state_dict(state)
+
+
 def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step, valid_images=None, valid_labels=None,
                device: str = "cpu", desc: str = "classifier", progress: bool = True, on_epoch=None,
-               order=None) -> nn.Module:
+               order=None, checkpoint: Path | None = None, state: dict | None = None) -> nn.Module:
     """The epoch loop every method shares: batches of ``cfg.batch_size`` indices into ``n`` training samples, the
     checkpoint of ``model`` with the best validation accuracy kept.
 
@@ -155,14 +172,32 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     sample order (default: a permutation of ``n`` from a generator seeded by ``seed``, so the same inputs give the
     same model). ``on_epoch(epoch, valid_accuracy)`` is called after each validated epoch (Tune reports it).
     Without a validation split the last epoch is kept. Returns ``model`` in eval mode.
+
+    ``checkpoint`` (a file) is written atomically at the end of every epoch with all the loop needs to go on: the
+    epoch, the step, the epoch-order generator, torch's global RNG, the best validation weights and accuracy, and
+    the state of ``model`` and of every object of ``state`` (name -> anything with ``state_dict`` and
+    ``load_state_dict``, or a ``torch.Generator``: the optimizers, loss averages and generators ``step`` uses).
+    Entries are kept by ``desc``, so the phases of one method (JTT's two) share a file, and one written by another
+    ``n``, ``cfg`` or ``seed`` is ignored. A call that finds its entry resumes after the last complete epoch, to
+    the weights of an uninterrupted run; the caller deletes the file once its result is saved.
     """
     g = torch.Generator().manual_seed(seed)
-    best, best_acc, i = None, -1.0, 0
-    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    objects = {"model": model, **(state or {})}
+    key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
+    phases = torch.load(checkpoint, weights_only=True) if checkpoint is not None and checkpoint.exists() else {}
+    best, best_acc, i, start = None, -1.0, 0, 0
+    saved = phases.get(desc)
+    if saved is not None and saved["key"] == key:
+        for name, obj in objects.items():
+            _restore(obj, saved["state"][name])
+        g.set_state(saved["order_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        best, best_acc, i, start = saved["best"], saved["best_acc"], saved["step"], saved["epoch"]
+    for epoch in tqdm(range(start, cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         model.train()
         perm = order(epoch, g) if order is not None else torch.randperm(n, generator=g)
-        for start in range(0, len(perm), cfg.batch_size):
-            step(perm[start : start + cfg.batch_size], i)
+        for batch_start in range(0, len(perm), cfg.batch_size):
+            step(perm[batch_start : batch_start + cfg.batch_size], i)
             i += 1
         if valid_images is not None:
             acc = accuracy(model, valid_images, valid_labels, device)
@@ -170,6 +205,11 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
                 best, best_acc = copy.deepcopy(model.state_dict()), acc
             if on_epoch is not None:
                 on_epoch(epoch, acc)
+        if checkpoint is not None:
+            phases[desc] = {"key": key, "epoch": epoch + 1, "step": i, "order_rng": g.get_state(),
+                            "torch_rng": torch.get_rng_state(), "best": best, "best_acc": best_acc,
+                            "state": {name: _state(obj) for name, obj in objects.items()}}
+            save_atomic(checkpoint, phases)
     if best is not None:
         model.load_state_dict(best)
     return model.eval()
@@ -178,9 +218,10 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
                      valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
                      loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True,
-                     on_epoch=None, order=None) -> nn.Module:
+                     on_epoch=None, order=None, checkpoint: Path | None = None) -> nn.Module:
     """Train a classifier on uint8 ``images`` with ``loss_fn(logits, targets)`` (default cross entropy); return
-    the epoch with the best validation accuracy (see :func:`train_loop` for ``on_epoch`` and ``order``)."""
+    the epoch with the best validation accuracy (see :func:`train_loop` for ``on_epoch``, ``order`` and
+    ``checkpoint``)."""
     torch.manual_seed(seed)
     model = build_classifier(cfg, tuple(images.shape[1:]), num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,4 +234,4 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: t
         opt.step()
 
     return train_loop(model, len(labels), cfg, seed, step, valid_images, valid_labels, device, desc, progress,
-                      on_epoch, order)
+                      on_epoch, order, checkpoint, {"opt": opt})

@@ -35,12 +35,14 @@ class Mined:
     losses: np.ndarray  # per-sample CE of every training sample under the biased model
 
 
-def train_biased(images, labels, num_classes: int, cfg: MiningConfig, seed: int, device="cpu", progress=True):
-    """The GCE-trained biased classifier (no validation split: it is meant to overfit the shortcut)."""
+def train_biased(images, labels, num_classes: int, cfg: MiningConfig, seed: int, device="cpu", progress=True,
+                 checkpoint=None):
+    """The GCE-trained biased classifier (no validation split: it is meant to overfit the shortcut); ``checkpoint``
+    as :func:`~core.classifier.train_loop`'s."""
     q = cfg.classifier.gce_q
     return train_classifier(images, labels, None, None, cfg.classifier, num_classes, seed,
                             loss_fn=lambda logits, y: gce_loss(logits, y, q), device=device, desc="biased (GCE)",
-                            progress=progress)
+                            progress=progress, checkpoint=checkpoint)
 
 
 def top_k_per_class(losses: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -367,7 +367,7 @@ def test_bucket_makes_a_sample_independent_of_its_batch(tiny_unet, monkeypatch, 
     """With ``bucket`` the same (content, style, seed, sample id) gives bit-identical float output alone, at other
     rows of batches of other sizes and batch-mates, and with its content inversion cached or fresh; without it,
     the batch shape changes the rounding (the control)."""
-    monkeypatch.setattr("core.injection.from_model_space", lambda x, size: x.clone())  # floats, not uint8 levels
+    monkeypatch.setattr("core.injection.from_model_space", lambda x, *_: x.clone())  # floats, not uint8 levels
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

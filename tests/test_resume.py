@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler
+from core import methods as registry
+from core.classifier import ClassifierConfig
+from core.data import ImageSet
+from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
 from core.injection import InjectionConfig, Pairs, inject, plan_pairs
 from core.pipeline import generate_in_process
 
@@ -29,33 +32,81 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
     """Batches whose shard holds their planned pairs are read back, the others made again: the samples (compared
     as floats, before uint8 rounding hides a last-bit difference) and the evaluations equal an uninterrupted run's.
     Contents recur across batches, so a regenerated batch needs inversions its skipped predecessors made."""
-    monkeypatch.setattr("core.injection.from_model_space", lambda x, size: x.clone())
+    monkeypatch.setattr("core.injection.from_model_space", lambda x, *_: x.clone())
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
     labels = torch.arange(16) % 4
-    pairs = plan_pairs(labels, np.array([0, 1, 2, 3, 5]), 10, seed=0)  # five contents cycled over ten pairs
-    cfg = InjectionConfig(steps=5, t_edit=300, gamma=0.9, t_boost=600, batch_size=3)
+    # six contents cycled over twelve pairs in batches of four: batch 0 inverts four new contents, batch 1 two,
+    # batch 2 none (it reuses both groups)
+    pairs = plan_pairs(labels, np.array([0, 1, 2, 3, 5, 6]), 12, seed=0)
+    cfg = InjectionConfig(steps=5, t_edit=300, gamma=0.9, t_boost=600, batch_size=4)
     args = (tiny_unet_dir, images, labels, pairs, cfg, 7)
     plain, plain_evals, _ = generate_in_process(*args, progress=False)
     shards = tmp_path / "shards"
     full, full_evals, _ = generate_in_process(*args, progress=False, shards=shards)
     assert torch.equal(full.images, plain.images) and full_evals == plain_evals
-    assert sorted(p.name for p in shards.iterdir()) == ["0000000.pt", "0000003.pt", "0000006.pt", "0000009.pt"]
+    assert sorted(p.name for p in shards.iterdir()) == ["0000000.pt", "0000004.pt", "0000008.pt"]
 
-    (shards / "0000006.pt").unlink()  # lost: batch 2 needs contents first inverted in batches 0 and 1
-    wrong = torch.load(shards / "0000000.pt", weights_only=True)
-    torch.save(wrong, shards / "0000003.pt")  # another batch's pairs: ignored and made again
+    (shards / "0000008.pt").unlink()  # lost: batch 2 needs the contents inverted with batches 0 and 1
+    torch.save(torch.load(shards / "0000000.pt", weights_only=True), shards / "0000004.pt")  # other pairs: made again
     again, evals, _ = generate_in_process(*args, progress=False, shards=shards)
     assert torch.equal(again.images, full.images) and evals == full_evals
-    assert torch.equal(torch.load(shards / "0000003.pt", weights_only=True)["content"],
-                       torch.as_tensor(pairs.content[3:6]))
-    # the control: batch 2's pairs on their own invert their contents in another grouping, which rounds otherwise
-    alone = inject(build_unet_from(tiny_unet_dir), ddim_scheduler(tiny_unet_dir), images, labels,
-                   Pairs(pairs.content[6:9], pairs.style[6:9]), cfg, 7, progress=False, sample_ids=np.arange(6, 9))
-    assert not torch.equal(alone.images, full.images[6:9])
+    assert torch.equal(torch.load(shards / "0000004.pt", weights_only=True)["content"],
+                       torch.as_tensor(pairs.content[4:8]))
+    # the control: batch 2's pairs on their own invert all four contents together, and that rounds otherwise
+    alone = inject(load_unet(tiny_unet_dir), ddim_scheduler(tiny_unet_dir), images, labels,
+                   Pairs(pairs.content[8:], pairs.style[8:]), cfg, 7, progress=False, sample_ids=np.arange(8, 12))
+    assert not torch.equal(alone.images, full.images[8:])
 
 
-def build_unet_from(folder):
-    from core.diffusion import load_unet
+# ---------------------------------------------------------------------------------------------------------
+# classifier epoch checkpoints
+# ---------------------------------------------------------------------------------------------------------
 
-    return load_unet(folder)
+
+class Killed(Exception):
+    """Stands in for SIGKILL right after a checkpoint is written."""
+
+
+def _planted(n, seed):
+    """Two classes told apart by a bright top half (class 1) on random noise, 28 px."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 60, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
+    images[labels == 1, :, :14] += 150
+    return ImageSet(images, labels, torch.full_like(labels, -1))
+
+
+@pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])
+def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(name, tmp_path, monkeypatch):
+    """Killed after its 1st and again after its 3rd checkpoint (JTT: inside its ERM phase, then inside its second
+    phase), a method resumed from the file ends with the weights (and JTT's error set) of an uninterrupted run."""
+    import core.classifier
+
+    train, valid = _planted(240, 0), _planted(80, 1)
+    cfg = ClassifierConfig(epochs=4, batch_size=32)
+    method = registry.get(name, {"first_epochs": 2} if name == "jtt" else None)
+    plain = method.fit(train, valid, 2, cfg, seed=0, progress=False)
+    real_save, saves = core.classifier.save_atomic, []
+
+    def save_then_die_at(*kills):
+        def save(path, obj):
+            real_save(path, obj)
+            saves.append(path)
+            if len(saves) in kills:
+                raise Killed
+
+        return save
+
+    checkpoint = tmp_path / f"{name}.ckpt.pt"
+    monkeypatch.setattr(core.classifier, "save_atomic", save_then_die_at(1, 4))
+    for _ in range(2):
+        with pytest.raises(Killed):
+            method.fit(train, valid, 2, cfg, seed=0, progress=False, checkpoint=checkpoint)
+        torch.manual_seed(123)  # a resumed process starts with its own global RNG state
+    resumed = method.fit(train, valid, 2, cfg, seed=0, progress=False, checkpoint=checkpoint)
+    # every epoch checkpointed once: no epoch ran twice
+    assert len(saves) == cfg.epochs + (2 if name == "jtt" else 0)
+    a, b = plain.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.info == plain.info

@@ -10,6 +10,7 @@ one subclass that sets ``extra``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -60,9 +61,11 @@ class Method:
         self.params = self.Params(**(params or {}))
 
     def fit(self, train: ImageSet, valid: ImageSet, num_classes: int, cfg: ClassifierConfig, seed: int,
-            device: str = "cpu", progress: bool = True, on_epoch=None) -> Trained:
+            device: str = "cpu", progress: bool = True, on_epoch=None, checkpoint: Path | None = None) -> Trained:
         """Train on ``train`` (its bias labels blanked, the extra data already appended); choose the checkpoint on
-        ``valid`` by task accuracy; call ``on_epoch(epoch, valid_accuracy)`` after each epoch."""
+        ``valid`` by task accuracy; call ``on_epoch(epoch, valid_accuracy)`` after each epoch. ``checkpoint`` (a
+        file, optional) goes to every :func:`~core.classifier.train_loop` of the method with every model,
+        optimizer and loss average its steps use, so a rerun resumes after the last complete epoch."""
         raise NotImplementedError
 
     def build(self, cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -83,6 +86,12 @@ class LossEMA:
     def update(self, loss: torch.Tensor, idx: torch.Tensor) -> None:
         self.value[idx] = self.alpha * self.value[idx] + (1 - self.alpha * self.seen[idx]) * loss.detach().cpu()
         self.seen[idx] = 1.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"value": self.value.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.value, self.seen = state["value"].clone(), state["seen"].clone()
 
     def normalised(self, idx: torch.Tensor) -> torch.Tensor:
         top = torch.zeros(int(self.labels.max()) + 1).scatter_reduce(0, self.labels, self.value, "amax")

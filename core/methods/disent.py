@@ -69,7 +69,8 @@ class DisEnt(Method):
     def build(self, cfg, image_shape, num_classes):
         return DisEntClassifier(cfg, image_shape, num_classes)
 
-    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None) -> Trained:
+    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None,
+            checkpoint=None) -> Trained:
         p = self.params
         torch.manual_seed(seed)
         model = self.build(cfg, tuple(train.images.shape[1:]), num_classes).to(device)
@@ -102,6 +103,7 @@ class DisEnt(Method):
             if i >= swap_from:
                 sched.step()
 
+        state = {"opt": opt, "sched": sched, "ema_i": ema_i, "ema_b": ema_b, "perm_gen": perm_gen}
         model = train_loop(model, len(train), cfg, seed, step, valid.images, valid.labels, device, self.name,
-                           progress, on_epoch)
+                           progress, on_epoch, checkpoint=checkpoint, state=state)
         return Trained(model)

@@ -47,11 +47,16 @@ def upsampled_order(n: int, errors: torch.Tensor, lambda_up: int):
 class JTT(Method):
     name, label, Params = "jtt", "JTT", JTTParams
 
-    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None) -> Trained:
+    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None,
+            checkpoint=None) -> Trained:
+        # both phases checkpoint into one file, each under its own name: a rerun in the second phase gets the
+        # identification model back from the first phase's last entry, without training it again
         first = train_classifier(train.images, train.labels, None, None, replace(cfg, epochs=self.params.first_epochs),
-                                 num_classes, seed, device=device, desc="jtt (ERM)", progress=progress)
+                                 num_classes, seed, device=device, desc="jtt (ERM)", progress=progress,
+                                 checkpoint=checkpoint)
         errors = error_set(first, train.images, train.labels, device)
         model = train_classifier(train.images, train.labels, valid.images, valid.labels, cfg, num_classes, seed,
                                  device=device, desc=self.name, progress=progress, on_epoch=on_epoch,
-                                 order=upsampled_order(len(train), errors, self.params.lambda_up))
+                                 order=upsampled_order(len(train), errors, self.params.lambda_up),
+                                 checkpoint=checkpoint)
         return Trained(model, {"error_set": errors.tolist()})

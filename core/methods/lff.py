@@ -21,7 +21,8 @@ class LfFParams:
 class LfF(Method):
     name, label, Params = "lff", "LfF", LfFParams
 
-    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None) -> Trained:
+    def fit(self, train, valid, num_classes, cfg, seed, device="cpu", progress=True, on_epoch=None,
+            checkpoint=None) -> Trained:
         torch.manual_seed(seed)
         shape = tuple(train.images.shape[1:])
         model_b = build_classifier(cfg, shape, num_classes).to(device)
@@ -44,7 +45,8 @@ class LfF(Method):
             opt_b.step()
             opt_d.step()
 
+        state = {"model_b": model_b, "opt_b": opt_b, "opt_d": opt_d, "ema_b": ema_b, "ema_d": ema_d}
         model = train_loop(model_d, len(train), cfg, seed, step, valid.images, valid.labels, device, self.name,
-                           progress, on_epoch)
+                           progress, on_epoch, checkpoint=checkpoint, state=state)
         return Trained(model)
 
