@@ -35,14 +35,18 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def synthetic_entries(labels, content, style, pngs, made: dict):
+    """``(path, png bytes, manifest row)`` of synthetic samples whose PNGs are encoded already (``made``: gamma,
+    t_edit, steps, seed, unet: what each row records of how they were made)."""
+    for i, (label, c, s, png) in enumerate(zip(labels, content, style, pngs)):
+        path = f"{int(label)}/synthetic-{i:06d}.png"
+        yield path, png, {"file": path, "label": int(label), "kind": "synthetic", "content": int(c), "style": int(s),
+                          **made}
+
+
 def entries(syn: Synthetic, made: dict, real: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``(path, png bytes, manifest row)`` of every image: the synthetic samples (``made``: gamma, t_edit, steps,
-    seed, unet, what each row records of how they were made), then the real images if given."""
-    for i in range(len(syn.labels)):
-        label = int(syn.labels[i])
-        path = f"{label}/synthetic-{i:06d}.png"
-        yield path, png_bytes(syn.images[i]), {"file": path, "label": label, "kind": "synthetic",
-                                               "content": int(syn.content[i]), "style": int(syn.style[i]), **made}
+    """``(path, png bytes, manifest row)`` of every image: the synthetic samples, then the real images if given."""
+    yield from synthetic_entries(syn.labels, syn.content, syn.style, map(png_bytes, syn.images), made)
     if real is not None:
         images, labels = real
         for i in range(len(labels)):
@@ -59,11 +63,12 @@ def manifest_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def zip_bytes(syn: Synthetic, made: dict) -> bytes:
-    """The image-folder layout and its manifest as one zip (the service's ``"format": "zip"``)."""
+def zip_bytes(items) -> bytes:
+    """Entries (:func:`entries`, :func:`synthetic_entries`) as the image-folder layout and its manifest in one zip
+    (the service's ``"format": "zip"``)."""
     buf, rows = io.BytesIO(), []
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
-        for path, data, row in entries(syn, made):
+        for path, data, row in items:
             z.writestr(path, data)
             rows.append(row)
         z.writestr("manifest.csv", manifest_csv(rows))

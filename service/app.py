@@ -40,8 +40,8 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from core.export import png_bytes, zip_bytes
-from core.injection import InjectionConfig, SettingError, Synthetic, plan_pairs
+from core.export import png_bytes, synthetic_entries, zip_bytes
+from core.injection import InjectionConfig, SettingError, plan_pairs
 from core.mining import mine
 from core.classifier import MLP, build_classifier
 from core.diffusion import is_unet
@@ -77,11 +77,6 @@ def check_relative(value: str, what: str) -> None:
     path = PurePosixPath(str(value).replace("\\", "/"))
     if path.is_absolute() or Path(str(value)).is_absolute() or ".." in path.parts:
         raise ValueError(f"{what} {value!r} must be a relative path without '..'")
-
-
-def encode_png(image: torch.Tensor) -> str:
-    """uint8 (C, H, W) -> base64 PNG."""
-    return base64.b64encode(png_bytes(image)).decode()
 
 
 def decode_png(data: str, channels: int) -> torch.Tensor:
@@ -241,7 +236,9 @@ class InjectorDeployment:
         for j in jobs:
             sl = slice(start, start + len(j["content"]))
             start = sl.stop
-            out.append({"images": syn.images[sl], "labels": syn.labels[sl].tolist(), "content": syn.content[sl].tolist(),
+            # PNG coding here, in the replica's executor thread, not on the ingress's single event loop
+            out.append({"png": [png_bytes(im) for im in syn.images[sl]], "labels": syn.labels[sl].tolist(),
+                        "content": syn.content[sl].tolist(),
                         "style": syn.style[sl].tolist(), "inject_seconds": result.seconds, "unet": injector.model_id,
                         "evaluations_per_sample": result.evaluations / max(1, len(syn.labels))})
         return out
@@ -470,13 +467,12 @@ class Ingress:
         if "error" in out:  # failed alone inside its batch
             raise _error(out["error"]["status"], out["error"]["field"], out["error"]["message"])
         if req.format == "zip":
-            syn = Synthetic(out["images"], torch.tensor(out["labels"]), torch.tensor(out["content"]),
-                            torch.tensor(out["style"]))
             made = {"gamma": cfg.gamma, "t_edit": cfg.t_edit, "steps": cfg.steps, "seed": req.seed, "unet": out["unet"]}
-            return Response(zip_bytes(syn, made), media_type="application/zip",
+            items = synthetic_entries(out["labels"], out["content"], out["style"], out["png"], made)
+            return Response(zip_bytes(items), media_type="application/zip",
                             headers={"Content-Disposition": 'attachment; filename="synthetic.zip"'})
-        samples = [SyntheticSample(image=encode_png(im), label=lab, content=c, style=s)
-                   for im, lab, c, s in zip(out["images"], out["labels"], out["content"], out["style"])]
+        samples = [SyntheticSample(image=base64.b64encode(png).decode(), label=lab, content=c, style=s)
+                   for png, lab, c, s in zip(out["png"], out["labels"], out["content"], out["style"])]
         return InjectResponse(dataset=job["dataset"], samples=samples,
                               unet_evaluations_per_sample=round(out["evaluations_per_sample"], 2),
                               batch_requests=out["batch_requests"],
@@ -516,8 +512,9 @@ class Ingress:
         if len(inline.images) > self.max_inline_images:
             raise _error(400, "inline.images", f"{len(inline.images)} images is over the limit of {self.max_inline_images}")
         channels = meta[model]["image_size"][0]
-        try:
-            images = [decode_png(d, channels) for d in inline.images]
+        try:  # off the event loop: other requests go on meanwhile
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [decode_png(d, channels) for d in inline.images])
         except ValueError as e:
             raise _error(400, "inline.images", str(e)) from None
         if len({tuple(im.shape) for im in images}) != 1:

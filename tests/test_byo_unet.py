@@ -127,10 +127,11 @@ def test_the_h_space_is_the_middle_block_whatever_the_depth():
 
 
 def test_zip_of_the_same_layout(byo_run):
-    from core.export import zip_bytes
+    from core.export import entries, zip_bytes
     from core.injection import Synthetic
 
     syn = Synthetic.load(byo_run / "synthetic" / "samples.pt")
-    z = zipfile.ZipFile(io.BytesIO(zip_bytes(syn, {"gamma": 0.9, "t_edit": 300, "steps": 5, "seed": 0, "unet": "x"})))
+    made = {"gamma": 0.9, "t_edit": 300, "steps": 5, "seed": 0, "unet": "x"}
+    z = zipfile.ZipFile(io.BytesIO(zip_bytes(entries(syn, made))))
     rows = list(csv.DictReader(io.StringIO(z.read("manifest.csv").decode())))
     assert sorted(r["file"] for r in rows) == sorted(n for n in z.namelist() if n.endswith(".png"))
