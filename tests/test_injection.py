@@ -10,12 +10,19 @@ from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, to_model
 from core.injection import (
     InjectionConfig,
     Pairs,
+    _alpha,
+    _ddim_move,
+    _evaluate,
     bottleneck_hook,
+    count_evaluations,
     ddim_generate,
     ddim_invert,
+    ddim_timesteps,
     inject,
     plan_pairs,
+    sample_generators,
     slerp,
+    unet_forward,
 )
 
 
@@ -404,3 +411,197 @@ def test_bucket_is_checked(tiny_unet):
         with pytest.raises(ValueError, match="bucket"):
             inject(tiny_unet, ddim_scheduler(cfg=tiny_config()), square_images(), INJECT_LABELS, pairs, _cfg(),
                    progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the hook-free forward: unet_forward against diffusers' forward and the former hook path
+# ---------------------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {
+    "2-level": tiny_config(),
+    "attention": tiny_config(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                             up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8),
+    "4-level": tiny_config(image_size=32, block_out_channels=(8, 16, 16, 32),
+                           down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                           attention_head_dim=8),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def any_unet(request):
+    torch.manual_seed(0)
+    cfg = ARCHITECTURES[request.param]
+    return build_unet(cfg).eval(), ddim_scheduler(cfg=cfg), cfg.image_size
+
+
+def _hook_invert(unet, scheduler, x0, steps, record_h_from=None, h_rows=None):
+    """``ddim_invert`` as it was, recording h with ``bottleneck_hook``: the oracle."""
+    grid = ddim_timesteps(scheduler, steps)[::-1]
+    rows = slice(None) if h_rows is None else slice(0, h_rows)
+    x, hs, captured = x0, {}, {}
+
+    def keep(h):
+        captured["h"] = h
+        return h
+
+    with torch.inference_mode(), bottleneck_hook(unet, keep):
+        for i, t in enumerate(grid):
+            record = record_h_from is not None and t >= record_h_from and h_rows != 0
+            if i == len(grid) - 1:
+                if record:
+                    unet(x[rows], t)
+                    hs[t] = captured["h"]
+                break
+            eps = unet(x, t).sample
+            if record:
+                hs[t] = captured["h"][rows]
+            x = _ddim_move(x, eps, eps, _alpha(scheduler, t), _alpha(scheduler, grid[i + 1]))
+    return x, hs
+
+
+def _hook_generate(unet, scheduler, x_T, cfg, h_content, generators):
+    """``ddim_generate`` as it was, injecting with ``bottleneck_hook`` on the doubled batch: the oracle."""
+    grid = ddim_timesteps(scheduler, cfg.steps)
+    x, n = x_T, len(x_T)
+    with torch.inference_mode():
+        for i, t in enumerate(grid):
+            a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, grid[i + 1] if i + 1 < len(grid) else -1)
+            if t >= cfg.t_edit:
+                def mix(h, h_c=h_content[t]):
+                    return torch.cat([h[:n], slerp(h[n:], h_c, cfg.gamma)])
+
+                with bottleneck_hook(unet, mix):
+                    eps, eps_inj = unet(torch.cat([x, x]), t).sample.chunk(2)
+                x = _ddim_move(x, eps_inj, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
+                continue
+            eps = unet(x, t).sample
+            if t <= cfg.t_boost and i + 1 < len(grid):
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+                x = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+            else:
+                x = _ddim_move(x, eps, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
+    return x
+
+
+@torch.inference_mode()
+def test_unet_forward_is_diffusers_forward(any_unet):
+    unet, _, size = any_unet
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, size, size, generator=g)
+    seen = []
+    with bottleneck_hook(unet, lambda h: seen.append(h) or h):
+        expected = unet(x, 700).sample
+    for t in (700, torch.tensor(700), torch.tensor([700]), torch.tensor([700, 700, 700])):
+        eps, h = unet_forward(unet, x, t)
+        assert torch.equal(eps, expected) and torch.equal(h, seen[0])
+
+
+@pytest.mark.parametrize("variant", ["fourier-centred", "skip-blocks"])
+@torch.inference_mode()
+def test_unet_forward_follows_diffusers_rarer_options(variant):
+    """The Fourier time embedding (its 1/t output scaling), input centring, and the skip blocks' extra path."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    if variant == "fourier-centred":
+        unet = UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           time_embedding_type="fourier", center_input_sample=True).eval()
+    else:
+        unet = UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1,  # their groups: 32
+                           down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                           up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), attention_head_dim=8).eval()
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0.3, 0.3]) if variant == "fourier-centred" else 400
+    expected = unet(x, t).sample
+    assert torch.equal(unet_forward(unet, x, t)[0], expected)
+    torch.testing.assert_close(unet_forward(unet, torch.cat([x, x]), t, copies=2)[0], torch.cat([expected, expected]))
+
+
+@torch.inference_mode()
+def test_unet_forward_replaces_h_by_a_tensor_or_a_function(tiny_unet, unet_input):
+    x, t = unet_input
+    zeroed = torch.zeros(2, 32, 8, 8)
+    with bottleneck_hook(tiny_unet, torch.zeros_like):
+        expected = tiny_unet(x, t).sample
+    eps, h = unet_forward(tiny_unet, x, t, mid=zeroed)
+    assert torch.equal(eps, expected) and h.abs().max() > 0  # h is the middle block's, not the replacement
+    assert torch.equal(unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0], expected)
+
+
+@torch.inference_mode()
+def test_copies_run_the_down_path_once_and_the_up_path_on_every_copy(tiny_unet, unet_input):
+    """``copies`` 2: h has one copy's rows, ``mid`` returns both, and each copy's output is what its own h gives."""
+    x, t = unet_input
+    rows = []
+    handle = tiny_unet.mid_block.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        eps, h = unet_forward(tiny_unet, torch.cat([x, x]), t.repeat(2), lambda h: torch.cat([h, torch.zeros_like(h)]),
+                              copies=2)
+    finally:
+        handle.remove()
+    assert rows == [2] and h.shape == (2, 32, 8, 8) and eps.shape == (4, 3, 16, 16)
+    # against batches of other shapes: equal up to float rounding
+    torch.testing.assert_close(eps[:2], tiny_unet(x, t).sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eps[2:], unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_forward_swap_is_undone_even_on_error(tiny_unet, unet_input):
+    x, t = unet_input
+    with pytest.raises(RuntimeError, match="boom"):
+        _evaluate(tiny_unet, x, 500, mid=lambda h: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert "forward" not in tiny_unet.__dict__
+    with torch.inference_mode():
+        assert torch.equal(_evaluate(tiny_unet, x, 500)[0], tiny_unet(x, 500).sample)
+
+
+@pytest.mark.parametrize("h_rows", [None, 3, 0])
+def test_inversion_equals_the_hook_path(any_unet, h_rows):
+    unet, scheduler, size = any_unet
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(5, 3, size, size, generator=g) * 2 - 1
+    x_T, hs = _hook_invert(unet, scheduler, x0, 6, record_h_from=300, h_rows=h_rows)
+    inv = ddim_invert(unet, scheduler, x0, 6, record_h_from=300, h_rows=h_rows)
+    assert torch.equal(inv.x_T, x_T)
+    assert sorted(inv.h) == sorted(hs) and (h_rows == 0) == (not hs)
+    for t in hs:
+        assert torch.equal(inv.h[t], hs[t])
+
+
+@pytest.mark.parametrize("share_down", [True, False], ids=["shared-down-path", "unshared"])
+def test_generation_equals_the_hook_path(any_unet, share_down):
+    """Injection, the boost's noise and dt_lambda (20 steps: t = 950) all against the former hook path: exactly
+    without sharing (the same operations on the same shapes); with it, the down path runs on half the rows, which
+    may round differently, so within float tolerance (measured equal on this CPU)."""
+    unet, scheduler, size = any_unet
+    g = torch.Generator().manual_seed(4)
+    x_T = torch.randn(4, 3, size, size, generator=g)
+    h_content = ddim_invert(unet, scheduler, torch.rand(4, 3, size, size, generator=g) * 2 - 1, 20,
+                            record_h_from=500).h
+    cfg = InjectionConfig(steps=20, t_edit=500, gamma=0.8, t_boost=200, dt_lambda=0.9)
+    expected = _hook_generate(unet, scheduler, x_T, cfg, h_content, sample_generators(5, range(4)))
+    out = ddim_generate(unet, scheduler, x_T, cfg, h_content, sample_generators(5, range(4)), share_down=share_down)
+    if share_down:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, expected)
+    plain = ddim_generate(unet, scheduler, x_T, cfg, None, sample_generators(5, range(4)))
+    assert (plain - out).abs().max() > 1e-2  # the injection did something
+
+
+def test_an_injection_step_runs_the_middle_block_on_one_copy_and_counts_two(tiny_unet):
+    scheduler = ddim_scheduler(cfg=tiny_config())
+    cfg = InjectionConfig(steps=8, t_edit=500, t_boost=-1)  # injection at 875, 750, 625, 500
+    x_T = torch.randn(3, 3, 16, 16)
+    h_content = ddim_invert(tiny_unet, scheduler, x_T, 8, record_h_from=500).h
+    for share_down, rows in ((True, [3] * 8), (False, [6] * 4 + [3] * 4)):
+        seen = []
+        handle = tiny_unet.mid_block.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+        try:
+            with count_evaluations(tiny_unet) as evals:
+                ddim_generate(tiny_unet, scheduler, x_T, cfg, h_content, share_down=share_down)
+        finally:
+            handle.remove()
+        assert seen == rows
+        assert evals == {"images": 3 * (8 + 4), "calls": 8}  # the doubled batch counts twice either way
