@@ -21,8 +21,20 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _out_folder(out: str | Path) -> Path:
+    """``--out`` as a folder path, refused in one line when it, or the nearest part of it that exists, is not a
+    folder (a file would otherwise end in a traceback from mkdir, or be written into)."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder" if existing == out else
+                         f"--out {out}: {existing} is a file, not a folder")
+    return out
+
+
 def cmd_train_diffusion(args) -> int:
     _threads(args.threads)
+    out = _out_folder(args.out)
     settings = read_settings(args.config) if args.config else {}  # checked before the data is loaded
     flags = {"steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size}
     settings.update({k: v for k, v in flags.items() if v is not None})
@@ -37,7 +49,6 @@ def cmd_train_diffusion(args) -> int:
     split = getattr(ds, args.split)
     if split is None:
         raise DataError(f"dataset {args.dataset!r} has no {args.split!r} split")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
     max_seconds = 60 * args.max_minutes if args.max_minutes else None
@@ -86,7 +97,7 @@ def _overrides(args) -> dict:
 def cmd_run(args) -> int:
     _threads(args.threads)
     cfg = make_config(args.preset, _overrides(args))
-    out = args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}"
+    out = _out_folder(args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}")
     generate = args.make_generator(args) if getattr(args, "make_generator", None) else None
     max_seconds = 60 * args.max_minutes if args.max_minutes else None
     run = Run(out, cfg, device=args.device, progress=not args.no_progress, generate=generate,

@@ -3,6 +3,12 @@ SIGKILL at chosen points that ends with the artifacts of an uninterrupted run.""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +18,10 @@ from core.classifier import ClassifierConfig
 from core.data import ImageSet
 from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
 from core.injection import InjectionConfig, Pairs, inject, plan_pairs
+from core.cli import main
 from core.pipeline import generate_in_process
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = DiffusionConfig(image_size=16, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
@@ -49,8 +58,10 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
 
     (shards / "0000008.pt").unlink()  # lost: batch 2 needs the contents inverted with batches 0 and 1
     torch.save(torch.load(shards / "0000000.pt", weights_only=True), shards / "0000004.pt")  # other pairs: made again
+    kept = (shards / "0000000.pt").stat().st_mtime_ns
     again, evals, _ = generate_in_process(*args, progress=False, shards=shards)
     assert torch.equal(again.images, full.images) and evals == full_evals
+    assert (shards / "0000000.pt").stat().st_mtime_ns == kept  # read back, not made again
     assert torch.equal(torch.load(shards / "0000004.pt", weights_only=True)["content"],
                        torch.as_tensor(pairs.content[4:8]))
     # the control: batch 2's pairs on their own invert all four contents together, and that rounds otherwise
@@ -110,3 +121,98 @@ def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(nam
     a, b = plain.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.info == plain.info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pipeline killed with SIGKILL inside its stages, then rerun
+# ---------------------------------------------------------------------------------------------------------
+
+# A quick run made smaller: the kills need every stage to outlast the poll by a few epochs or batches.
+SMALL = """\
+methods: [diffinject, lff, jtt]
+mining: {classifier: {epochs: 6}}
+diffusion: {steps: 12, checkpoint_every: 4}
+injection: {num_samples: 16, batch_size: 4}
+classifier: {epochs: 4}
+hparams: {jtt: {first_epochs: 2}}
+"""
+
+
+def _argv(config, out):
+    return ["run", "--preset", "quick", "--config", str(config), "--out", str(out), "--no-progress", "--threads", "1"]
+
+
+def _run_until(argv, trigger, timeout=300):
+    """Run the CLI in a subprocess and SIGKILL it as soon as ``trigger()`` holds (polled every 20 ms)."""
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while not trigger():
+            assert proc.poll() is None, f"finished (exit {proc.returncode}) before the kill: {proc.stderr.read()}"
+            assert time.time() < deadline, "the trigger never came"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: nothing gets to clean up
+        proc.wait()
+
+
+def _holds_phase(path, phase):
+    try:
+        return phase in torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return False
+
+
+def _untimed(obj):
+    """``obj`` without its timing entries (any key naming seconds)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if "second" not in k}
+    return obj
+
+
+def _same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_artifacts(tmp_path):
+    """SIGKILL inside the biased classifier, the U-Net's training, the generation stage (after its first shard),
+    LfF and JTT's second phase; rerun until done: every artifact equals an uninterrupted run's, timing aside."""
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_argv(config, a)) == 0
+    kills = [  # (trigger, the stage's artifact the kill must have landed before)
+        (lambda: (b / "biased/model.ckpt.pt").exists(), "biased/model.pt"),
+        (lambda: (b / "unet/checkpoint.pt").exists(), "unet/train.json"),
+        (lambda: (b / "synthetic/shards/0000000.pt").exists(), "synthetic/samples.pt"),
+        (lambda: (b / "classifiers/lff.ckpt.pt").exists(), "classifiers/lff.json"),
+        (lambda: _holds_phase(b / "classifiers/jtt.ckpt.pt", "jtt"), "classifiers/jtt.json"),
+    ]
+    for trigger, artifact in kills:
+        _run_until(_argv(config, b), trigger)
+        assert not (b / artifact).exists(), f"the kill landed after {artifact} was written"
+    done = subprocess.run([sys.executable, "-m", "core.cli", *_argv(config, b)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    assert not list(b.rglob("*.ckpt.pt")) and not (b / "synthetic/shards").exists()  # cleaned up
+    load = lambda folder, name: torch.load(folder / name, weights_only=True)  # noqa: E731
+    assert _same_tensors(load(a, "synthetic/samples.pt"), load(b, "synthetic/samples.pt"))
+    for name in ("biased/model.pt", "classifiers/diffinject.pt", "classifiers/lff.pt", "classifiers/jtt.pt"):
+        assert _same_tensors(load(a, name), load(b, name)), name
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (a / weights).read_bytes() == (b / weights).read_bytes()
+    for name in ("metrics.json", "synthetic/injection.json", "unet/train.json", "biased/mining.json"):
+        assert _untimed(json.loads((a / name).read_text())) == _untimed(json.loads((b / name).read_text())), name
+
+
+@pytest.mark.parametrize("command", [["run", "--preset", "quick"], ["train-diffusion"]])
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_out_at_a_file_is_a_one_line_error(command, where, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a run folder\n")
+    assert main([*command, "--out", str(tmp_path / where), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffinject: error: --out ") and "is a file, not a folder" in err and err.count("\n") == 1
+    assert file.read_text() == "not a run folder\n" and list(tmp_path.iterdir()) == [file]
