@@ -22,11 +22,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD DIFFINJECT_CACHE=$PWD/.whl/cache
 T="--steps 100000 --batch-size 128 --device cuda --threads 4 --no-progress --max-minutes ${TRAIN_MINUTES:-3.2}"
 # the small architecture was the default then; now the deep one is, so the first two name it
-python3 -m core.cli train-diffusion --split corpus --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/corpus \
+python3 -m workers.cli train-diffusion --split corpus --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/corpus \
   > $RES/train-corpus.log 2>&1 &
-python3 -m core.cli train-diffusion --split train --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/biased \
+python3 -m workers.cli train-diffusion --split train --config benchmarks/configs/unet-small.yaml $T --out /tmp/m/biased \
   > $RES/train-biased.log 2>&1 &
-python3 -m core.cli train-diffusion --split corpus --config benchmarks/configs/unet-deep.yaml $T --out /tmp/m/corpus-deep > $RES/train-deep.log 2>&1 &
+python3 -m workers.cli train-diffusion --split corpus --config benchmarks/configs/unet-deep.yaml $T --out /tmp/m/corpus-deep > $RES/train-deep.log 2>&1 &
 wait
 tail -n 3 $RES/train-*.log
 echo "== all took $(( $(date +%s) - $(cat $RES/t0) )) s"

@@ -306,6 +306,6 @@ def load_dataset(name: str = "cmnist", ratio: float = 1.0, data_root: str | None
     """The one entry point: an embedded benchmark when ``data_root`` is None, else the released folders."""
     if data_root is None:
         if name not in EMBEDDED:
-            raise DataError(f"dataset {name!r} needs --data-root (embedded: {', '.join(EMBEDDED)})")
+            raise DataError(f"dataset {name!r} needs data_root, the folder of its released copy (embedded: {', '.join(EMBEDDED)})")
         return embedded(name, ratio, data_seed)
     return load_folder_dataset(data_root, name, ratio, image_size)

@@ -215,9 +215,9 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = {"hard_share": 0.0} | ckpt["config"]  # checkpoints from before hard_share trained uniformly
         if saved != asdict(cfg) | {"steps": saved["steps"]} or ckpt.get("seed", 0) != seed:
-            raise ValueError(f"{ckpt_path} was written by another diffusion config; use another --out")
+            raise ValueError(f"{ckpt_path} was written by another diffusion config; use another output folder")
         if ckpt.get("data_id", data_id) != data_id:
-            raise ValueError(f"{ckpt_path} was trained on other images; use another --out")
+            raise ValueError(f"{ckpt_path} was trained on other images; use another output folder")
         unet.load_state_dict(ckpt["unet"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -262,8 +262,9 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     ema_unet.eval()
     ema_unet.save_pretrained(out)
     ddim_scheduler(cfg=cfg).save_pretrained(out)
-    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
+    (out / "train.json.tmp").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
                                                 "num_images": len(data), "data": about, "loss_every_50": _smooth(losses, 50)}, indent=1))
+    (out / "train.json.tmp").replace(out / "train.json")  # last and atomic: its existence marks the U-Net done
     plot_loss(losses, out / "loss.png")
     return TrainResult(ema_unet, step, losses, seconds)
 

@@ -90,7 +90,7 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
     run_dir, to = Path(run_dir), Path(to)
     samples = run_dir / source / "samples.pt"
     if not samples.exists():
-        raise FileNotFoundError(f"no synthetic samples at {samples}: finish the run first (diffinject run --out {run_dir})")
+        raise FileNotFoundError(f"no synthetic samples at {samples}: finish the run first")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
     cfg = json.loads((run_dir / "config.json").read_text())

@@ -387,7 +387,7 @@ class Run:
             diff = _diff_keys(old, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "
-                                 "use another --out")
+                                 "use another run folder")
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         _save_json(path, self.cfg.to_dict())

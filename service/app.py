@@ -143,7 +143,10 @@ class InjectorDeployment:
         for run in self.runs.values():  # what takes seconds: a shipped or given U-Net copied, an MLP biased model
             run.unet_dir()
             run.biased()
-        self.threads, self.cache_size, self.bucket = threads or _assigned_cpus(), cache_size, bucket
+        threads = threads or _assigned_cpus()
+        if bucket:  # pixels are batch-independent at power-of-two thread counts up to the bucket (core.injection)
+            threads = 1 << (min(threads, bucket).bit_length() - 1)
+        self.threads, self.cache_size, self.bucket = threads, cache_size, bucket
         self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Injector, while held
         _bound_models(self, type(self).injector, max_models_per_replica)
         # one injection at a time: the U-Net's h hook and the content cache are not thread-safe

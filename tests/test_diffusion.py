@@ -128,7 +128,7 @@ def test_time_budget_stops_early_and_resumes_exactly(images, straight, tmp_path,
 
 
 def test_train_diffusion_cli_reads_a_config_file(tmp_path, capsys):
-    from core.cli import main
+    from workers.cli import main
 
     cfg = tmp_path / "unet.yaml"
     cfg.write_text("block_out_channels: [8, 16]\ndown_block_types: [DownBlock2D, DownBlock2D]\n"

@@ -13,6 +13,7 @@ pixels by far more than 1, which ``test_the_comparison_is_sensitive`` checks.
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_evaluation_counts_match_the_formula(model, data, steps, t_edit, gamma):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the half-precision switch (benchmarks/generation.py; the core stays float32)
+# switches: bf16 autocast (benchmarks/generation.py), compiling, the shared down path; the core's defaults
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -183,6 +184,61 @@ def test_bf16_is_off_by_default_and_on_cpu_only_when_forced(model):
     assert output_dtype(bench.unet_autocast("cpu")) == torch.float32  # off by default
     assert output_dtype(bench.unet_autocast("cpu", bf16=True)) == torch.float32  # CPU: only when forced
     assert output_dtype(bench.unet_autocast("cpu", bf16=True, force=True)) == torch.bfloat16
-    for f in dataclasses.fields(InjectionConfig):  # should the core grow a precision setting, it defaults to fp32
-        if f.name in ("precision", "autocast", "bf16"):
-            assert f.default in ("fp32", False, None), f
+
+
+def test_the_core_runs_float32_eager_and_with_the_down_path_shared_by_default(model, data):
+    """inject's defaults: no autocast, nothing compiled, an injection step's two halves share one down path (the
+    middle block sees each pair once per step, count_evaluations still counts both halves)."""
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS["8-steps"]
+    dtypes, mid_rows = set(), []
+    hooks = [unet.conv_out.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype)),
+             unet.mid_block.register_forward_hook(lambda module, args, out: (dtypes.add(out.dtype),
+                                                                              mid_rows.append(len(out)))[0])]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        with count_evaluations(unet) as evals:
+            inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {torch.float32}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert sum(mid_rows) == evals["images"] - injection_steps(cfg) * len(PAIRS.content)
+
+
+def test_the_benchmark_counts_the_flops_of_the_work_done(model):
+    """FLOPs per evaluation against torch's counter on diffusers' own forward (by module), and each fast variant's
+    FLOPs from its evaluations less the down paths it shared."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _generation_benchmark()
+    unet, _ = model
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 3, 16, 16), 500)
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    down = [n for n in by_module if re.fullmatch(r"UNet2DModel\.(time_embedding|conv_in|mid_block|down_blocks\.\d+)", n)]
+    flops = bench.flops_per_evaluation(unet, "cpu")
+    assert flops["total"] == by_module["Global"] > 0
+    assert flops["down_and_middle"] == sum(by_module[n] for n in down) > 0
+
+
+def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
+    bench = _generation_benchmark()
+    import core.injection as injection
+
+    before = injection.unet_forward, injection.ddim_generate
+    opts = {"unet": str(bench.CORPUS_UNET), "device": "cpu", "threads": 1, "steps": 3, "batch_size": 2, "pairs": 2,
+            "reference_pairs": 1, "contents": 2, "seed": 0, "bf16": False, "compile": False}
+    rows = {v: bench.measure(v, opts) for v in ("fast", "fast-unshared")}
+    assert (injection.unet_forward, injection.ddim_generate) == before
+    k = injection_steps(InjectionConfig(steps=3))  # grid 666, 333, 0: t_edit 300 injects twice
+    assert k == 2 and rows["fast"]["shared_down_images"] == k * 2 and rows["fast-unshared"]["shared_down_images"] == 0
+    for row in rows.values():
+        f = row["flops_per_evaluation"]
+        evals = row["evals_per_image"] * row["images"]
+        assert row["gflop"] == round((evals * f["total"] - row["shared_down_images"] * f["down_and_middle"]) / 1e9, 2)
+    assert rows["fast"]["evals_per_image"] == rows["fast-unshared"]["evals_per_image"]
+    assert torch.equal(rows["fast"]["_images"], rows["fast-unshared"]["_images"])

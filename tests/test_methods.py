@@ -134,7 +134,7 @@ def test_unknown_method_or_hyperparameter_is_a_one_line_error():
 
 
 def test_methods_flag_accepts_exactly_the_registry(capsys):
-    from core.cli import build_parser, main
+    from workers.cli import build_parser, main
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     methods_help = next(a.help for a in run._actions if a.dest == "methods")

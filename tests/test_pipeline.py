@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.cli import main
+from workers.cli import main
 from core.data import load_dataset
 from core.methods import REGISTRY
 from core.pipeline import Run, make_config
@@ -280,7 +280,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--k", "0"], "K=0 is out of range"),
     (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
     (["--methods", "vanilla,magic"], "unknown method 'magic'"),
-    (["--hard-share", "1.5"], "hard_share 1.5 must be in [0, 1]"),
+    (["--hard-share", "1.5"], "--hard-share 1.5 must be in [0, 1]"),
 ])
 def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):
     code = main(["run", "--preset", "quick", "--out", str(tmp_path / "r"), "--no-progress", *argv])
@@ -313,7 +313,7 @@ def test_cli_bad_yaml(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "run", "--ratio", "7", "--out", str(tmp_path / "r")],
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "run", "--ratio", "7", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "ratio 7 is not one of" in proc.stderr

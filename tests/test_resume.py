@@ -18,7 +18,7 @@ from core.classifier import ClassifierConfig
 from core.data import ImageSet
 from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
 from core.injection import InjectionConfig, Pairs, inject, plan_pairs
-from core.cli import main
+from workers.cli import main
 from core.pipeline import generate_in_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def _argv(config, out):
 
 def _run_until(argv, trigger, timeout=300):
     """Run the CLI in a subprocess and SIGKILL it as soon as ``trigger()`` holds (polled every 20 ms)."""
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     try:
@@ -192,7 +192,7 @@ def test_killed_run_resumes_to_the_uninterrupted_artifacts(tmp_path):
     for trigger, artifact in kills:
         _run_until(_argv(config, b), trigger)
         assert not (b / artifact).exists(), f"the kill landed after {artifact} was written"
-    done = subprocess.run([sys.executable, "-m", "core.cli", *_argv(config, b)], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "workers.cli", *_argv(config, b)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

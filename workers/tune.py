@@ -37,7 +37,7 @@ import torch
 
 from core import methods as registry
 from core.classifier import build_classifier, group_metrics, predict
-from core.cli import flag_overrides
+from .cli import flag_overrides
 from core.data import ImageSet, pct_name
 from core.injection import InjectionConfig
 from core.mining import mine
@@ -346,7 +346,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
     t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     t.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    # dest grid_*: lists for the sweep, not the single run settings core.cli.flag_overrides reads as k and gamma
+    # dest grid_*: lists for the sweep, not the single run settings workers.cli.flag_overrides reads as k and gamma
     t.add_argument("--k", dest="grid_k", default=None, help=f"comma list of K (mined samples per class); default {_csv(DEFAULTS['k'])}")
     t.add_argument("--gamma", dest="grid_gamma", default=None, help=f"comma list of gamma in [0, 1]; default {_csv(DEFAULTS['gamma'])}")
     t.add_argument("--grid", default=None, help="YAML file: k: [...], gamma: [...], config: {RunConfig overrides}")
