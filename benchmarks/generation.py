@@ -3,16 +3,29 @@
     python benchmarks/generation.py                                  # CPU: shipped U-Net, default steps, batch 64
     python benchmarks/generation.py --device cuda --bf16 --compile   # on a GPU, each switch off and on
     python benchmarks/generation.py --steps 5 --pairs 16 --reference-pairs 2 --out /tmp/generation  # smoke check
+    python benchmarks/generation.py --variants reference fast fast-unshared fast-compiled ddim   # + compiled row
 
-Three variants on the same U-Net, DDIM steps and batch size:
+Variants on the same U-Net, DDIM steps and batch size:
 
 - ``reference``: ``core.reference.reference_inject`` on ``--reference-pairs`` pairs: pair by pair with a batch
   of one, the content re-inverted for every pair, two U-Net calls per injection step.
 - ``fast``: ``core.injection.inject`` on ``--pairs`` pairs planned by ``plan_pairs`` over a pool of ``--contents``
   distinct content images (the true bias-conflict samples of the embedded Colored MNIST 1 % train split first,
   30 of them, then other training images: the size of the mined pool, K = 10 per class), no cache.
+- ``fast-unshared``: ``fast`` with ``ddim_generate(..., share_down=False)``: an injection step runs the whole U-Net
+  on both halves of the doubled batch (what the hook path did) instead of the down path and middle block once.
+- ``fast-compiled`` (not run unless named in ``--variants``: compiling takes minutes on a CPU): ``fast`` with
+  ``core.injection.unet_forward``, the hook-free U-Net forward, replaced by ``torch.compile(unet_forward,
+  fullgraph=True)``. Its warm-up is a whole untimed run of the variant (every graph compiled before the timing;
+  ``compiles_timed`` counts graphs compiled during the timing anyway), so its peak memory is not reported on CPU
+  (the compiler's would be in the process's peak).
 - ``ddim``: plain deterministic DDIM from Gaussian noise, ``--pairs`` images (``ddim_generate`` without h and
   without the quality-boost steps): what sampling alone costs on this U-Net.
+
+``fast-unshared`` and ``fast-compiled`` also report how far their images are from ``fast``'s (uint8 levels). The
+shared down path saves about 4 % of the fast path's FLOPs at the defaults, less than a noisy machine's drift between
+two variants run one after the other, so the run also times one injection step's U-Net call both ways, alternately
+(``--step-reps``; ``injection_step`` in the JSON).
 
 For each: images/s, U-Net evaluations per image (counted with ``count_evaluations``, and the formula of
 ``core.reference.evaluations_per_sample``), and peak memory. Memory on CUDA: ``torch.cuda.max_memory_allocated``
@@ -22,8 +35,21 @@ just before the variant started, so it is the working memory of the variant (tra
 allocations). Outside the timing, every variant first runs once on CUDA (cuDNN autotuning and the compiler see
 every shape it uses) and calls the U-Net once at each of its main batch sizes on CPU. U-Net calls are counted
 too: on a GPU at these sizes a call costs about the same whatever its batch, so calls, not evaluations, set the
-speed there (the fast path inverts styles and new contents in the same calls on CUDA). ``--bf16`` (autocast) and ``--compile`` (the U-Net's blocks compiled with
-``torch.compile``) add rows with the switch on, and apply on CUDA only. Writes ``{--out}.md`` and ``{--out}.json``
+speed there (the fast path inverts styles and new contents in the same calls on CUDA). ``--bf16`` (autocast) and
+``--compile`` (the U-Net's blocks compiled with ``torch.compile``) add rows with the switch on, and apply on CUDA
+only.
+
+Roofline: the FLOPs of one U-Net evaluation (one image) come from ``torch.utils.flop_counter.FlopCounterMode``
+on ``unet_forward`` (matmuls, convolutions, attention's products; not norms or activations), and those of its time
+embedding, down path and middle block alone from the same counter on a doubled batch whose down path runs once.
+A variant's FLOPs are evaluations x the first, less the second for every image whose down path was shared
+(counted at ``unet_forward``); divided by its seconds, its achieved GFLOP/s (``rows[i].gflops``). The same run
+measures the machine's GEMM rate (``torch.mm`` on ``--gemm-size`` square matrices, fp32 and, where the device has
+it (CUDA, or a CPU with avx512_bf16 or amx_bf16), bf16, at the same thread count, median of ``--gemm-reps``; top
+level ``gemm_gflops``), and each row's share of it (``rows[i].gemm_fraction``, against the bf16 rate for bf16
+rows).
+
+Writes ``{--out}.md`` and ``{--out}.json``
 (default ``benchmarks/results/generation``) with the command, device name and torch version.
 """
 
@@ -31,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import platform
@@ -43,16 +70,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import core.injection as injection  # noqa: E402
 from core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
 from core.injection import InjectionConfig, count_evaluations, ddim_generate, inject, plan_pairs  # noqa: E402
 from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("reference", "fast", "ddim")
+VARIANTS = ("reference", "fast", "fast-unshared", "fast-compiled", "ddim")
+DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,7 +106,7 @@ def unet_autocast(device: str, bf16: bool = False, force: bool = False):
 def compile_unet(unet) -> None:
     """``torch.compile`` the U-Net's blocks in place, leaving the two places where hooks sit eager.
 
-    ``bottleneck_hook`` hooks ``unet.mid_block`` with a new closure at every injection step, and
+    ``core.reference`` hooks ``unet.mid_block`` (``bottleneck_hook``) with a new closure at every injection step, and
     ``count_evaluations`` hooks ``unet`` itself; compiling either would recompile on every hook change. So the
     down and up blocks and the mid block's inner layers are compiled, and the top level and ``mid_block`` stay as
     they are.
@@ -117,15 +148,58 @@ def _chunks(n: int, size: int) -> list[int]:
     return sorted({min(size, n - start) for start in range(0, n, size)})
 
 
+def flops_per_evaluation(unet, device: str) -> dict:
+    """FLOPs of one U-Net evaluation (one image, any timestep), and of its time embedding, down path and middle
+    block alone (what a shared down path saves per image), from torch's FLOP counter on ``unet_forward``. Attention
+    runs in its plain-math form here: the counter has no formula for the CPU's fused attention kernel and would miss
+    its two products (the same FLOPs either way)."""
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    x = torch.randn((1, unet.config.in_channels, size, size), device=device)
+    t = torch.tensor([500], device=device)
+    counts = []
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        for sample, mid, copies in ((x, None, 1), (torch.cat([x, x]), lambda h: torch.cat([h, h]), 2)):
+            with FlopCounterMode(display=False) as counter:
+                injection.unet_forward(unet, sample, t, mid, copies)
+            counts.append(counter.get_total_flops())
+    return {"total": counts[0], "down_and_middle": 2 * counts[0] - counts[1]}
+
+
 def measure(variant: str, opts: dict) -> dict:
-    """Run one variant once (after a warm-up of U-Net calls) and return its numbers."""
+    """Run one variant once (after a warm-up) and return its numbers (and, under ``_images``, its images).
+
+    The variants swap ``core.injection``'s ``unet_forward`` and ``ddim_generate`` (which ``inject`` looks up at
+    every call); they are put back afterwards.
+    """
+    saved = injection.unet_forward, injection.ddim_generate
+    try:
+        return _measure(variant, opts)
+    finally:
+        injection.unet_forward, injection.ddim_generate = saved
+
+
+def _measure(variant: str, opts: dict) -> dict:
     torch.set_num_threads(opts["threads"])
     device, bs = opts["device"], opts["batch_size"]
     cuda = torch.device(device).type == "cuda"
     unet = load_unet(opts["unet"], device)
     scheduler = ddim_scheduler(opts["unet"])
+    flops = flops_per_evaluation(unet, device)  # eager, before anything is compiled
     if opts["compile"]:
         compile_unet(unet)
+    forward = injection.unet_forward
+    if variant == "fast-compiled":
+        forward = torch.compile(forward, fullgraph=True)
+    if variant == "fast-unshared":
+        injection.ddim_generate = functools.partial(injection.ddim_generate, share_down=False)  # inject's lookup
+    shared = {"images": 0}  # images whose time embedding, down path and middle block another copy's call made
+
+    def counted_forward(unet, sample, timestep, mid=None, copies=1, class_labels=None):
+        shared["images"] += sample.shape[0] - sample.shape[0] // copies
+        return forward(unet, sample, timestep, mid, copies, class_labels)
+
+    injection.unet_forward = counted_forward
     images, labels, pool, source = load_images(opts["contents"], opts["seed"])
     cfg = InjectionConfig(steps=opts["steps"], batch_size=bs)
     n = opts["reference_pairs"] if variant == "reference" else opts["pairs"]
@@ -134,7 +208,7 @@ def measure(variant: str, opts: dict) -> dict:
 
     if variant == "reference":
         shapes, expected = [1], evaluations_per_sample(cfg, reference=True, scheduler=scheduler)
-    elif variant == "fast":
+    elif variant.startswith("fast"):
         shapes = _chunks(distinct, bs) + _chunks(n, bs) + [2 * s for s in _chunks(n, bs)]
         expected = evaluations_per_sample(cfg, reference=False, contents_per_sample=distinct / n, scheduler=scheduler)
     else:
@@ -145,7 +219,7 @@ def measure(variant: str, opts: dict) -> dict:
     def run():
         if variant == "reference":
             return reference_inject(unet, scheduler, images, labels, pairs, cfg, opts["seed"], device).images
-        if variant == "fast":
+        if variant.startswith("fast"):
             return inject(unet, scheduler, images, labels, pairs, cfg, opts["seed"], device, progress=False).images
         plain = InjectionConfig(steps=cfg.steps, t_boost=-1, batch_size=bs)
         g = torch.Generator().manual_seed(opts["seed"])
@@ -153,18 +227,23 @@ def measure(variant: str, opts: dict) -> dict:
         return torch.cat([from_model_space(ddim_generate(unet, scheduler, x_T[s : s + bs].to(device), plain).cpu(),
                                            images.shape[-1]) for s in range(0, n, bs)])
 
-    with unet_autocast(device, opts["bf16"]), torch.inference_mode():
-        if cuda:  # warm-up: the whole variant once (cuDNN autotuning and compiling see every shape it uses)
-            run()
+    warm = time.perf_counter()
+    with unet_autocast(device, opts["bf16"]):
+        if cuda or variant == "fast-compiled":  # the whole variant once: autotuning and compiling see every shape
+            run()  # as timed, outside inference mode: its tensors would fail the compiled graphs' guards
         else:  # every batch shape once
-            for s in sorted(set(shapes)):
-                unet(torch.randn((s, unet.config.in_channels, size, size), device=device), 500)
+            with torch.inference_mode():
+                for s in sorted(set(shapes)):
+                    unet(torch.randn((s, unet.config.in_channels, size, size), device=device), 500)
+    warm = time.perf_counter() - warm
+    graphs = _compiled_graphs()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
+    shared["images"] = 0
     with unet_autocast(device, opts["bf16"]), count_evaluations(unet) as evals:
         t0 = time.perf_counter()
         out = run()
@@ -173,11 +252,95 @@ def measure(variant: str, opts: dict) -> dict:
         seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if cuda else _maxrss_bytes()) - before
     assert len(out) == n
-    return {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
-            "distinct_contents": distinct if variant != "ddim" else None, "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
-            "unet_calls": evals["calls"],
-            "evals_formula": round(expected, 3), "peak_mib": round(max(peak, 0) / 2**20, 1), "data": source}
+    executed = evals["images"] * flops["total"] - shared["images"] * flops["down_and_middle"]
+    row = {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
+           "distinct_contents": distinct if variant != "ddim" else None, "seconds": round(seconds, 3),
+           "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
+           "unet_calls": evals["calls"],
+           "evals_formula": round(expected, 3),
+           "peak_mib": None if variant == "fast-compiled" and not cuda else round(max(peak, 0) / 2**20, 1),
+           "data": source,
+           "shared_down_images": shared["images"], "gflop": round(executed / 1e9, 2),
+           "gflops": round(executed / 1e9 / seconds, 2), "flops_per_evaluation": flops,
+           "_images": out}
+    if variant == "fast-compiled":
+        row |= {"warmup_s": round(warm, 1), "compiled_graphs": graphs, "compiles_timed": _compiled_graphs() - graphs}
+    return row
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def gemm_rate(dtype: str, opts: dict) -> dict:
+    """GFLOP/s of ``torch.mm`` on two square ``gemm_size`` matrices (2 n^3 FLOPs), at ``threads`` threads: one
+    untimed call, then ``gemm_reps`` timed ones; the median, and the best."""
+    torch.set_num_threads(opts["threads"])
+    device, size = opts["device"], opts["gemm_size"]
+    cuda = torch.device(device).type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn((size, size), generator=g).to(device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    rates = []
+    for i in range(opts["gemm_reps"] + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            rates.append(2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return {"median": round(float(np.median(rates)), 1), "best": round(max(rates), 1)}
+
+
+def injection_step(_, opts: dict) -> dict:
+    """One injection step's U-Net call on a doubled batch of ``batch_size`` pairs, the down path shared
+    (``copies`` 2) and not, alternately ``step_reps`` times after one untimed call of each: median seconds, and
+    the speedup against what the FLOPs predict. Interleaved on the same inputs, so a noisy machine slows both."""
+    torch.set_num_threads(opts["threads"])
+    device, n = opts["device"], opts["batch_size"]
+    cuda = torch.device(device).type == "cuda"
+    unet = load_unet(opts["unet"], device)
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    g = torch.Generator().manual_seed(opts["seed"])
+    x = torch.randn((n, unet.config.in_channels, size, size), generator=g).to(device)
+    t = torch.tensor([500], device=device)
+    with torch.inference_mode():
+        h_c = injection.unet_forward(unet, x.flip(0), t)[1]
+
+        def mix(h):
+            return torch.cat([h[:n], injection.slerp(h[-n:], h_c, 0.9)])
+
+        seconds = {2: [], 1: []}
+        for rep in range(opts["step_reps"] + 1):
+            for copies in seconds:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                injection.unet_forward(unet, torch.cat([x, x]), t, mix, copies)
+                if cuda:
+                    torch.cuda.synchronize()
+                if rep:
+                    seconds[copies].append(time.perf_counter() - t0)
+    flops = flops_per_evaluation(unet, device)
+    shared, unshared = (float(np.median(seconds[c])) for c in (2, 1))
+    return {"batch": n, "reps": opts["step_reps"], "shared_s": round(shared, 3), "unshared_s": round(unshared, 3),
+            "speedup": round(unshared / shared, 3),
+            "speedup_by_flops": round(2 * flops["total"] / (2 * flops["total"] - flops["down_and_middle"]), 3)}
+
+
+def has_bf16(device: str) -> bool:
+    """Whether the device has bf16 arithmetic: CUDA, or a CPU with avx512_bf16 or amx_bf16."""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _rss_bytes() -> int:
@@ -189,12 +352,12 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def measure_isolated(variant: str, opts: dict) -> dict:
-    """``measure`` in a fresh process on CPU (so the peak RSS is this variant's); in this process on CUDA."""
+def measure_isolated(variant: str, opts: dict, fn=measure) -> dict:
+    """``fn`` (``measure``) in a fresh process on CPU (so the peak RSS is this variant's); in this process on CUDA."""
     if torch.device(opts["device"]).type == "cuda":
-        return measure(variant, opts)
+        return fn(variant, opts)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, variant, opts).result()
+        return pool.submit(fn, variant, opts).result()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,6 +375,10 @@ def device_name(device: str) -> str:
     return f"CPU {model}"
 
 
+def _fmt(value, spec: str = "g", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Generation speed ({result['device_name']}, torch {result['torch']})", "",
@@ -219,19 +386,51 @@ def markdown(result: dict) -> str:
              f"U-Net `{s['unet']}`, {s['steps']} DDIM steps, batch {s['batch_size']}, {s['threads']} CPU thread(s); "
              f"reference on {s['reference_pairs']} pairs, fast path on {s['pairs']} pairs over {s['contents']} "
              f"contents (no cache), plain DDIM on {s['pairs']} images. Data: {result['rows'][0]['data']}. "
-             f"Peak memory: {result['memory']}.", "",
-             "| bf16 | compile | variant | images | images/s | U-Net evals / image (formula) | U-Net calls | peak MiB | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Peak memory: {result['memory']}.", ""]
+    flops, gemm = result["rows"][0].get("flops_per_evaluation"), result.get("gemm")
+    if flops and gemm:
+        bf16, share = gemm.get("bf16"), 100 * flops["down_and_middle"] / flops["total"]
+        bf16 = f"{bf16['median']:g} GFLOP/s (best {bf16['best']:g})" if bf16 else f"not measured ({gemm['bf16_note']})"
+        lines += [f"Roofline: one U-Net evaluation (one image) is {flops['total'] / 1e9:.3f} GFLOP by torch's "
+                  f"counter (matmuls, convolutions, attention), {share:.1f} % of it the time embedding, down path "
+                  f"and middle block (what a shared down path saves). GEMM (`torch.mm`, {gemm['size']}x{gemm['size']}, "
+                  f"{gemm['threads']} thread(s), median of {gemm['reps']}): fp32 {gemm['fp32']['median']:g} GFLOP/s "
+                  f"(best {gemm['fp32']['best']:g}), bf16 {bf16}. GFLOP/s: the variant's FLOPs over its seconds; "
+                  "of GEMM: that over the GEMM rate of its precision.", ""]
+    lines += ["| bf16 | compile | variant | images | images/s | U-Net evals / image (formula) | U-Net calls | GFLOP/s "
+              "| of GEMM | peak MiB | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        fraction = r.get("gemm_fraction")
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | {r['variant']} | "
                      f"{r['images']} | {r['images_per_s']:.2f} | {r['evals_per_image']:g} ({r['evals_formula']:g}) | "
-                     f"{r.get('unet_calls', '-')} | "
-                     f"{r['peak_mib']:g} | {r['seconds']:.1f} |")
-    lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) |",
-              "|---|---|---|---|"]
+                     f"{r.get('unet_calls', '-')} | {_fmt(r.get('gflops'), '.1f')} | "
+                     f"{'-' if fraction is None else f'{100 * fraction:.0f} %'} | "
+                     f"{_fmt(r['peak_mib'])} | {r['seconds']:.1f} |")
+    lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) "
+              "| fast / fast-unshared (shared down path) | fast-compiled / fast |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | "
-                     f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} |")
+                     f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} | "
+                     f"{r.get('fast_over_unshared') or '-'} | {r.get('compiled_over_fast') or '-'} |")
+    notes = []
+    if result.get("injection_step"):
+        step = result["injection_step"]
+        notes.append(f"- one injection step's U-Net call on {step['batch']} pairs (the doubled batch), alternately "
+                     f"{step['reps']} times: shared down path {step['shared_s']:g} s, unshared "
+                     f"{step['unshared_s']:g} s (median): {step['speedup']:g}x faster "
+                     f"({step['speedup_by_flops']:g}x by FLOPs)")
+    for r in result["rows"]:
+        if r.get("vs_fast"):
+            v = r["vs_fast"]
+            notes.append(f"- {r['variant']} (bf16 {'on' if r['bf16'] else 'off'}, compile "
+                         f"{'on' if r['compile'] else 'off'}) against fast: {v['pixels_differ']} of {v['pixels']} "
+                         f"uint8 pixels differ, by at most {v['max_abs_diff']}")
+        if "compiled_graphs" in r:
+            notes.append(f"- {r['variant']}: warm-up (compiling, and one untimed run) {r['warmup_s']:g} s, "
+                         f"{r['compiled_graphs']} graph(s) compiled, {r['compiles_timed']} during the timing")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 
@@ -246,9 +445,14 @@ def main(argv=None) -> dict:
     p.add_argument("--reference-pairs", type=int, default=16)
     p.add_argument("--contents", type=int, default=100, help="distinct content images in the pool")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                   help="run in this order (default: all but fast-compiled)")
     p.add_argument("--bf16", action="store_true", help="also measure with bfloat16 autocast (CUDA only)")
-    p.add_argument("--compile", action="store_true", help="also measure with the U-Net compiled (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="also measure with the U-Net's blocks compiled (CUDA only)")
+    p.add_argument("--gemm-size", type=int, default=None, help="GEMM matrices' side (default 2048, 8192 on CUDA)")
+    p.add_argument("--gemm-reps", type=int, default=5, help="timed torch.mm calls per precision")
+    p.add_argument("--step-reps", type=int, default=5,
+                   help="timed injection-step calls, shared down path and not, alternately (0: none)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation"),
                    help="writes OUT.md and OUT.json")
     args = p.parse_args(argv)
@@ -272,22 +476,56 @@ def main(argv=None) -> dict:
                                   if Path(args.unet).resolve().is_relative_to(ROOT) else args.unet},
               "rows": [], "ratios": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    gemm_opts = {"device": args.device, "threads": args.threads, "gemm_reps": args.gemm_reps,
+                 "gemm_size": args.gemm_size or (8192 if cuda else 2048)}
+    bf16_here = has_bf16(args.device)
+    gemm = {"size": gemm_opts["gemm_size"], "threads": args.threads, "reps": args.gemm_reps, "statistic": "median",
+            "fp32": measure_isolated("float32", gemm_opts, gemm_rate),
+            "bf16": measure_isolated("bfloat16", gemm_opts, gemm_rate) if bf16_here else None,
+            "bf16_note": None if bf16_here else "this CPU has no avx512_bf16 or amx_bf16: bf16 would be emulated"}
+    result["gemm_gflops"] = {"fp32": gemm["fp32"]["median"], "bf16": gemm["bf16"] and gemm["bf16"]["median"],
+                             "threads": args.threads}
+    result["gemm"] = gemm
+    print(f"GEMM {gemm['size']}x{gemm['size']}, {args.threads} thread(s): fp32 {result['gemm_gflops']['fp32']} "
+          f"GFLOP/s, bf16 {result['gemm_gflops']['bf16'] or gemm['bf16_note']}", flush=True)
+    if args.step_reps > 0:
+        result["injection_step"] = step = measure_isolated("", opts | {"step_reps": args.step_reps}, injection_step)
+        print(f"injection step, batch {step['batch']} doubled: shared down path {step['shared_s']} s, unshared "
+              f"{step['unshared_s']} s: {step['speedup']}x (FLOPs: {step['speedup_by_flops']}x)", flush=True)
+
     for bf16, compiled in switches:
-        by_variant = {}
+        by_variant, images = {}, {}
         for variant in args.variants:
+            if compiled and variant == "fast-compiled":
+                continue  # the blocks are compiled already
             row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
-            print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:9} {row['images_per_s']:8.2f} images/s, "
+            images[variant] = row.pop("_images")
+            gemm_rate_here = result["gemm_gflops"]["bf16" if bf16 else "fp32"]
+            row["gemm_fraction"] = round(row["gflops"] / gemm_rate_here, 3) if gemm_rate_here else None
+            print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:13} {row['images_per_s']:8.2f} images/s, "
                   f"{row['evals_per_image']:g} evals/image (formula {row['evals_formula']:g}), "
-                  f"peak {row['peak_mib']:g} MiB, {row['seconds']:.1f} s", flush=True)
+                  f"{row['gflops']:.1f} GFLOP/s ({_fmt(row['gemm_fraction'] and 100 * row['gemm_fraction'], '.0f')} % "
+                  f"of GEMM), peak {_fmt(row['peak_mib'])} MiB, {row['seconds']:.1f} s", flush=True)
             result["rows"].append(row)
-            by_variant[variant] = row["images_per_s"]
+            by_variant[variant] = row
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
+        for variant in ("fast-unshared", "fast-compiled"):
+            if variant in images and "fast" in images:
+                diff = (images[variant].int() - images["fast"].int()).abs()
+                by_variant[variant]["vs_fast"] = {"max_abs_diff": int(diff.max()),
+                                                  "pixels_differ": int((diff > 0).sum()), "pixels": diff.numel()}
+
+        def ratio(a, b):
+            return round(by_variant[a]["images_per_s"] / by_variant[b]["images_per_s"], 2) \
+                if a in by_variant and b in by_variant else None
+
         if "fast" in by_variant:
-            result["ratios"].append({
-                "bf16": bf16, "compile": compiled,
-                "fast_over_reference": round(by_variant["fast"] / by_variant["reference"], 2)
-                if "reference" in by_variant else None,
-                "fast_over_ddim": round(by_variant["fast"] / by_variant["ddim"], 2) if "ddim" in by_variant else None})
+            result["ratios"].append({"bf16": bf16, "compile": compiled,
+                                     "fast_over_reference": ratio("fast", "reference"),
+                                     "fast_over_ddim": ratio("fast", "ddim"),
+                                     "fast_over_unshared": ratio("fast", "fast-unshared"),
+                                     "compiled_over_fast": ratio("fast-compiled", "fast")})
 
     table = markdown(result)
     print("\n" + table)
