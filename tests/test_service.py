@@ -246,7 +246,7 @@ def test_inside_the_batch_a_failing_job_fails_alone(url, quick_run):
     out = [r.result() for r in responses]
     assert [o["error"]["field"] for o in out[2:4]] == ["seed", "style"] and all(o["error"]["status"] == 400
                                                                               for o in out[2:4])
-    assert all("error" not in o and len(o["images"]) == 2 for o in out[:2] + out[4:])
+    assert all("error" not in o and len(o["png"]) == 2 for o in out[:2] + out[4:])
     assert max(o["batch_requests"] for o in out) > 1  # they did share a batch
 
 
