@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,10 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from service_load import local_serve, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,7 +105,6 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "fault_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
 
-    import ray
     from ray import serve
 
     from core.pipeline import Run, make_config
@@ -112,15 +113,9 @@ def main() -> None:
     run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
     run.unet_dir()  # trained here once, so the replicas only load it
     pool = [int(i) for i in run.mined()]
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
     body = {"dataset": "quick", "conflict_indices": pool, "num_samples": args.samples, "steps": args.steps, "seed": 0}
     rows = []
-    try:
+    with local_serve(args.cpus) as url:
         for replicas in (int(r) for r in args.replicas.split(",")):
             injector = InjectorDeployment.options(
                 num_replicas=replicas, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
@@ -138,9 +133,6 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             serve.delete("fault")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     cmd = ("python benchmarks/fault_load.py " + " ".join(sys.argv[1:])).strip()
     lines = [f"# Fault load: POST /inject under {args.clients} clients, one injector replica killed with kill -9", "",
@@ -153,10 +145,7 @@ def main() -> None:
         lines.append(f"| {r['replicas']} | {r['requests']} | {r['failed_first_attempt']} | {r['by_status'] or '-'} | "
                      f"{r['lost_after_one_retry']} | {r['server_errors_500']} | "
                      f"{r['seconds_until_success_after_kill']} | {r['slowest_request_s']} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=1) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, {"command": cmd, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import drive  # noqa: E402
+from service_load import drive, local_serve, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,7 +37,6 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "ingress_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
 
-    import ray
     import torch
     from ray import serve
 
@@ -67,15 +65,9 @@ def main() -> None:
                     "content": job["content"].tolist(), "style": job["style"].tolist(), "inject_seconds": 0.0,
                     "unet": "stub", "evaluations_per_sample": 0.0, "batch_requests": 1}
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
     body = {"dataset": "stub", "conflict_indices": list(range(0, 60, 3)), "num_samples": args.samples, "seed": 0}
     rows = []
-    try:
+    with local_serve(args.cpus) as url:
         for replicas in (int(r) for r in args.replicas.split(",")):
             app = Ingress.options(num_replicas=replicas, max_ongoing_requests=256,
                                   ray_actor_options={"num_cpus": 0.5}).bind(
@@ -86,9 +78,6 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             serve.delete("ingress")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     cmd = ("python benchmarks/ingress_load.py " + " ".join(sys.argv[1:])).strip()
     lines = [f"# Ingress alone: POST /inject against a stub injector, {args.clients} clients", "",
@@ -98,10 +87,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['ingress_replicas']} | {r['requests_per_s']} | {r['p50_s']} | {r['p95_s']} | "
                      f"{r['p99_s']} | {r['errors']} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=1) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, {"command": cmd, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ deploy/serve.yaml); it then generates on CUDA. Writes ``{--out}.md`` and ``{--ou
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RESULTS = Path(__file__).parent / "results"
+
+
+@contextlib.contextmanager
+def local_serve(cpus: int, gpus: float = 0):
+    """A local Ray cluster with Serve on a free port of 127.0.0.1; yields its URL; always shut down."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=cpus, num_gpus=1 if gpus else 0, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def write_results(out: str, lines: list[str], payload: dict) -> None:
+    """``out.md`` (the table lines) and ``out.json``; the table printed too."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print("\n".join(lines))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,7 +147,6 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "service_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
 
-    import ray
     import torch
     from ray import serve
 
@@ -130,16 +156,10 @@ def main() -> None:
     run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
     run.unet_dir()  # trained here once, so the replicas only load it
     pool = [int(i) for i in run.mined()]
-    ray.init(num_cpus=args.cpus, num_gpus=1 if args.gpus else 0, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
     body = {"dataset": "quick", "conflict_indices": pool, "num_samples": args.samples, "steps": args.steps, "seed": 0}
     clients = [int(c) for c in args.clients.split(",")]
     table = []
-    try:
+    with local_serve(args.cpus, args.gpus) as url:
         for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
             injector = InjectorDeployment.options(
                 max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.threads,
@@ -155,9 +175,6 @@ def main() -> None:
                 table.append(row)
                 print(json.dumps(row), flush=True)
             serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     ceiling = in_process_ceiling(run, pool, args)
     device = torch.cuda.get_device_name(0) if args.gpus and torch.cuda.is_available() else "CPU"
@@ -180,12 +197,8 @@ def main() -> None:
               f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
               f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
               f"({ceiling['ratio']}x)."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"command": cmd.strip(), "device": device, "rows": table, "ratios": ratios,
-                                                           "in_process_ceiling": ceiling},
-                                                          indent=1) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, {"command": cmd.strip(), "device": device, "rows": table, "ratios": ratios,
+                                    "in_process_ceiling": ceiling})
 
 
 if __name__ == "__main__":
