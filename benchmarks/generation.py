@@ -60,6 +60,7 @@ import contextlib
 import functools
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import shlex
@@ -466,7 +467,9 @@ def main(argv=None) -> dict:
 
     opts = {k: getattr(args, k) for k in ("unet", "device", "threads", "steps", "batch_size", "pairs",
                                           "reference_pairs", "contents", "seed")}
-    command = shlex.join(["python", "benchmarks/generation.py", *(sys.argv[1:] if argv is None else argv)])
+    env = [f"{k}={os.environ[k]}" for k in ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+           if k in os.environ]  # settings that change speed or compiling
+    command = shlex.join([*env, "python", "benchmarks/generation.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command,
               "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
               "memory": ("torch.cuda.max_memory_allocated during the variant minus the memory allocated before it"
