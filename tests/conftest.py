@@ -55,3 +55,19 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """``planted(n, seed)``: a planted two-class task as an ``ImageSet``: class 1 has a bright top half on random
+    noise, 28 px, 3 channels, and no bias labels (-1), for the methods' learning and resume tests."""
+    from core.data import ImageSet
+
+    def build(n: int = 240, seed: int = 0) -> ImageSet:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % 2
+        images = torch.randint(0, 60, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
+        images[labels == 1, :, :14] += 150
+        return ImageSet(images, labels, torch.full_like(labels, -1))
+
+    return build

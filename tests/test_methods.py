@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from core import methods as registry
 from core.classifier import ClassifierConfig, build_classifier
-from core.data import ImageSet
 from core.methods.base import LossEMA, relative_difficulty
 from core.methods.disent import DisEntClassifier, swap_features
 from core.methods.jtt import error_set, upsampled_order
@@ -93,18 +92,9 @@ def test_disent_predicts_from_both_encoders(arch):
     again.load_state_dict(model.state_dict())
 
 
-def _planted(n=240, seed=0):
-    """Two classes told apart by a bright top half (class 1) on random noise, 28 px, 3 channels."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    images = torch.randint(0, 60, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
-    images[labels == 1, :, :14] += 150
-    return ImageSet(images, labels, torch.full_like(labels, -1))
-
-
 @pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])
-def test_every_label_free_learner_learns_a_planted_task_reproducibly(name):
-    train, valid = _planted(), _planted(80, seed=1)
+def test_every_label_free_learner_learns_a_planted_task_reproducibly(name, planted):
+    train, valid = planted(), planted(80, seed=1)
     cfg = ClassifierConfig(epochs=3, batch_size=32)
     seen = []
     a = registry.get(name).fit(train, valid, 2, cfg, seed=0, progress=False, on_epoch=lambda e, acc: seen.append(acc))

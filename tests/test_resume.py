@@ -15,7 +15,6 @@ import torch
 
 from core import methods as registry
 from core.classifier import ClassifierConfig
-from core.data import ImageSet
 from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
 from core.injection import InjectionConfig, Pairs, inject, plan_pairs
 from workers.cli import main
@@ -79,22 +78,13 @@ class Killed(Exception):
     """Stands in for SIGKILL right after a checkpoint is written."""
 
 
-def _planted(n, seed):
-    """Two classes told apart by a bright top half (class 1) on random noise, 28 px."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    images = torch.randint(0, 60, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
-    images[labels == 1, :, :14] += 150
-    return ImageSet(images, labels, torch.full_like(labels, -1))
-
-
 @pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])
-def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(name, tmp_path, monkeypatch):
+def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(name, tmp_path, monkeypatch, planted):
     """Killed after its 1st and again after its 3rd checkpoint (JTT: inside its ERM phase, then inside its second
     phase), a method resumed from the file ends with the weights (and JTT's error set) of an uninterrupted run."""
     import core.classifier
 
-    train, valid = _planted(240, 0), _planted(80, 1)
+    train, valid = planted(240, 0), planted(80, 1)
     cfg = ClassifierConfig(epochs=4, batch_size=32)
     method = registry.get(name, {"first_epochs": 2} if name == "jtt" else None)
     plain = method.fit(train, valid, 2, cfg, seed=0, progress=False)
