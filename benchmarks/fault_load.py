@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import local_serve, write_results  # noqa: E402
+from service_load import local_serve, quick_request, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,13 +107,9 @@ def main() -> None:
 
     from ray import serve
 
-    from core.pipeline import Run, make_config
     from service.app import Ingress, InjectorDeployment
 
-    run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
-    run.unet_dir()  # trained here once, so the replicas only load it
-    pool = [int(i) for i in run.mined()]
-    body = {"dataset": "quick", "conflict_indices": pool, "num_samples": args.samples, "steps": args.steps, "seed": 0}
+    _, _, body = quick_request(args.runs, args.samples, args.steps)
     rows = []
     with local_serve(args.cpus) as url:
         for replicas in (int(r) for r in args.replicas.split(",")):

@@ -59,6 +59,17 @@ def write_results(out: str, lines: list[str], payload: dict) -> None:
     print("\n".join(lines))
 
 
+def quick_request(runs: str, samples: int, steps: int):
+    """The quick preset's run folder under ``runs`` with its U-Net trained here once (so replicas only load it),
+    its mined pool, and a ``POST /inject`` body that injects ``samples`` samples at ``steps`` DDIM steps."""
+    from core.pipeline import Run, make_config
+
+    run = Run(Path(runs) / "quick", make_config("quick"), progress=False)
+    run.unet_dir()
+    pool = [int(i) for i in run.mined()]
+    return run, pool, {"dataset": "quick", "conflict_indices": pool, "num_samples": samples, "steps": steps, "seed": 0}
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values)) - 1))]
@@ -150,13 +161,9 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from core.pipeline import Run, make_config
     from service.app import Ingress, InjectorDeployment
 
-    run = Run(Path(args.runs) / "quick", make_config("quick"), progress=False)
-    run.unet_dir()  # trained here once, so the replicas only load it
-    pool = [int(i) for i in run.mined()]
-    body = {"dataset": "quick", "conflict_indices": pool, "num_samples": args.samples, "steps": args.steps, "seed": 0}
+    run, pool, body = quick_request(args.runs, args.samples, args.steps)
     clients = [int(c) for c in args.clients.split(",")]
     table = []
     with local_serve(args.cpus, args.gpus) as url:
