@@ -2,6 +2,7 @@
 
     python benchmarks/fault_load.py                        # 1 and 2 injector replicas, 80 requests each
     python benchmarks/fault_load.py --replicas 2 --requests 40
+    python benchmarks/fault_load.py --serve-mode haproxy --out benchmarks/results/fault_load_haproxy
 
 Starts a local Ray cluster and the service on the quick preset's tiny U-Net (as benchmarks/service_load.py does),
 with ``--replicas`` injector replicas. Client threads send small requests; ``--kill-after`` seconds in, the
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import local_serve, quick_request, write_results  # noqa: E402
+from service_load import driver_handle, local_serve, quick_request, use_serve_mode, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -101,9 +102,12 @@ def main() -> None:
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds into the load to kill a replica")
     p.add_argument("--retry-after", type=int, default=10, help="the service's retry_after_s (deploy/serve.yaml)")
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    p.add_argument("--serve-mode", default="default", help="Serve's request path: SERVE_MODES in "
+                   "benchmarks/service_load.py (haproxy: what deploy/rayservice.yaml runs)")
     p.add_argument("--runs", default="runs/bench-service")
     p.add_argument("--out", default=str(RESULTS / "fault_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
+    use_serve_mode(args.serve_mode)
 
     from ray import serve
 
@@ -120,11 +124,11 @@ def main() -> None:
             app = Ingress.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}).bind(
                 injector, retry_after_s=args.retry_after, max_requests_per_key=256)
             serve.run(app, name="fault", route_prefix="/")
-            handle = serve.get_deployment_handle("Injector", app_name="fault")
+            handle = driver_handle("Injector", "fault")
             pids = replica_pids(handle, replicas)
             for _ in range(2 * replicas):  # warm every replica's content cache and lazy imports
                 requests.post(f"{url}/inject", json=body, timeout=300)
-            row = {"replicas": replicas, "clients": args.clients} | drive_with_kill(
+            row = {"serve_mode": args.serve_mode, "replicas": replicas, "clients": args.clients} | drive_with_kill(
                 url, body, args.clients, args.requests, args.kill_after, pids[0])
             rows.append(row)
             print(json.dumps(row), flush=True)

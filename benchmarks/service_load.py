@@ -32,6 +32,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RESULTS = Path(__file__).parent / "results"
 
+# Ray Serve's request paths, chosen by environment variables read when Ray starts (deploy/README.md): "default" is
+# Serve's Python proxy; "throughput" sets RAY_SERVE_THROUGHPUT_OPTIMIZED (user code on the replica's event loop,
+# gRPC between deployments, ingress replicas serving HTTP themselves); "haproxy" adds HAProxy (a C load balancer)
+# in front of those ingress replicas instead of the Python proxy: what deploy/rayservice.yaml runs.
+SERVE_MODES = {
+    "default": {},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
+def use_serve_mode(mode: str) -> None:
+    """Sets ``SERVE_MODES[mode]``'s variables in this process before Ray starts (Serve reads them at import, in
+    every Ray process, which inherit them): call it before ``from ray import serve``."""
+    if "ray.serve" in sys.modules:
+        raise RuntimeError("use_serve_mode must run before ray.serve is imported")
+    for name in set().union(*SERVE_MODES.values()):
+        os.environ.pop(name, None)
+    os.environ.update(SERVE_MODES[mode])
+
 
 @contextlib.contextmanager
 def local_serve(cpus: int, gpus: float = 0):
@@ -49,6 +69,18 @@ def local_serve(cpus: int, gpus: float = 0):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def driver_handle(deployment: str, app: str):
+    """A handle to ``deployment`` that this synchronous driver can call with ``.remote().result()`` in every serve
+    mode: the throughput modes give new handles no router loop of their own, so one is asked for (an init option
+    Serve has no public setter for)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def write_results(out: str, lines: list[str], payload: dict) -> None:
