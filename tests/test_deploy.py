@@ -180,6 +180,17 @@ def test_keys_never_in_the_configs_and_from_a_secret_on_every_pod(rayservice, se
         assert env_name in env and "secretKeyRef" in env[env_name]["valueFrom"], f"{c['name']}: no key from a Secret"
 
 
+def test_every_pod_runs_the_measured_request_path(rayservice):
+    """Every pod starts Ray in the serve mode that benchmarks/ingress_load.py and fault_load.py measured as
+    ``haproxy`` (Serve reads it when Ray starts, so it must be on every node, not in serveConfigV2)."""
+    from benchmarks.service_load import SERVE_MODES
+
+    for c in _containers(rayservice["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {k: env.get(k) for k in SERVE_MODES["haproxy"]} == SERVE_MODES["haproxy"], c["name"]
+    assert "RAY_SERVE" not in rayservice["spec"]["serveConfigV2"]
+
+
 def _containers(cluster: dict) -> list[dict]:
     groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
