@@ -19,10 +19,12 @@ Variants on the same U-Net, DDIM steps and batch size:
   fullgraph=True)``. Its warm-up is a whole untimed run of the variant (every graph compiled before the timing;
   ``compiles_timed`` counts graphs compiled during the timing anyway), so its peak memory is not reported on CPU
   (the compiler's would be in the process's peak).
+- ``fast-channels-last``: ``fast`` with the U-Net's weights in ``torch.channels_last`` memory format (its
+  convolutions then run and return NHWC): a CPU lever kept only if it pays.
 - ``ddim``: plain deterministic DDIM from Gaussian noise, ``--pairs`` images (``ddim_generate`` without h and
   without the quality-boost steps): what sampling alone costs on this U-Net.
 
-``fast-unshared`` and ``fast-compiled`` also report how far their images are from ``fast``'s (uint8 levels). The
+``fast-unshared``, ``fast-channels-last`` and ``fast-compiled`` also report how far their images are from ``fast``'s (uint8 levels). The
 shared down path saves about 4 % of the fast path's FLOPs at the defaults, less than a noisy machine's drift between
 two variants run one after the other, so the run also times one injection step's U-Net call both ways, alternately
 (``--step-reps``; ``injection_step`` in the JSON).
@@ -83,7 +85,7 @@ from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("reference", "fast", "fast-unshared", "fast-compiled", "ddim")
+VARIANTS = ("reference", "fast", "fast-unshared", "fast-channels-last", "fast-compiled", "ddim")
 DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
 
 
@@ -192,6 +194,8 @@ def _measure(variant: str, opts: dict) -> dict:
     forward = injection.unet_forward
     if variant == "fast-compiled":
         forward = torch.compile(forward, fullgraph=True)
+    if variant == "fast-channels-last":
+        unet = unet.to(memory_format=torch.channels_last)
     if variant == "fast-unshared":
         injection.ddim_generate = functools.partial(injection.ddim_generate, share_down=False)  # inject's lookup
     shared = {"images": 0}  # images whose time embedding, down path and middle block another copy's call made
@@ -409,11 +413,13 @@ def markdown(result: dict) -> str:
                      f"{'-' if fraction is None else f'{100 * fraction:.0f} %'} | "
                      f"{_fmt(r['peak_mib'])} | {r['seconds']:.1f} |")
     lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) "
-              "| fast / fast-unshared (shared down path) | fast-compiled / fast |", "|---|---|---|---|---|---|"]
+              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | "
                      f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} | "
-                     f"{r.get('fast_over_unshared') or '-'} | {r.get('compiled_over_fast') or '-'} |")
+                     f"{r.get('fast_over_unshared') or '-'} | {r.get('channels_last_over_fast') or '-'} | "
+                     f"{r.get('compiled_over_fast') or '-'} |")
     notes = []
     if result.get("injection_step"):
         step = result["injection_step"]
@@ -513,7 +519,7 @@ def main(argv=None) -> dict:
             result["rows"].append(row)
             by_variant[variant] = row
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
-        for variant in ("fast-unshared", "fast-compiled"):
+        for variant in ("fast-unshared", "fast-channels-last", "fast-compiled"):
             if variant in images and "fast" in images:
                 diff = (images[variant].int() - images["fast"].int()).abs()
                 by_variant[variant]["vs_fast"] = {"max_abs_diff": int(diff.max()),
@@ -528,6 +534,7 @@ def main(argv=None) -> dict:
                                      "fast_over_reference": ratio("fast", "reference"),
                                      "fast_over_ddim": ratio("fast", "ddim"),
                                      "fast_over_unshared": ratio("fast", "fast-unshared"),
+                                     "channels_last_over_fast": ratio("fast-channels-last", "fast"),
                                      "compiled_over_fast": ratio("fast-compiled", "fast")})
 
     table = markdown(result)

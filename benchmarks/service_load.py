@@ -3,6 +3,7 @@
     python benchmarks/service_load.py                      # quick model, 64 requests per level
     python benchmarks/service_load.py --requests 32 --samples 4 --steps 10
     python benchmarks/service_load.py --gpus 1 --cpus 8 --out benchmarks/results/service_load_gpu   # on a GPU
+    python benchmarks/service_load.py --serve-mode haproxy --out benchmarks/results/service_load_haproxy
 
 Starts a local Ray cluster and the service (Ingress + Injector, one injector replica) on the quick preset's
 tiny U-Net, then drives POST /inject from N client threads for a fixed number of requests per level. The same
@@ -186,9 +187,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the injector replica (more than the "
                    "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the injector replica (0: CPU)")
+    p.add_argument("--serve-mode", default="default", choices=list(SERVE_MODES),
+                   help="Serve's request path (haproxy: what deploy/rayservice.yaml runs)")
     p.add_argument("--runs", default="runs/bench-service")
     p.add_argument("--out", default=str(RESULTS / "service_load"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
+    use_serve_mode(args.serve_mode)
 
     import torch
     from ray import serve
@@ -223,7 +227,7 @@ def main() -> None:
     cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
     lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
              f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s) "
-             f"on {device}; "
+             f"on {device}; serve mode {args.serve_mode}; "
              f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
@@ -236,7 +240,8 @@ def main() -> None:
               f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
               f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
               f"({ceiling['ratio']}x)."]
-    write_results(args.out, lines, {"command": cmd.strip(), "device": device, "rows": table, "ratios": ratios,
+    write_results(args.out, lines, {"command": cmd.strip(), "device": device, "serve_mode": args.serve_mode,
+                                    "rows": table, "ratios": ratios,
                                     "in_process_ceiling": ceiling})
 
 

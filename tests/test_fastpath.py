@@ -232,7 +232,7 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
     before = injection.unet_forward, injection.ddim_generate
     opts = {"unet": str(bench.CORPUS_UNET), "device": "cpu", "threads": 1, "steps": 3, "batch_size": 2, "pairs": 2,
             "reference_pairs": 1, "contents": 2, "seed": 0, "bf16": False, "compile": False}
-    rows = {v: bench.measure(v, opts) for v in ("fast", "fast-unshared")}
+    rows = {v: bench.measure(v, opts) for v in ("fast", "fast-unshared", "fast-channels-last")}
     assert (injection.unet_forward, injection.ddim_generate) == before
     k = injection_steps(InjectionConfig(steps=3))  # grid 666, 333, 0: t_edit 300 injects twice
     assert k == 2 and rows["fast"]["shared_down_images"] == k * 2 and rows["fast-unshared"]["shared_down_images"] == 0
@@ -242,3 +242,7 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
         assert row["gflop"] == round((evals * f["total"] - row["shared_down_images"] * f["down_and_middle"]) / 1e9, 2)
     assert rows["fast"]["evals_per_image"] == rows["fast-unshared"]["evals_per_image"]
     assert torch.equal(rows["fast"]["_images"], rows["fast-unshared"]["_images"])
+    # channels_last changes the convolutions' memory order, not the work: same evaluations, same images to a level
+    assert rows["fast-channels-last"]["shared_down_images"] == k * 2
+    assert rows["fast-channels-last"]["evals_per_image"] == rows["fast"]["evals_per_image"]
+    assert (rows["fast-channels-last"]["_images"].int() - rows["fast"]["_images"].int()).abs().max() <= 1
