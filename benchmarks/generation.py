@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import multiprocessing
@@ -302,8 +303,9 @@ def gemm_rate(dtype: str, opts: dict) -> dict:
 
 def injection_step(_, opts: dict) -> dict:
     """One injection step's U-Net call on a doubled batch of ``batch_size`` pairs, the down path shared
-    (``copies`` 2) and not, alternately ``step_reps`` times after one untimed call of each: median seconds, and
-    the speedup against what the FLOPs predict. Interleaved on the same inputs, so a noisy machine slows both."""
+    (``copies`` 2), not shared, and shared on a ``channels_last`` copy of the U-Net, in turn ``step_reps`` times
+    after one untimed call of each: median seconds, and the sharing's speedup against what the FLOPs predict.
+    Interleaved on the same inputs, so a noisy machine slows all three."""
     torch.set_num_threads(opts["threads"])
     device, n = opts["device"], opts["batch_size"]
     cuda = torch.device(device).type == "cuda"
@@ -319,21 +321,24 @@ def injection_step(_, opts: dict) -> dict:
         def mix(h):
             return torch.cat([h[:n], injection.slerp(h[-n:], h_c, 0.9)])
 
-        seconds = {2: [], 1: []}
+        arms = {"shared": (unet, 2), "unshared": (unet, 1),
+                "channels_last": (copy.deepcopy(unet).to(memory_format=torch.channels_last), 2)}
+        seconds = {arm: [] for arm in arms}
         for rep in range(opts["step_reps"] + 1):
-            for copies in seconds:
+            for arm, (model, copies) in arms.items():
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                injection.unet_forward(unet, torch.cat([x, x]), t, mix, copies)
+                injection.unet_forward(model, torch.cat([x, x]), t, mix, copies)
                 if cuda:
                     torch.cuda.synchronize()
                 if rep:
-                    seconds[copies].append(time.perf_counter() - t0)
+                    seconds[arm].append(time.perf_counter() - t0)
     flops = flops_per_evaluation(unet, device)
-    shared, unshared = (float(np.median(seconds[c])) for c in (2, 1))
+    shared, unshared, channels_last = (float(np.median(seconds[arm])) for arm in arms)
     return {"batch": n, "reps": opts["step_reps"], "shared_s": round(shared, 3), "unshared_s": round(unshared, 3),
-            "speedup": round(unshared / shared, 3),
+            "speedup": round(unshared / shared, 3), "channels_last_s": round(channels_last, 3),
+            "channels_last_speedup": round(shared / channels_last, 3),
             "speedup_by_flops": round(2 * flops["total"] / (2 * flops["total"] - flops["down_and_middle"]), 3)}
 
 
@@ -426,7 +431,8 @@ def markdown(result: dict) -> str:
         notes.append(f"- one injection step's U-Net call on {step['batch']} pairs (the doubled batch), alternately "
                      f"{step['reps']} times: shared down path {step['shared_s']:g} s, unshared "
                      f"{step['unshared_s']:g} s (median): {step['speedup']:g}x faster "
-                     f"({step['speedup_by_flops']:g}x by FLOPs)")
+                     f"({step['speedup_by_flops']:g}x by FLOPs); the shared call on channels_last weights "
+                     f"{step['channels_last_s']:g} s: {step['channels_last_speedup']:g}x")
     for r in result["rows"]:
         if r.get("vs_fast"):
             v = r["vs_fast"]
