@@ -507,7 +507,8 @@ def main(argv=None) -> dict:
     if args.step_reps > 0:
         result["injection_step"] = step = measure_isolated("", opts | {"step_reps": args.step_reps}, injection_step)
         print(f"injection step, batch {step['batch']} doubled: shared down path {step['shared_s']} s, unshared "
-              f"{step['unshared_s']} s: {step['speedup']}x (FLOPs: {step['speedup_by_flops']}x)", flush=True)
+              f"{step['unshared_s']} s: {step['speedup']}x (FLOPs: {step['speedup_by_flops']}x); channels_last "
+              f"{step['channels_last_s']} s: {step['channels_last_speedup']}x", flush=True)
 
     for bf16, compiled in switches:
         by_variant, images = {}, {}
