@@ -56,4 +56,3 @@ def test_with_two_replicas_a_killed_one_costs_no_request(two_replicas, quick_run
         os.kill(min(pids), signal.SIGKILL)
         codes = [f.result() for f in futures]
     assert codes == [200] * len(codes), codes
-
