@@ -196,8 +196,8 @@ def render(table: dict, args, meta: dict) -> str:
         cells = [cell(p, m, lambda r: f"{r['aligned']['mean']:.1f} / {r['worst_group']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
     for m in [m for m in methods if any(m in table[p].get("injection_report", {}) for p in pcts)]:
-        lines += ["", f"Injection report, {NAMES[m]} (% of synthetic samples, mean over seeds; \"colour\" is the bias "
-                      "attribute) and mining precision:", "",
+        lines += ["", f"Injection report, {NAMES[m]} (% of synthetic samples, mean over seeds; \"colour\" names the "
+                      "bias attribute, the corruption on Corrupted MNIST) and mining precision:", "",
                   "| ratio | " + " | ".join(REPORT_KEYS) + " | biased model wrong | mining precision |",
                   "|---" * (len(REPORT_KEYS) + 3) + "|"]
         for p in [p for p in pcts if m in table[p].get("injection_report", {})]:

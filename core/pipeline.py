@@ -474,6 +474,9 @@ class Run:
             return "trained in this run on the training split"
         if source == shipped_unet(self.cfg):
             return f"{source.relative_to(PRETRAINED.parent.parent)} (shipped)"
+        if isinstance(source, Path) and source.name == "unet" and (source.parent / "config.json").exists():
+            # another run's U-Net stage (debias_table's --unet per-ratio): name the run, not this machine's path
+            return f"trained on the training split by run {source.parent.name}"
         return str(source)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
