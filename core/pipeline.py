@@ -66,7 +66,7 @@ SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("un
 # A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the quick default
 # until the label-free row is within 3 points of it (issue 13; benchmarks/results/experiments.md): training a
 # label-free U-Net takes about 45 minutes on a 2-core CPU.
-DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "oracle")
+DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")  # the label-free rows, alone and on LfF
 DEFAULT_METHODS_CMNIST = ("vanilla", "lff", "diffinject-corpus", "oracle")
 
 
@@ -112,8 +112,10 @@ def _section_types():
 
 PRESETS: dict[str, dict] = {
     # the default: 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
-    # benchmarks/results/experiments.md); on the embedded cmnist the corpus row, about 5 minutes on a 2-core CPU
-    "default": {},
+    # benchmarks/results/experiments.md); on the embedded cmnist the corpus row, about 5 minutes on a 2-core CPU.
+    # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
+    # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were
+    "default": {"diffusion": {"hard_share": 0.5}},
     # for tests and smoke runs: a tiny U-Net trained on the training split for a few steps, a few epochs; a minute
     "quick": {
         "unet": None,
@@ -385,12 +387,18 @@ class Run:
             # options never lock users out of their finished runs, nor resume them under other settings
             old = merge(merge(RunConfig().to_dict(), BEFORE_SETTING_EXISTED), json.loads(path.read_text()))
             diff = _diff_keys(old, self.cfg.to_dict())
+            if not self.trains_unet():  # then the diffusion settings decide nothing in this folder
+                diff = [k for k in diff if not k.startswith("diffusion.")]
             if diff:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "
                                  "use another run folder")
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         _save_json(path, self.cfg.to_dict())
+
+    def trains_unet(self) -> bool:
+        """Whether this run trains the label-free row's U-Net itself (no ``unet`` given, none shipped)."""
+        return "diffinject" in sources_of(run_methods(self.cfg)) and self.unet_source() is None
 
     def _timed(self, name, fn):
         t0 = time.time()

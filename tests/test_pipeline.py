@@ -204,8 +204,12 @@ def test_default_methods_name_the_corpus_row_on_cmnist_only():
     from core.pipeline import run_methods
 
     assert run_methods(make_config()) == ("vanilla", "lff", "diffinject-corpus", "oracle")
-    assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == ("vanilla", "lff", "diffinject", "oracle")
-    assert run_methods(make_config(overrides={"data_root": "/data"})) == ("vanilla", "lff", "diffinject", "oracle")
+    label_free = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")
+    assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == label_free
+    assert run_methods(make_config(overrides={"data_root": "/data"})) == label_free
+    # a U-Net the run trains itself takes the measured label-free route; tests' quick preset keeps uniform batches
+    assert make_config(overrides={"data_root": "/data"}).diffusion.hard_share == 0.5
+    assert make_config("quick").diffusion.hard_share == 0.0
 
 
 def test_time_budget_stops_the_run_and_a_rerun_finishes_it(quick_run, capsys, tmp_path):
@@ -294,6 +298,21 @@ def test_cli_refuses_a_folder_of_another_config(quick_run, capsys):
     folder, _ = quick_run
     code = main(["run", "--preset", "quick", "--out", str(folder), "--gamma", "0.3", "--no-progress"])
     assert code == 2 and "was made by another config" in capsys.readouterr().err
+
+
+def test_diffusion_settings_bind_a_folder_only_where_it_trains_its_unet(quick_run, dataset, tmp_path):
+    """A folder whose U-Net came from elsewhere resumes under other diffusion settings (they decide nothing there),
+    so a changed default never locks users out of such runs; any other difference is still refused."""
+    folder, _ = quick_run
+    given = {"methods": ["vanilla", "diffinject"], "unet": str(folder / "unet")}
+    Run(tmp_path / "given", make_config("quick", given), progress=False, dataset=dataset)
+    Run(tmp_path / "given", make_config("quick", given | {"diffusion": {"hard_share": 0.5}}), progress=False,
+        dataset=dataset)
+    with pytest.raises(ValueError, match=r"differs in injection\.gamma"):
+        Run(tmp_path / "given", make_config("quick", given | {"injection": {"gamma": 0.3}}), progress=False,
+            dataset=dataset)
+    with pytest.raises(ValueError, match=r"differs in diffusion\.hard_share"):  # this folder trained its own
+        Run(folder, make_config("quick", {"diffusion": {"hard_share": 0.5}}), progress=False, dataset=dataset)
 
 
 def test_cli_bad_yaml(tmp_path, capsys):
