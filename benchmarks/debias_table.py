@@ -222,7 +222,10 @@ def unet_line(per_pct: dict) -> str:
     flat = [s for v in per_pct.values() for s in (v if isinstance(v, list) else [v])]
     origins = sorted({s["origin"] for s in flat})
     said = sorted({bias_knowledge_phrase(s["bias_knowledge"]) for s in flat})
-    return f"{'; '.join(origins)}; {'; '.join(said)}"
+    # a U-Net learnt from another ratio's training split (e.g. the shipped 1 % one used at 5 %): say so per ratio
+    other = [f"at {pct} the {s['data']['ratio']} split's" for pct, v in per_pct.items()
+             for s in (v if isinstance(v, list) else [v])[:1] if s.get("data", {}).get("ratio") not in (None, pct)]
+    return "; ".join(origins + ([", ".join(other) + " U-Net"] if other else []) + said)
 
 
 if __name__ == "__main__":

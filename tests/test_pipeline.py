@@ -413,3 +413,14 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     md = render(table, types.SimpleNamespace(seeds=[0]), meta)
     row = next(line for line in md.splitlines() if line.startswith("| DiffInject (label-free) |"))
     assert row.endswith("| - |") and "rows copied from `old.json`, measured by `python old`" in md
+
+
+def test_table_says_when_a_row_used_another_ratios_unet():
+    """A label-free row whose U-Net learnt from another ratio's training split says so, ratio by ratio."""
+    from benchmarks.debias_table import unet_line
+
+    src = {"origin": "core/pretrained/cmnist-1pct", "data": {"dataset": "cmnist", "ratio": "1pct"},
+           "bias_knowledge": False}
+    assert unet_line({"1pct": src}) == "core/pretrained/cmnist-1pct; no knowledge of the bias"
+    assert unet_line({"1pct": src, "5pct": [src, src]}) == \
+        "core/pretrained/cmnist-1pct; at 5pct the 1pct split's U-Net; no knowledge of the bias"
