@@ -160,22 +160,31 @@ def main() -> None:
 
 
 def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
-    """Copy into ``table`` the rows of an earlier results file ``old`` that it lacks, at the ratios both have, with
-    their per-ratio extras and U-Net sources; ``meta.reused[method]`` names the file and its command."""
+    """Copy into ``table`` the rows of an earlier results file ``old`` that it lacks, ratio by ratio (a ratio this
+    run did not make at all comes whole, with its mining precision), with their per-ratio extras and U-Net sources.
+    ``meta.reused[method]`` names the file, the command that measured the row (carried over where ``old`` had
+    reused it in turn) and the ratios copied."""
     extras = ("injection_report", "biased_model_wrong", "error_set")
-    for pct, cell in table.items():
-        if pct not in old["table"]:
-            continue
-        for method, row in old["table"][pct].items():
-            if method in NAMES and method not in cell:
-                cell[method] = row
-                for key in extras:
-                    if method in old["table"][pct].get(key, {}):
-                        cell.setdefault(key, {})[method] = old["table"][pct][key][method]
-                meta.setdefault("reused", {})[method] = {"from": name, "command": old["meta"]["command"]}
-                src = synthetic_source(method)
-                if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
-                    meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
+    for pct, old_cell in old["table"].items():
+        cell = table.setdefault(pct, {})
+        if "mining_precision" in old_cell:
+            cell.setdefault("mining_precision", old_cell["mining_precision"])
+        for method, row in old_cell.items():
+            if method not in NAMES or method in cell:
+                continue
+            cell[method] = row
+            for key in extras:
+                if method in old_cell.get(key, {}):
+                    cell.setdefault(key, {})[method] = old_cell[key][method]
+            was = old["meta"].get("reused", {}).get(method, {"from": name, "command": old["meta"]["command"]})
+            said = meta.setdefault("reused", {}).setdefault(method, {"from": was["from"], "command": was["command"],
+                                                                     "ratios": []})
+            said["ratios"].append(pct)
+            src = synthetic_source(method)
+            if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
+                meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
+    for pct in sorted(table, key=lambda p: float(p.removesuffix("pct"))):  # ratios in order, copied ones included
+        table[pct] = table.pop(pct)
 
 
 def render(table: dict, args, meta: dict) -> str:
@@ -211,7 +220,8 @@ def render(table: dict, args, meta: dict) -> str:
                       + "; ".join(f"{p} {e['mined']['mean']:.0f} / {e['precision']['mean']:.1f} % / "
                                   f"{e['recall']['mean']:.1f} %" for p, e in per_pct) + "."]
     for m, r in meta.get("reused", {}).items():
-        lines += ["", f"{NAMES[m]}: rows copied from `{r['from']}`, measured by `{r['command']}`."]
+        at = f" at {', '.join(r['ratios'])}" if "ratios" in r and len(r["ratios"]) < len(pcts) else ""
+        lines += ["", f"{NAMES[m]}: rows{at} copied from `{r['from']}`, measured by `{r['command']}`."]
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
                   f"wall time {meta['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

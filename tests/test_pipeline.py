@@ -408,11 +408,21 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     assert table["1pct"]["vanilla"]["unbiased"]["mean"] == metrics["methods"]["vanilla"]["unbiased"] + 1  # kept
     assert table["1pct"]["diffinject"] == old_table["1pct"]["diffinject"] and "diffinject" not in table["5pct"]
     assert table["1pct"]["injection_report"]["diffinject"] == old_table["1pct"]["injection_report"]["diffinject"]
-    assert meta["reused"]["diffinject"] == {"from": "old.json", "command": "python old"}
+    assert meta["reused"]["diffinject"] == {"from": "old.json", "command": "python old", "ratios": ["1pct"]}
     assert meta["unet_sources"]["diffinject"] == old_sources["diffinject"]
     md = render(table, types.SimpleNamespace(seeds=[0]), meta)
     row = next(line for line in md.splitlines() if line.startswith("| DiffInject (label-free) |"))
-    assert row.endswith("| - |") and "rows copied from `old.json`, measured by `python old`" in md
+    assert row.endswith("| - |") and "rows at 1pct copied from `old.json`, measured by `python old`" in md
+
+    # a ratio this run did not make comes whole, in ratio order, and a row the old file had reused keeps its origin
+    old["table"]["0.5pct"] = copy.deepcopy(old_table["1pct"])
+    old["meta"]["reused"] = {"vanilla": {"from": "older.json", "command": "python older"}}
+    table, _ = summarise({(5.0, 0): peers}, [5.0], [0])
+    meta = {"unet_sources": {}, "command": "python new"}
+    reuse_rows(table, meta, old, "old.json")
+    assert list(table) == ["0.5pct", "1pct", "5pct"] and table["0.5pct"] == old["table"]["0.5pct"]
+    assert meta["reused"]["vanilla"] == {"from": "older.json", "command": "python older",
+                                         "ratios": ["1pct", "0.5pct"]}
 
 
 def test_table_says_when_a_row_used_another_ratios_unet():
