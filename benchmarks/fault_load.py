@@ -30,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import (SERVE_MODES, driver_handle, local_serve, quick_request, use_serve_mode,  # noqa: E402
-                          write_results)
-
-RESULTS = Path(__file__).parent / "results"
+from service_load import (add_service_options, driver_handle, local_serve, quick_request,  # noqa: E402
+                          use_serve_mode, write_results)
 
 
 def replica_pids(handle, replicas: int, tries: int = 200) -> list[int]:
@@ -103,10 +101,7 @@ def main() -> None:
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds into the load to kill a replica")
     p.add_argument("--retry-after", type=int, default=10, help="the service's retry_after_s (deploy/serve.yaml)")
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
-    p.add_argument("--serve-mode", default="default", choices=list(SERVE_MODES),
-                   help="Serve's request path (haproxy: what deploy/rayservice.yaml runs)")
-    p.add_argument("--runs", default="runs/bench-service")
-    p.add_argument("--out", default=str(RESULTS / "fault_load"), help="writes OUT.md and OUT.json")
+    add_service_options(p, "fault_load")
     args = p.parse_args()
     use_serve_mode(args.serve_mode)
 

@@ -84,6 +84,15 @@ def driver_handle(deployment: str, app: str):
     return handle
 
 
+def add_service_options(p, out: str) -> None:
+    """The options the service benchmarks share: Serve's request path, the quick run's parent folder, and the
+    results' stem (``benchmarks/results/<out>`` by default)."""
+    p.add_argument("--serve-mode", default="default", choices=list(SERVE_MODES),
+                   help="Serve's request path (haproxy: what deploy/rayservice.yaml runs)")
+    p.add_argument("--runs", default="runs/bench-service")
+    p.add_argument("--out", default=str(RESULTS / out), help="writes OUT.md and OUT.json")
+
+
 def write_results(out: str, lines: list[str], payload: dict) -> None:
     """``out.md`` (the table lines) and ``out.json``; the table printed too."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +196,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the injector replica (more than the "
                    "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the injector replica (0: CPU)")
-    p.add_argument("--serve-mode", default="default", choices=list(SERVE_MODES),
-                   help="Serve's request path (haproxy: what deploy/rayservice.yaml runs)")
-    p.add_argument("--runs", default="runs/bench-service")
-    p.add_argument("--out", default=str(RESULTS / "service_load"), help="writes OUT.md and OUT.json")
+    add_service_options(p, "service_load")
     args = p.parse_args()
     use_serve_mode(args.serve_mode)
 
