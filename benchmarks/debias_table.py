@@ -191,7 +191,10 @@ def render(table: dict, args, meta: dict) -> str:
     pcts = list(table)
     methods = [m for m in NAMES if any(m in table[p] for p in pcts)]  # a reused row may cover fewer ratios
     cell = lambda p, m, text: text(table[p][m]) if m in table[p] else "-"  # noqa: E731
-    lines = [f"Unbiased / bias-conflicting test accuracy (%), mean ± std over seeds {', '.join(map(str, args.seeds))}.", "",
+    seeds = f"seeds {', '.join(map(str, args.seeds))}"
+    if meta.get("reused"):  # copied rows keep the seeds of the runs that measured them
+        seeds += " for the rows this command made; copied rows (named below) over the seeds of their own command"
+    lines = [f"Unbiased / bias-conflicting test accuracy (%), mean ± std over {seeds}.", "",
              "| method | " + " | ".join(pcts) + " |", "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
         cells = [cell(p, m, lambda r: f"{r['unbiased']['mean']:.1f} ± {r['unbiased']['std']:.1f} / "
