@@ -200,8 +200,10 @@ def render(table: dict, args, meta: dict) -> str:
         cells = [cell(p, m, lambda r: f"{r['unbiased']['mean']:.1f} ± {r['unbiased']['std']:.1f} / "
                                       f"{r['conflicting']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{NAMES[m]}: U-Net {unet_line(meta['unet_sources'][synthetic_source(m)])}." for m in methods
-                     if synthetic_source(m) in meta["unet_sources"]]
+    lines.append("")
+    for m in [m for m in methods if synthetic_source(m) in meta["unet_sources"]]:
+        by_pct = meta["unet_sources"][synthetic_source(m)]  # shared by the rows of one source: keep this row's ratios
+        lines.append(f"{NAMES[m]}: U-Net {unet_line({p: v for p, v in by_pct.items() if m in table.get(p, {})})}.")
     lines += ["", "Aligned and worst-group accuracy (%):", "", "| method | " + " | ".join(pcts) + " |",
               "|---" * (len(pcts) + 1) + "|"]
     for m in methods:
