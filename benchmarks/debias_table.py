@@ -142,7 +142,7 @@ def main() -> None:
     table, unet_sources = summarise(per_run, args.ratios, args.seeds)
 
     meta = {
-        "command": "python " + " ".join(sys.argv),
+        "command": ("python " + " ".join(sys.argv)).replace(str(Path.home()), "~"),  # no one machine's home
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s)",
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),
@@ -234,12 +234,13 @@ def render(table: dict, args, meta: dict) -> str:
 
 def unet_line(per_pct: dict) -> str:
     """One phrase for a row's U-Nets over the ratios: their origins, and whether they used knowledge of the bias."""
-    flat = [s for v in per_pct.values() for s in (v if isinstance(v, list) else [v])]
+    per_pct = {pct: v if isinstance(v, list) else [v] for pct, v in per_pct.items()}  # one source, or the seeds'
+    flat = [s for v in per_pct.values() for s in v]
     origins = sorted({s["origin"] for s in flat})
     said = sorted({bias_knowledge_phrase(s["bias_knowledge"]) for s in flat})
     # a U-Net learnt from another ratio's training split (e.g. the shipped 1 % one used at 5 %): say so per ratio
-    other = [f"at {pct} the {s['data']['ratio']} split's" for pct, v in per_pct.items()
-             for s in (v if isinstance(v, list) else [v])[:1] if s.get("data", {}).get("ratio") not in (None, pct)]
+    other = [f"at {pct} the {v[0]['data']['ratio']} split's" for pct, v in per_pct.items()
+             if v[0].get("data", {}).get("ratio") not in (None, pct)]
     return "; ".join(origins + ([", ".join(other) + " U-Net"] if other else []) + said)
 
 
