@@ -45,6 +45,12 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
 
 
+def command_line() -> str:
+    """This process's command as results files record it: ``python`` and its arguments, with ``~`` for the home
+    folder, so that a results file names no one machine's paths."""
+    return ("python " + " ".join(sys.argv)).replace(str(Path.home()), "~")
+
+
 def add_job_options(p: argparse.ArgumentParser) -> None:
     """``--config``, ``--threads`` and ``--jobs``: the settings of every run, and the options of :func:`run_jobs`."""
     p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
@@ -142,7 +148,7 @@ def main() -> None:
     table, unet_sources = summarise(per_run, args.ratios, args.seeds)
 
     meta = {
-        "command": ("python " + " ".join(sys.argv)).replace(str(Path.home()), "~"),  # no one machine's home
+        "command": command_line(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s)",
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),

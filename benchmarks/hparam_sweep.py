@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import RESULTS, add_job_options, run_jobs  # noqa: E402
+from benchmarks.debias_table import RESULTS, add_job_options, command_line, run_jobs  # noqa: E402
 from core.data import pct_name  # noqa: E402
 from core.methods import get  # noqa: E402
 from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
@@ -74,13 +74,13 @@ def main() -> None:
         mark = " (chosen)" if r is best else ""
         lines.append("| " + (" | ".join(f"{v:g}" for v in r["params"].values()) or "defaults")
                      + f" | {r['valid']:.1f}{mark} | {r['unbiased']:.1f} | {r['conflicting']:.1f} |")
-    lines.append(f"\nCommand: `python {' '.join(sys.argv)}`")
+    lines.append(f"\nCommand: `{command_line()}`")
     lines.append("Per run: " + "; ".join(f"{'-'.join(f'{k}={v:g}' for k, v in pt.items()) or 'defaults'}: "
                                            + ", ".join(f"{r['unbiased']:.1f}" for r in got)
                                            for pt, got in zip(points, per_point)) + " (test unbiased, ratios x seeds).")
     md = "\n".join(lines) + "\n"
     name = args.name or f"hparams_{args.method}" + ("" if args.dataset == "cmnist" else f"_{args.dataset}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows,
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command_line(), "rows": rows,
                                                       "chosen": best["params"]}, indent=1))
     (RESULTS / f"{name}.md").write_text(md)
     print(md)

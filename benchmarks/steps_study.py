@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import add_job_options, mean_std, run_jobs  # noqa: E402
+from benchmarks.debias_table import add_job_options, command_line, mean_std, run_jobs  # noqa: E402
 from core.data import pct_name  # noqa: E402
 from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
 
@@ -72,7 +72,7 @@ def main() -> None:
     close = [r for r in rows if r["unbiased"]["mean"] >= reference["unbiased"]["mean"] - 1.0]
     chosen = min(close, key=lambda r: r["evaluations"])
 
-    cmd = "python " + " ".join(sys.argv)
+    cmd = command_line()
     lines = [f"# Step-count study ({pct_name(args.ratio)}, seeds {', '.join(map(str, args.seeds))})", "",
              "| DDIM steps | synthetic samples | U-Net evals / image | images/s | unbiased % | conflicting % |",
              "|---|---|---|---|---|---|"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.debias_table import command_line  # noqa: E402
 from core.classifier import ClassifierConfig, as_float, build_classifier, predict, train_classifier  # noqa: E402
 from core.data import load_dataset  # noqa: E402
 from core.injection import Synthetic  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "synthetic_shortcut.json"))
     args = p.parse_args()
     rows = [row for folder in args.runs for row in measure(Path(folder))]
-    Path(args.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"command": command_line(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
