@@ -480,8 +480,9 @@ class Run:
         source = self.unet_source()
         if source is None:
             return "trained in this run on the training split"
-        if source == shipped_unet(self.cfg):
-            return f"{source.relative_to(PRETRAINED.parent.parent)} (shipped)"
+        if isinstance(source, Path) and source.resolve().parent == PRETRAINED.resolve():
+            # shipped, whether found for this ratio or named with --unet (e.g. the 1 % one at 5 %): one spelling
+            return f"{source.resolve().relative_to(PRETRAINED.resolve().parent.parent)} (shipped)"
         if isinstance(source, Path) and source.name == "unet" and (source.parent / "config.json").exists():
             # another run's U-Net stage (debias_table's --unet per-ratio): name the run, not this machine's path
             return f"trained on the training split by run {source.parent.name}"

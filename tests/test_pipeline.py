@@ -177,6 +177,16 @@ def test_hard_share_oversamples_the_hard_samples():
         train_diffusion(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), cfg, "/nonexistent-never-created", progress=False)
 
 
+def test_a_shipped_unet_is_named_one_way_at_any_ratio(dataset, tmp_path):
+    """The shipped 1 % U-Net reads the same in the tables whether a 1 % run finds it or --unet names it at 5 %."""
+    from core.pipeline import PRETRAINED
+
+    found = Run(tmp_path / "found", make_config("quick", {"unet": "shipped"}), progress=False, dataset=dataset)
+    named = Run(tmp_path / "named", make_config("quick", {"ratio": 5.0, "unet": str(PRETRAINED / "cmnist-1pct")}),
+                progress=False, dataset=dataset)
+    assert found.unet_origin("diffinject") == named.unet_origin("diffinject") == "core/pretrained/cmnist-1pct (shipped)"
+
+
 def test_corpus_row_says_it_uses_bias_knowledge(quick_run, dataset, tmp_path):
     """diffinject-corpus makes its own row from the corpus U-Net beside the label-free one, on the same pairs."""
     folder, _ = quick_run
