@@ -9,10 +9,10 @@
 seed-0 run; the other seeds reuse it (one U-Net per benchmark and ratio). ``--unet DIR`` may hold ``{pct}``.
 Each (ratio, seed) is an ordinary run folder under --runs (resumable: rerunning skips finished runs). Writes
 ``benchmarks/results/debias_table.{md,json}`` (``debias_table_<dataset>`` for another benchmark) with mean and
-standard deviation of unbiased, aligned, conflicting and worst-group accuracy per method
-(``table[pct][method][metric] = {mean, std}``), the injection report and biased-model disagreement per synthetic
-row, mining precision, and in ``meta`` the command, the machine, the wall time and the U-Net behind each
-synthetic row (``unet_sources[method][pct]``).
+standard deviation of unbiased, aligned, conflicting and worst-group test accuracy, and of the validation accuracy
+that chose each checkpoint, per method (``table[pct][method][metric] = {mean, std}``); the injection report and
+biased-model disagreement per synthetic row, mining precision, and in ``meta`` the command, the machine, the wall
+time and the U-Net behind each synthetic row (``unet_sources[method][pct]``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
 from core.pipeline import (  # noqa: E402
-    METHODS, NAMES, Run, bias_knowledge_phrase, make_config, merge, read_settings, synthetic_source,
+    METRIC_COLUMNS, METHODS, NAMES, Run, bias_knowledge_phrase, make_config, merge, read_settings, synthetic_source,
 )
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -96,7 +95,8 @@ def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dic
     for ratio in ratios:
         pct = pct_name(ratio)
         runs = [per_run[(ratio, s)] for s in seeds]
-        cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in COLUMNS} for m in runs[0]["methods"]}
+        cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in METRIC_COLUMNS}
+                for m in runs[0]["methods"]}
         cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
         for m in runs[0]["methods"]:  # JTT's error set, scored like mining
             if "error_set" in runs[0]["methods"][m]:
@@ -185,6 +185,10 @@ def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
             was = old["meta"].get("reused", {}).get(method, {"from": name, "command": old["meta"]["command"]})
             said = meta.setdefault("reused", {}).setdefault(method, {"from": was["from"], "command": was["command"],
                                                                      "ratios": []})
+            if said["command"] != was["command"]:  # one row, one command that measured it: never mislabel a ratio
+                raise SystemExit(f"--reuse: the {method} rows come from two commands ({said['from']}: "
+                                 f"{said['command']!r}; {was['from']}: {was['command']!r}); "
+                                 "fold one into the other first")
             said["ratios"].append(pct)
             src = synthetic_source(method)
             if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:

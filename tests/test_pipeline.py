@@ -435,6 +435,14 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     assert meta["reused"]["vanilla"] == {"from": "older.json", "command": "python older",
                                          "ratios": ["1pct", "0.5pct"]}
 
+    # one row from two commands would be labelled with the first one's only: refused, naming both
+    other = copy.deepcopy(old)
+    other["table"] = {"2pct": {k: v for k, v in old_table["1pct"].items() if k != "vanilla"}}  # the rows of old.json
+    other["meta"] = {"command": "python another", "unet_sources": {}}
+    with pytest.raises(SystemExit, match=r"rows come from two commands \(old.json: 'python old'; another.json: "
+                                         r"'python another'\)"):
+        reuse_rows(table, meta, other, "another.json")
+
 
 def test_table_says_when_a_row_used_another_ratios_unet():
     """A label-free row whose U-Net learnt from another ratio's training split says so, ratio by ratio."""
