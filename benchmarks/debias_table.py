@@ -168,8 +168,8 @@ def main() -> None:
 def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
     """Copy into ``table`` the rows of an earlier results file ``old`` that it lacks, ratio by ratio (a ratio this
     run did not make at all comes whole, with its mining precision), with their per-ratio extras and U-Net sources.
-    ``meta.reused[method]`` names the file, the command that measured the row (carried over where ``old`` had
-    reused it in turn) and the ratios copied."""
+    ``meta.reused[method]`` lists, per command that measured some of the row's ratios, the file it was copied from,
+    that command (carried over where ``old`` had reused it in turn) and the ratios."""
     extras = ("injection_report", "biased_model_wrong", "error_set")
     for pct, old_cell in old["table"].items():
         cell = table.setdefault(pct, {})
@@ -182,19 +182,28 @@ def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
             for key in extras:
                 if method in old_cell.get(key, {}):
                     cell.setdefault(key, {})[method] = old_cell[key][method]
-            was = old["meta"].get("reused", {}).get(method, {"from": name, "command": old["meta"]["command"]})
-            said = meta.setdefault("reused", {}).setdefault(method, {"from": was["from"], "command": was["command"],
-                                                                     "ratios": []})
-            if said["command"] != was["command"]:  # one row, one command that measured it: never mislabel a ratio
-                raise SystemExit(f"--reuse: the {method} rows come from two commands ({said['from']}: "
-                                 f"{said['command']!r}; {was['from']}: {was['command']!r}); "
-                                 "fold one into the other first")
-            said["ratios"].append(pct)
+            was = measured_by(old, method, pct, name)
+            entries = meta.setdefault("reused", {}).setdefault(method, [])
+            entry = next((e for e in entries if (e["from"], e["command"]) == (was["from"], was["command"])), None)
+            if entry is None:
+                entry = {"from": was["from"], "command": was["command"], "ratios": []}
+                entries.append(entry)
+            entry["ratios"].append(pct)
             src = synthetic_source(method)
             if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
                 meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
     for pct in sorted(table, key=lambda p: float(p.removesuffix("pct"))):  # ratios in order, copied ones included
         table[pct] = table.pop(pct)
+
+
+def measured_by(old: dict, method: str, pct: str, name: str) -> dict:
+    """The file and command that measured ``old``'s row of ``method`` at ``pct``: what ``old`` had reused it from
+    (a list per command, or in older files one entry), else ``old`` itself (``name``) and its own command."""
+    reused = old["meta"].get("reused", {}).get(method, [])
+    for entry in reused if isinstance(reused, list) else [reused]:
+        if pct in entry.get("ratios", [pct]):
+            return entry
+    return {"from": name, "command": old["meta"]["command"]}
 
 
 def render(table: dict, args, meta: dict) -> str:
@@ -234,9 +243,10 @@ def render(table: dict, args, meta: dict) -> str:
                       "hidden bias labels, size / precision / recall by ratio: "
                       + "; ".join(f"{p} {e['mined']['mean']:.0f} / {e['precision']['mean']:.1f} % / "
                                   f"{e['recall']['mean']:.1f} %" for p, e in per_pct) + "."]
-    for m, r in meta.get("reused", {}).items():
-        at = f" at {', '.join(r['ratios'])}" if "ratios" in r and len(r["ratios"]) < len(pcts) else ""
-        lines += ["", f"{NAMES[m]}: rows{at} copied from `{r['from']}`, measured by `{r['command']}`."]
+    for m, entries in meta.get("reused", {}).items():
+        for r in entries:
+            at = f" at {', '.join(r['ratios'])}" if len(r["ratios"]) < len(pcts) else ""
+            lines += ["", f"{NAMES[m]}: rows{at} copied from `{r['from']}`, measured by `{r['command']}`."]
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
                   f"wall time {meta['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

@@ -191,6 +191,8 @@ def _save_json(path: Path, obj) -> None:
 # Settings added after run folders existed whose default is not what such a folder was made with: a folder's
 # config.json without them is read at these values (any other missing setting reads at its default).
 BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
+# The same for a method's hyperparameters in a finished classifier's record (classifiers/<method>.json).
+PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_on_real_only": False}
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -346,14 +348,17 @@ def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet,
                cfg: ClassifierConfig, seed: int, device: str = "cpu", progress: bool = True,
                on_epoch=None, checkpoint: Path | None = None) -> registry.Trained:
     """Stage 4, for the pipeline and every Tune trial alike: ``method`` trained on the training split plus its
-    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one. ``checkpoint``
+    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one; the split's
+    ``extras["from_extra"]`` marks the samples that came from ``extra`` (provenance, not bias). ``checkpoint``
     (epoch checkpoints, see :meth:`Method.fit <core.methods.base.Method.fit>`) reaches methods that take it."""
     images, labels = train.images, train.labels
+    from_extra = torch.zeros(len(labels), dtype=torch.bool)  # provenance, not bias: which samples are the extra data
     if extra is not None:
         images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+        from_extra = torch.cat([from_extra, torch.ones(len(extra[1]), dtype=torch.bool)])
     kw = {"checkpoint": checkpoint} if checkpoint is not None and _takes(method.fit, "checkpoint") else {}
-    return method.fit(ImageSet(images, labels, torch.full_like(labels, -1)), valid.blind(), num_classes, cfg, seed,
-                      device, progress, on_epoch, **kw)
+    return method.fit(ImageSet(images, labels, torch.full_like(labels, -1), {"from_extra": from_extra}),
+                      valid.blind(), num_classes, cfg, seed, device, progress, on_epoch, **kw)
 
 
 def _takes(fn, name: str) -> bool:
@@ -527,10 +532,17 @@ class Run:
         """Train (or read back) one registered method on the training split plus its extra data; its test metrics."""
         folder = self.dir / "classifiers"
         metrics_path = folder / f"{name}.json"
+        method = registry.get(name, self.cfg.hparams.get(name))
         if metrics_path.exists():
-            return json.loads(metrics_path.read_text())
+            metrics = json.loads(metrics_path.read_text())
+            was = {**PARAMS_BEFORE_THEY_EXISTED, **metrics.get("params", {})}
+            changed = sorted(k for k, v in asdict(method.params).items() if k in was and was[k] != v)
+            if changed:  # a default changed since: never report the old model under the new settings
+                raise ValueError(f"{name} in {folder} was trained with other hyperparameters ({', '.join(changed)}); "
+                                 "use another run folder, or set them as it was trained in hparams")
+            return metrics
         folder.mkdir(exist_ok=True)
-        ds, method = self.ds, registry.get(name, self.cfg.hparams.get(name))
+        ds = self.ds
         t0 = time.time()
         checkpoint = folder / f"{name}.ckpt.pt"  # epoch checkpoints: a rerun resumes after the last epoch
         trained = fit_method(method, ds.train, self.extra_data(method.extra), ds.valid, ds.num_classes,

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from core import methods as registry
 from core.classifier import ClassifierConfig, build_classifier
-from core.methods.base import LossEMA, relative_difficulty
+from core.methods.base import LossEMA, cap_extra_weight, relative_difficulty
 from core.methods.disent import DisEntClassifier, swap_features
 from core.methods.jtt import error_set, upsampled_order
 
@@ -33,6 +33,19 @@ def test_relative_difficulty_is_lb_over_lb_plus_ld():
     w = relative_difficulty(ema_b, ema_d, torch.arange(3))
     assert torch.allclose(w, lb / (lb + ld), atol=1e-6)
     assert w.argmax() == 0  # the sample the shortcut gets wrong weighs most
+
+
+def test_extra_samples_hold_at_most_their_share_of_the_weight():
+    """cap_extra_weight scales only the extra samples, to exactly their share of the batch when over it."""
+    w = torch.tensor([0.1, 0.2, 0.9, 0.8])
+    from_extra = torch.tensor([False, False, True, True])  # half the batch, 1.7 of 2.0 weight
+    capped = cap_extra_weight(w, from_extra)
+    assert torch.equal(capped[:2], w[:2])  # the real samples keep their weights
+    assert torch.allclose(capped[2:].sum() / capped.sum(), torch.tensor(0.5))
+    assert torch.allclose(capped[2] / capped[3], w[2] / w[3])  # their order among themselves is kept
+    under = torch.tensor([0.9, 0.8, 0.1, 0.2])
+    assert torch.equal(cap_extra_weight(under, from_extra), under)  # under their share: untouched
+    assert torch.equal(cap_extra_weight(w, torch.zeros(4, dtype=torch.bool)), w)  # no extra samples
 
 
 class _Constant(nn.Module):
@@ -102,6 +115,34 @@ def test_every_label_free_learner_learns_a_planted_task_reproducibly(name, plant
     assert len(seen) == 3 and max(seen) > 0.9  # every method reports each epoch to Tune and learns the task
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, monkeypatch):
+    """fit_method marks the extra data's samples; LfF with cap_extra_weight caps exactly those, and by default none."""
+    import core.methods.lff as lff
+    from core.pipeline import fit_method
+
+    train, extra, valid = planted(64), planted(32, seed=2), planted(32, seed=1)
+    seen = []
+    monkeypatch.setattr(lff, "cap_extra_weight", lambda w, mask: seen.append(mask.clone()) or w)
+    cfg = ClassifierConfig(epochs=1, batch_size=96)  # one batch holds every sample
+    fit_method(registry.get("lff+diffinject"), train, (extra.images, extra.labels), valid, 2, cfg, 0, progress=False)
+    assert not seen  # off by default: the measured rows are LfF's own weights
+    fit_method(registry.get("lff+diffinject", {"cap_extra_weight": True}), train, (extra.images, extra.labels),
+               valid, 2, cfg, 0, progress=False)
+    assert len(seen) == 1 and int(seen[0].sum()) == 32  # the batch's 32 synthetic samples, nothing else
+
+
+def test_lff_biased_model_can_learn_from_the_real_samples_alone():
+    """biased_on_real_only: the biased model's GCE is the mean over the real samples; by default over all of them."""
+    from core.classifier import gce_loss
+
+    logits, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
+    from_extra = torch.tensor([False, False, False, False, True, True])
+    per_sample = gce_loss(logits, y, 0.7, reduction="none")
+    real_only = registry.get("lff+diffinject", {"biased_on_real_only": True})
+    assert torch.allclose(real_only.biased_loss(logits, y, from_extra, 0.7), per_sample[:4].mean())
+    assert torch.equal(registry.get("lff+diffinject").biased_loss(logits, y, from_extra, 0.7), gce_loss(logits, y, 0.7))
 
 
 def test_registry_names_every_method_once_with_defaults_in_one_place():

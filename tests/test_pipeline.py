@@ -177,6 +177,25 @@ def test_hard_share_oversamples_the_hard_samples():
         train_diffusion(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), cfg, "/nonexistent-never-created", progress=False)
 
 
+def test_a_finished_classifier_is_never_read_back_under_other_hyperparameters(quick_run, dataset, tmp_path):
+    """A classifier record made before a hyperparameter existed reads at its old value; one trained with another
+    value than today's (a default changed since) is refused, naming it, not reported under the new settings."""
+    import shutil
+
+    folder, metrics = quick_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(folder, copy_dir)
+    record = copy_dir / "classifiers" / "lff.json"
+    old = json.loads(record.read_text())
+    old["params"] = {"ema_alpha": old["params"]["ema_alpha"]}  # before cap_extra_weight existed: read as off
+    record.write_text(json.dumps(old))
+    run = Run(copy_dir, make_config("quick"), progress=False, dataset=dataset)
+    assert run.method("lff")["unbiased"] == metrics["methods"]["lff"]["unbiased"]
+    record.write_text(json.dumps({**old, "params": {**old["params"], "cap_extra_weight": True}}))
+    with pytest.raises(ValueError, match=r"lff in .* was trained with other hyperparameters \(cap_extra_weight\)"):
+        run.method("lff")
+
+
 def test_a_shipped_unet_is_named_one_way_at_any_ratio(dataset, tmp_path):
     """The shipped 1 % U-Net reads the same in the tables whether a 1 % run finds it or --unet names it at 5 %."""
     from core.pipeline import PRETRAINED
@@ -419,7 +438,7 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     assert table["1pct"]["vanilla"]["unbiased"]["mean"] == metrics["methods"]["vanilla"]["unbiased"] + 1  # kept
     assert table["1pct"]["diffinject"] == old_table["1pct"]["diffinject"] and "diffinject" not in table["5pct"]
     assert table["1pct"]["injection_report"]["diffinject"] == old_table["1pct"]["injection_report"]["diffinject"]
-    assert meta["reused"]["diffinject"] == {"from": "old.json", "command": "python old", "ratios": ["1pct"]}
+    assert meta["reused"]["diffinject"] == [{"from": "old.json", "command": "python old", "ratios": ["1pct"]}]
     assert meta["unet_sources"]["diffinject"] == old_sources["diffinject"]
     md = render(table, types.SimpleNamespace(seeds=[0]), meta)
     row = next(line for line in md.splitlines() if line.startswith("| DiffInject (label-free) |"))
@@ -432,16 +451,18 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     meta = {"unet_sources": {}, "command": "python new"}
     reuse_rows(table, meta, old, "old.json")
     assert list(table) == ["0.5pct", "1pct", "5pct"] and table["0.5pct"] == old["table"]["0.5pct"]
-    assert meta["reused"]["vanilla"] == {"from": "older.json", "command": "python older",
-                                         "ratios": ["1pct", "0.5pct"]}
+    assert meta["reused"]["vanilla"] == [{"from": "older.json", "command": "python older",
+                                          "ratios": ["1pct", "0.5pct"]}]
 
-    # one row from two commands would be labelled with the first one's only: refused, naming both
-    other = copy.deepcopy(old)
-    other["table"] = {"2pct": {k: v for k, v in old_table["1pct"].items() if k != "vanilla"}}  # the rows of old.json
-    other["meta"] = {"command": "python another", "unet_sources": {}}
-    with pytest.raises(SystemExit, match=r"rows come from two commands \(old.json: 'python old'; another.json: "
-                                         r"'python another'\)"):
-        reuse_rows(table, meta, other, "another.json")
+    # a row whose ratios two commands measured names each command with its own ratios
+    other = {"meta": {"command": "python another", "unet_sources": {}},
+             "table": {"2pct": copy.deepcopy(old_table["1pct"])}}
+    reuse_rows(table, meta, other, "another.json")
+    assert meta["reused"]["diffinject"] == [
+        {"from": "old.json", "command": "python old", "ratios": ["1pct", "0.5pct"]},
+        {"from": "another.json", "command": "python another", "ratios": ["2pct"]}]
+    md = render(table, types.SimpleNamespace(seeds=[0]), {**meta, "machine": "y", "torch": "z", "wall_seconds": 60})
+    assert "rows at 2pct copied from `another.json`, measured by `python another`" in md
 
 
 def test_table_says_when_a_row_used_another_ratios_unet():

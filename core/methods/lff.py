@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from ..classifier import as_float, build_classifier, gce_loss, train_loop
-from .base import LossEMA, Method, Trained, relative_difficulty
+from .base import LossEMA, Method, Trained, cap_extra_weight, relative_difficulty
 
 
 @dataclass
 class LfFParams:
     ema_alpha: float = 0.7  # the loss averages' decay (reference: 0.7)
+    cap_extra_weight: bool = False  # extra (synthetic) samples hold at most their share of a batch's weight
+    biased_on_real_only: bool = False  # the biased model learns from the real samples only, not the extra ones
 
 
 class LfF(Method):
@@ -30,6 +32,7 @@ class LfF(Method):
         opt_b = torch.optim.Adam(model_b.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt_d = torch.optim.Adam(model_d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema_b, ema_d = LossEMA(train.labels, self.params.ema_alpha), LossEMA(train.labels, self.params.ema_alpha)
+        from_extra = train.extras.get("from_extra", torch.zeros(len(train), dtype=torch.bool))
 
         def step(idx, _):
             x, y = as_float(train.images[idx]).to(device), train.labels[idx].to(device)
@@ -37,8 +40,8 @@ class LfF(Method):
             ce_d = F.cross_entropy(logit_d, y, reduction="none")
             ema_b.update(F.cross_entropy(logit_b, y, reduction="none"), idx)
             ema_d.update(ce_d, idx)
-            w = relative_difficulty(ema_b, ema_d, idx).to(device)
-            loss = (ce_d * w).mean() + gce_loss(logit_b, y, cfg.gce_q)
+            w = self.weights(ema_b, ema_d, idx, from_extra[idx]).to(device)
+            loss = (ce_d * w).mean() + self.biased_loss(logit_b, y, from_extra[idx].to(device), cfg.gce_q)
             opt_b.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             loss.backward()
@@ -49,4 +52,17 @@ class LfF(Method):
         model = train_loop(model_d, len(train), cfg, seed, step, valid.images, valid.labels, device, self.name,
                            progress, on_epoch, checkpoint=checkpoint, state=state)
         return Trained(model)
+
+    def weights(self, ema_b: LossEMA, ema_d: LossEMA, idx: torch.Tensor, from_extra: torch.Tensor) -> torch.Tensor:
+        """A batch's per-sample loss weights: the relative difficulty, with the extra samples capped when asked."""
+        w = relative_difficulty(ema_b, ema_d, idx)
+        return cap_extra_weight(w, from_extra) if self.params.cap_extra_weight else w
+
+    def biased_loss(self, logit_b: torch.Tensor, y: torch.Tensor, from_extra: torch.Tensor, q: float) -> torch.Tensor:
+        """The biased model's GCE, over the batch or, when asked, over its real samples only: synthetic
+        bias-conflicting samples would teach it other than the shortcut it is there to learn."""
+        if not self.params.biased_on_real_only:
+            return gce_loss(logit_b, y, q)
+        real = (~from_extra).float()
+        return (gce_loss(logit_b, y, q, reduction="none") * real).sum() / real.sum().clamp_min(1.0)
 
