@@ -3,7 +3,8 @@
 LfF weights each sample's loss by W = L_b / (L_b + L_d): samples its biased model finds hard get the weight. The
 synthetic samples are made to be hard for a biased model, so on real + synthetic they may take the weight that
 LfF alone gives the real bias-conflicting samples. For finished run folders, this retrains ``lff`` (the real
-training split) and ``lff+diffinject`` (real + the run's synthetic samples) with the run's settings and seed, and
+training split) and ``lff+diffinject`` (real + the run's synthetic samples) with the run's settings, seed and
+recorded hyperparameters (so a run from before ``cap_extra_weight`` existed retrains uncapped), and
 records per epoch the mean weight and the share of all weight that falls on three groups: synthetic samples, real
 bias-conflicting samples and real bias-aligned samples. The groups are told apart with the bias labels, read
 here for the tally only: the training itself sees them blanked, as in the pipeline.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.debias_table import command_line  # noqa: E402
 from core import methods as registry  # noqa: E402
 from core.classifier import group_metrics, predict  # noqa: E402
-from core.pipeline import Run, RunConfig, fit_method  # noqa: E402
+from core.pipeline import PARAMS_BEFORE_THEY_EXISTED, Run, RunConfig, fit_method  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")
@@ -61,7 +63,13 @@ class WeightTally:
 def measure(folder: Path, method_name: str) -> dict:
     cfg = RunConfig(**json.loads((folder / "config.json").read_text()))
     run = Run(folder, cfg, progress=False)
-    ds, method = run.ds, registry.get(method_name, cfg.hparams.get(method_name))
+    recorded = folder / "classifiers" / f"{method_name}.json"
+    params = cfg.hparams.get(method_name)
+    if recorded.exists():  # retrain as the run did, under the hyperparameters it recorded
+        known = {f.name for f in fields(registry.REGISTRY[method_name].Params)}
+        was = {**PARAMS_BEFORE_THEY_EXISTED, **json.loads(recorded.read_text())["params"]}
+        params = {k: v for k, v in was.items() if k in known}
+    ds, method = run.ds, registry.get(method_name, params)
     extra = run.extra_data(method.extra)
     n_extra = 0 if extra is None else len(extra[1])
     conflicting = (ds.train.labels != ds.train.bias).long()  # bias labels: for the tally only
@@ -70,8 +78,7 @@ def measure(folder: Path, method_name: str) -> dict:
     trained = fit_method(method, ds.train, extra, ds.valid, ds.num_classes, cfg.classifier, cfg.seed,
                          progress=False, on_epoch=tally.close)
     metrics = group_metrics(predict(trained.model, ds.test.images).argmax(1), ds.test.labels, ds.test.bias)
-    recorded = folder / "classifiers" / f"{method_name}.json"
-    row = {"run": folder.name, "method": method_name, "last_epoch": tally.epochs[-1], "epochs": tally.epochs,
+    row = {"run": f"{folder.parent.name}/{folder.name}", "method": method_name, "params": asdict(method.params), "last_epoch": tally.epochs[-1], "epochs": tally.epochs,
            "unbiased": metrics["unbiased"],
            "recorded_unbiased": json.loads(recorded.read_text())["unbiased"] if recorded.exists() else None}
     print(json.dumps({k: v for k, v in row.items() if k != "epochs"}), flush=True)
@@ -86,7 +93,8 @@ def render(rows: list[dict]) -> str:
         cells = [f"{g['weight_share']:.1f} % / {g['sample_share']:.1f} % / {g['mean_weight']:.3f}"
                  if (g := r["last_epoch"].get(name)) else "-" for name in GROUPS]
         rec = "-" if r["recorded_unbiased"] is None else f"{r['recorded_unbiased']:.1f}"
-        lines.append(f"| {r['run']} | {r['method']} | " + " | ".join(cells) + f" | {r['unbiased']:.1f} ({rec}) |")
+        capped = " (capped)" if r["params"].get("cap_extra_weight") else ""
+        lines.append(f"| {r['run']} | {r['method']}{capped} | " + " | ".join(cells) + f" | {r['unbiased']:.1f} ({rec}) |")
     return "\n".join(lines + ["", f"Command: `{command_line()}`."]) + "\n"
 
 

@@ -118,7 +118,7 @@ def test_every_label_free_learner_learns_a_planted_task_reproducibly(name, plant
 
 
 def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, monkeypatch):
-    """fit_method marks the extra data's samples; LfF with cap_extra_weight caps exactly those, and by default none."""
+    """fit_method marks the extra data's samples; LfF + DiffInject caps exactly those by default, plain LfF only when asked."""
     import core.methods.lff as lff
     from core.pipeline import fit_method
 
@@ -126,10 +126,11 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
     seen = []
     monkeypatch.setattr(lff, "cap_extra_weight", lambda w, mask: seen.append(mask.clone()) or w)
     cfg = ClassifierConfig(epochs=1, batch_size=96)  # one batch holds every sample
-    fit_method(registry.get("lff+diffinject"), train, (extra.images, extra.labels), valid, 2, cfg, 0, progress=False)
-    assert not seen  # off by default: the measured rows are LfF's own weights
-    fit_method(registry.get("lff+diffinject", {"cap_extra_weight": True}), train, (extra.images, extra.labels),
-               valid, 2, cfg, 0, progress=False)
+    fit = lambda method: fit_method(method, train, (extra.images, extra.labels), valid, 2, cfg, 0, progress=False)
+    fit(registry.get("lff+diffinject", {"cap_extra_weight": False}))
+    fit(registry.get("lff"))
+    assert not seen  # off when turned off, and off for LfF itself: its rows are LfF's own weights
+    fit(registry.get("lff+diffinject"))  # on by default: uncapped, the synthetic samples took 87 % of the weight
     assert len(seen) == 1 and int(seen[0].sum()) == 32  # the batch's 32 synthetic samples, nothing else
 
 
