@@ -254,10 +254,13 @@ def render(table: dict, args, meta: dict) -> str:
 
 def unet_line(per_pct: dict) -> str:
     """One phrase for a row's U-Nets over the ratios: their origins, and whether they used knowledge of the bias."""
-    per_pct = {pct: v if isinstance(v, list) else [v] for pct, v in per_pct.items()}  # one source, or the seeds'
-    flat = [s for v in per_pct.values() for s in v]
-    origins = sorted({s["origin"] for s in flat})
-    said = sorted({bias_knowledge_phrase(s["bias_knowledge"]) for s in flat})
+    per_pct = {pct: v if isinstance(v, list) else [v]  # one source, or the seeds'; in ratio order
+               for pct, v in sorted(per_pct.items(), key=lambda kv: float(kv[0].removesuffix("pct")))}
+    said = sorted({bias_knowledge_phrase(s["bias_knowledge"]) for v in per_pct.values() for s in v})
+    by_origin: dict[str, list[str]] = {}  # the seeds' origins -> the ratios that used them, in table order
+    for pct, v in per_pct.items():
+        by_origin.setdefault(" / ".join(dict.fromkeys(s["origin"] for s in v)), []).append(pct)
+    origins = list(by_origin) if len(by_origin) == 1 else [f"{o} at {', '.join(p)}" for o, p in by_origin.items()]
     # a U-Net learnt from another ratio's training split (e.g. the shipped 1 % one used at 5 %): say so per ratio
     other = [f"at {pct} the {v[0]['data']['ratio']} split's" for pct, v in per_pct.items()
              if v[0].get("data", {}).get("ratio") not in (None, pct)]

@@ -474,3 +474,7 @@ def test_table_says_when_a_row_used_another_ratios_unet():
     assert unet_line({"1pct": src}) == "core/pretrained/cmnist-1pct; no knowledge of the bias"
     assert unet_line({"1pct": src, "5pct": [src, src]}) == \
         "core/pretrained/cmnist-1pct; at 5pct the 1pct split's U-Net; no knowledge of the bias"
+    own = {"origin": "trained in this run", "data": {"dataset": "cmnist", "ratio": "5pct"}, "bias_knowledge": False}
+    assert unet_line({"1pct": src, "2pct": src, "5pct": [own, dict(own, origin="trained by run seed0")]}) == \
+        "core/pretrained/cmnist-1pct at 1pct, 2pct; trained in this run / trained by run seed0 at 5pct; " \
+        "at 2pct the 1pct split's U-Net; no knowledge of the bias"
