@@ -118,13 +118,14 @@ def test_every_label_free_learner_learns_a_planted_task_reproducibly(name, plant
 
 
 def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, monkeypatch):
-    """fit_method marks the extra data's samples; LfF + DiffInject caps exactly those by default, plain LfF only when asked."""
-    import core.methods.lff as lff
+    """fit_method marks the extra data's samples; LfF + DiffInject caps exactly those by default, plain LfF only when
+    asked, DisEnt + DiffInject when asked."""
+    import core.methods.base as base
     from core.pipeline import fit_method
 
     train, extra, valid = planted(64), planted(32, seed=2), planted(32, seed=1)
     seen = []
-    monkeypatch.setattr(lff, "cap_extra_weight", lambda w, mask: seen.append(mask.clone()) or w)
+    monkeypatch.setattr(base, "cap_extra_weight", lambda w, mask: seen.append(mask.clone()) or w)
     cfg = ClassifierConfig(epochs=1, batch_size=96)  # one batch holds every sample
     fit = lambda method: fit_method(method, train, (extra.images, extra.labels), valid, 2, cfg, 0, progress=False)
     fit(registry.get("lff+diffinject", {"cap_extra_weight": False}))
@@ -132,6 +133,10 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
     assert not seen  # off when turned off, and off for LfF itself: its rows are LfF's own weights
     fit(registry.get("lff+diffinject"))  # on by default: uncapped, the synthetic samples took 87 % of the weight
     assert len(seen) == 1 and int(seen[0].sum()) == 32  # the batch's 32 synthetic samples, nothing else
+    fit(registry.get("disent+diffinject"))
+    assert len(seen) == 1  # DisEnt keeps its own weights unless asked
+    fit(registry.get("disent+diffinject", {"cap_extra_weight": True}))
+    assert len(seen) == 2 and int(seen[1].sum()) == 32
 
 
 def test_lff_biased_model_can_learn_from_the_real_samples_alone():

@@ -104,6 +104,14 @@ def relative_difficulty(ema_biased: LossEMA, ema_debiased: LossEMA, idx: torch.T
     return lb / (lb + ld + 1e-8)
 
 
+def difficulty_weights(ema_biased: LossEMA, ema_debiased: LossEMA, idx: torch.Tensor, from_extra: torch.Tensor,
+                       cap_extra: bool) -> torch.Tensor:
+    """A batch's per-sample loss weights for LfF and DisEnt: the relative difficulty, with the extra (synthetic)
+    samples capped at their share of the batch's weight when ``cap_extra`` (:func:`cap_extra_weight`)."""
+    w = relative_difficulty(ema_biased, ema_debiased, idx)
+    return cap_extra_weight(w, from_extra) if cap_extra else w
+
+
 def cap_extra_weight(w: torch.Tensor, from_extra: torch.Tensor) -> torch.Tensor:
     """Scale down the weights of a batch's extra samples (the synthetic ones) where they hold more than their share
     of the batch's weight. On real + synthetic, LfF's relative difficulty gives most of its weight to the synthetic

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..classifier import ClassifierConfig, as_float, build_encoder, gce_loss, train_loop
-from .base import LossEMA, Method, Trained, relative_difficulty
+from .base import LossEMA, Method, Trained, difficulty_weights
 
 
 @dataclass
@@ -36,6 +36,7 @@ class DisEntParams:
     lr_gamma: float = 0.5
     ema_alpha: float = 0.7
     lr: float | None = None  # None: the shared ClassifierConfig.lr (reference on Colored MNIST: 0.01 over 50k steps)
+    cap_extra_weight: bool = False  # extra (synthetic) samples hold at most their share of a batch's weight
 
 
 class DisEntClassifier(nn.Module):
@@ -80,6 +81,7 @@ class DisEnt(Method):
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=decay_every, gamma=p.lr_gamma)
         ema_i, ema_b = LossEMA(train.labels, p.ema_alpha), LossEMA(train.labels, p.ema_alpha)
         perm_gen = torch.Generator().manual_seed(seed + 1)
+        from_extra = train.extras.get("from_extra", torch.zeros(len(train), dtype=torch.bool))
 
         def step(idx, i):
             x, y = as_float(train.images[idx]).to(device), train.labels[idx].to(device)
@@ -89,7 +91,7 @@ class DisEnt(Method):
             ce_i = F.cross_entropy(pred_i, y, reduction="none")
             ema_i.update(ce_i, idx)
             ema_b.update(F.cross_entropy(pred_b, y, reduction="none"), idx)
-            w = relative_difficulty(ema_b, ema_i, idx).to(device)
+            w = difficulty_weights(ema_b, ema_i, idx, from_extra[idx], p.cap_extra_weight).to(device)
             loss = (ce_i * w).mean() + p.lambda_dis_align * gce_loss(pred_b, y, cfg.gce_q)
             if i > swap_from:
                 perm = torch.randperm(len(idx), generator=perm_gen).to(device)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..classifier import as_float, build_classifier, gce_loss, train_loop
-from .base import LossEMA, Method, Trained, cap_extra_weight, relative_difficulty
+from .base import LossEMA, Method, Trained, difficulty_weights
 
 
 @dataclass
@@ -54,9 +54,8 @@ class LfF(Method):
         return Trained(model)
 
     def weights(self, ema_b: LossEMA, ema_d: LossEMA, idx: torch.Tensor, from_extra: torch.Tensor) -> torch.Tensor:
-        """A batch's per-sample loss weights: the relative difficulty, with the extra samples capped when asked."""
-        w = relative_difficulty(ema_b, ema_d, idx)
-        return cap_extra_weight(w, from_extra) if self.params.cap_extra_weight else w
+        """A batch's per-sample loss weights (``benchmarks/lff_weights.py`` wraps this to tally them)."""
+        return difficulty_weights(ema_b, ema_d, idx, from_extra, self.params.cap_extra_weight)
 
     def biased_loss(self, logit_b: torch.Tensor, y: torch.Tensor, from_extra: torch.Tensor, q: float) -> torch.Tensor:
         """The biased model's GCE, over the batch or, when asked, over its real samples only: synthetic
