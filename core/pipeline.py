@@ -394,9 +394,15 @@ class Run:
             diff = _diff_keys(old, self.cfg.to_dict())
             if not self.trains_unet():  # then the diffusion settings decide nothing in this folder
                 diff = [k for k in diff if not k.startswith("diffusion.")]
+            # other methods or hyperparameters reuse the shared stages: each classifier is kept under its method's
+            # name with the hyperparameters it was trained with, and refused under others (Run.method)
+            learners = [k for k in diff if k == "methods" or k.startswith("hparams")]
+            diff = [k for k in diff if k not in learners]
             if diff:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "
                                  "use another run folder")
+            if learners:
+                _save_json(path, self.cfg.to_dict())  # the folder's config is the last one that ran in it
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         _save_json(path, self.cfg.to_dict())

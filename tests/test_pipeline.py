@@ -330,6 +330,28 @@ def test_cli_refuses_a_folder_of_another_config(quick_run, capsys):
     assert code == 2 and "was made by another config" in capsys.readouterr().err
 
 
+def test_a_finished_folder_takes_other_methods_and_reuses_its_stages(quick_run, dataset, tmp_path):
+    """Another method list or hyperparameters train only the classifiers they add, on the same mined pairs and
+    synthetic samples; a classifier already there is refused under other hyperparameters, never retrained over."""
+    import shutil
+
+    folder, metrics = quick_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(folder, copy_dir)
+    stages = {p: p.stat().st_mtime_ns for p in (copy_dir / "biased").rglob("*") if p.is_file()}
+    stages.update({p: p.stat().st_mtime_ns for p in (copy_dir / "synthetic").rglob("*") if p.is_file()})
+    cfg = make_config("quick", {"methods": ["vanilla", "disent+diffinject"],
+                                "hparams": {"disent+diffinject": {"cap_extra_weight": True}}})
+    again = Run(copy_dir, cfg, progress=False, dataset=dataset).all()
+    assert list(again["methods"]) == ["vanilla", "disent+diffinject"]
+    assert again["methods"]["vanilla"] == metrics["methods"]["vanilla"]  # read back, not retrained
+    assert all(p.stat().st_mtime_ns == t for p, t in stages.items())  # mining and generation reused as they were
+    assert json.loads((copy_dir / "config.json").read_text())["methods"] == ["vanilla", "disent+diffinject"]
+    changed = make_config("quick", {"methods": ["disent+diffinject"]})  # uncapped now: that classifier is capped
+    with pytest.raises(ValueError, match=r"disent\+diffinject in .* was trained with other hyperparameters"):
+        Run(copy_dir, changed, progress=False, dataset=dataset).all()
+
+
 def test_diffusion_settings_bind_a_folder_only_where_it_trains_its_unet(quick_run, dataset, tmp_path):
     """A folder whose U-Net came from elsewhere resumes under other diffusion settings (they decide nothing there),
     so a changed default never locks users out of such runs; any other difference is still refused."""
