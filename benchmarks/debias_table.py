@@ -152,6 +152,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s)",
         "torch": torch.__version__,
         "wall_seconds": round(wall, 1),
+        # what the runs' stages took when they ran (a table re-rendered from finished runs has a wall time of ~0)
+        "stage_seconds": round(sum(v for r in per_run.values() for v in r.get("stage_seconds", {}).values() if v), 1),
+        "untimed_stages": sum(v is None for r in per_run.values() for v in r.get("stage_seconds", {}).values()),
         "seeds": args.seeds,
         "config": make_config(args.preset, settings).to_dict(),
         "unet_sources": unet_sources,
@@ -248,8 +251,17 @@ def render(table: dict, args, meta: dict) -> str:
             at = f" at {', '.join(r['ratios'])}" if len(r["ratios"]) < len(pcts) else ""
             lines += ["", f"{NAMES[m]}: rows{at} copied from `{r['from']}`, measured by `{r['command']}`."]
     lines += ["", f"Command: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
-                  f"wall time {meta['wall_seconds'] / 60:.1f} min."]
+                  f"wall time {meta['wall_seconds'] / 60:.1f} min" + stage_time(meta) + "."]
     return "\n".join(lines) + "\n"
+
+
+def stage_time(meta: dict) -> str:
+    """How long the runs' stages took when they ran, as their artifacts recorded it."""
+    if "stage_seconds" not in meta:
+        return ""
+    untimed = f" ({meta['untimed_stages']} stages from before they recorded it not counted)" \
+        if meta["untimed_stages"] else ""
+    return f"; the runs' stages took {meta['stage_seconds'] / 60:.1f} min when they ran{untimed}"
 
 
 def unet_line(per_pct: dict) -> str:

@@ -443,7 +443,8 @@ class Run:
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
         rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
-        _save_json(path, {"indices": result.indices.tolist(), "quality": quality})
+        _save_json(path, {"indices": result.indices.tolist(), "quality": quality,
+                          "seconds": self.timings.get("biased")})  # None where the biased model was trained earlier
         return result.indices
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
@@ -559,6 +560,7 @@ class Run:
                                 ds.test.bias)
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
+        metrics["seconds"] = self.timings[name]
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
@@ -584,6 +586,16 @@ class Run:
             methods.remove("oracle")  # the ceiling exists only where the bias can be undone by hand
         return methods
 
+    def stage_seconds(self, synthetic_rows) -> dict[str, float | None]:
+        """What each of this folder's stages took when it ran, read from its artifact (so a finished run reports
+        its cost, not the seconds it took to read it back); None for an artifact from before it recorded that."""
+        read = lambda path: json.loads(path.read_text()).get("seconds") if path.exists() else None  # noqa: E731
+        out = {"biased": read(self.dir / "biased" / "mining.json")}
+        if self.trains_unet():  # a copied U-Net cost this run nothing
+            out["diffusion"] = read(self.dir / SYNTHETIC_ROWS["diffinject"][0] / "train.json")
+        out |= {f"synthetic:{m}": read(self.dir / SYNTHETIC_ROWS[m][1] / "injection.json") for m in synthetic_rows}
+        return out | {m: read(self.dir / "classifiers" / f"{m}.json") for m in self.methods()}
+
     # -- everything ------------------------------------------------------------------------------------------
     def all(self) -> dict:
         """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
@@ -606,6 +618,7 @@ class Run:
             "methods": results,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stage_seconds_this_invocation": self.timings,
+            "stage_seconds": self.stage_seconds(synthetic_rows),
         }
         _save_json(self.dir / "metrics.json", metrics)
         (self.dir / "report.md").write_text(render_report(metrics, self.cfg))

@@ -330,6 +330,17 @@ def test_cli_refuses_a_folder_of_another_config(quick_run, capsys):
     assert code == 2 and "was made by another config" in capsys.readouterr().err
 
 
+def test_a_finished_run_reports_what_its_stages_took_not_the_read_back(quick_run, dataset):
+    """metrics.json's stage_seconds come from the artifacts, so a table re-rendered from finished runs still says
+    what they cost."""
+    folder, metrics = quick_run
+    again = Run(folder, make_config("quick"), progress=False, dataset=dataset).all()
+    assert again["stage_seconds"] == metrics["stage_seconds"]
+    assert {"biased", "synthetic:diffinject", *metrics["methods"]} <= set(metrics["stage_seconds"])
+    assert all(v is not None for v in metrics["stage_seconds"].values())
+    assert again["seconds_this_invocation"] < sum(metrics["stage_seconds"].values())
+
+
 def test_a_finished_folder_takes_other_methods_and_reuses_its_stages(quick_run, dataset, tmp_path):
     """Another method list or hyperparameters train only the classifiers they add, on the same mined pairs and
     synthetic samples; a classifier already there is refused under other hyperparameters, never retrained over."""
