@@ -22,7 +22,8 @@ an overwrite.
       classifiers/<method>.pt     one per method of the run (core.methods.REGISTRY: vanilla, lff, jtt, disent, ...)
       classifiers/<method>.json   its test metrics (JTT: its error set's precision against the hidden bias labels)
       classifiers/<method>.ckpt.pt  while it trains: the same, for every model and optimizer of the method
-      metrics.json, report.md     every row, and the U-Net behind each DiffInject row (``unet_sources``)
+      metrics.json, report.md     every row, the U-Net behind each DiffInject row (``unet_sources``), what each
+                                  stage took when it ran (``stage_seconds``)
 
 Rows that say what they use: ``diffinject`` is the label-free method, its U-Net trained on the task's training split
 (here, or shipped under ``core/pretrained/<dataset>-<pct>``) or given by the user. ``diffinject-corpus`` uses the U-Net
