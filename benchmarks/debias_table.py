@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
 from core.pipeline import (  # noqa: E402
-    METRIC_COLUMNS, METHODS, NAMES, Run, bias_knowledge_phrase, make_config, merge, read_settings, synthetic_source,
+    METRIC_COLUMNS, METHODS, NAMES, TRAINED_HERE, Run, bias_knowledge_phrase, make_config, merge, read_settings,
+    synthetic_source,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -85,7 +86,11 @@ def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, 
     over = merge(settings or {}, over)
     folder = cell_folder(runs, preset, ratio, seed)
     print(f"== {folder}", flush=True)
-    return Run(folder, make_config(preset, over), progress=False).all()
+    metrics = Run(folder, make_config(preset, over), progress=False).all()
+    for src in metrics["unet_sources"].values():  # the seed-0 run's own U-Net reads as the other seeds name it
+        if src["origin"] == TRAINED_HERE:
+            src["origin"] = f"trained on the training split by run {folder.name}"
+    return metrics
 
 
 def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dict, dict]:

@@ -58,6 +58,7 @@ from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 CORPUS_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-balanced corpus: uses knowledge of the bias
+TRAINED_HERE = "trained in this run on the training split"  # unet_origin of a U-Net the run trained itself
 SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
 
 # The rows a run can make (core/methods: one class each), and the synthetic sources a method's ``extra`` can name:
@@ -492,7 +493,7 @@ class Run:
             return f"{CORPUS_UNET.relative_to(PRETRAINED.parent.parent)} (pretrained on the colour-balanced corpus)"
         source = self.unet_source()
         if source is None:
-            return "trained in this run on the training split"
+            return TRAINED_HERE
         if isinstance(source, Path) and source.resolve().parent == PRETRAINED.resolve():
             # shipped, whether found for this ratio or named with --unet (e.g. the 1 % one at 5 %): one spelling
             return f"{source.resolve().relative_to(PRETRAINED.resolve().parent.parent)} (shipped)"
