@@ -78,8 +78,8 @@ def measure(folder: Path, method_name: str) -> dict:
     trained = fit_method(method, ds.train, extra, ds.valid, ds.num_classes, cfg.classifier, cfg.seed,
                          progress=False, on_epoch=tally.close)
     metrics = group_metrics(predict(trained.model, ds.test.images).argmax(1), ds.test.labels, ds.test.bias)
-    row = {"run": f"{folder.parent.name}/{folder.name}", "method": method_name, "params": asdict(method.params), "last_epoch": tally.epochs[-1], "epochs": tally.epochs,
-           "unbiased": metrics["unbiased"],
+    row = {"run": f"{folder.parent.name}/{folder.name}", "method": method_name, "params": asdict(method.params),
+           "last_epoch": tally.epochs[-1], "epochs": tally.epochs, "unbiased": metrics["unbiased"],
            "recorded_unbiased": json.loads(recorded.read_text())["unbiased"] if recorded.exists() else None}
     print(json.dumps({k: v for k, v in row.items() if k != "epochs"}), flush=True)
     return row
