@@ -544,6 +544,7 @@ class Run:
         method = registry.get(name, self.cfg.hparams.get(name))
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
+            metrics.pop("seconds", None)  # what training took: stage_seconds reports it, the results do not
             was = {**PARAMS_BEFORE_THEY_EXISTED, **metrics.get("params", {})}
             changed = sorted(k for k, v in asdict(method.params).items() if k in was and was[k] != v)
             if changed:  # a default changed since: never report the old model under the new settings
@@ -562,12 +563,11 @@ class Run:
                                 ds.test.bias)
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
-        metrics["seconds"] = self.timings[name]
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
         save_atomic(folder / f"{name}.pt", model.state_dict())
-        _save_json(metrics_path, metrics)
+        _save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
         checkpoint.unlink(missing_ok=True)
         return metrics
 
