@@ -5,7 +5,8 @@ shape, or breaks the image. The score tells these apart from the pair's own pixe
 kind: the correlation of the sample's colour-free strokes (the maximum over channels, so a digit scores the same
 in any colour) with its content image's, minus the same with its style image's. ``InjectionConfig.keep_fraction``
 below 1 generates ``count / keep_fraction`` samples and keeps the ``count`` best scored
-(benchmarks/results/experiments.md measured the effect).
+(benchmarks/results/experiments.md measured the effect). It reads no label of any kind, but a colour-free score is
+built on knowing that colour is the bias: a row that turns it on uses knowledge of the bias, and is off by default.
 """
 
 from __future__ import annotations
