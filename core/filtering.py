@@ -6,7 +6,8 @@ kind: the correlation of the sample's colour-free strokes (the maximum over chan
 in any colour) with its content image's, minus the same with its style image's. ``InjectionConfig.keep_fraction``
 below 1 generates ``count / keep_fraction`` samples and keeps the ``count`` best scored
 (benchmarks/results/experiments.md measured the effect). It reads no label of any kind, but a colour-free score is
-built on knowing that colour is the bias: a row that turns it on uses knowledge of the bias, and is off by default.
+built on knowing that colour is the bias: a row that turns it on is labelled so (``Run.describe_source``), and it is
+off by default.
 """
 
 from __future__ import annotations

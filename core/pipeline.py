@@ -588,6 +588,15 @@ class Run:
             methods.remove("oracle")  # the ceiling exists only where the bias can be undone by hand
         return methods
 
+    def describe_source(self, method: str) -> dict:
+        """A synthetic row's ``unet_sources`` entry: its U-Net (:func:`describe_unet`) and, where the consistency
+        filter kept the samples, that its colour-free score was built on knowing that colour is the bias."""
+        src = describe_unet(self.dir / SYNTHETIC_ROWS[method][0], self.unet_origin(method))
+        if self.cfg.injection.keep_fraction < 1:
+            src |= {"origin": f"{src['origin']}; samples kept by a colour-free score (assumes colour is the bias)",
+                    "bias_knowledge": True}
+        return src
+
     def stage_seconds(self, synthetic_rows) -> dict[str, float | None]:
         """What each of this folder's stages took when it ran, read from its artifact (so a finished run reports
         its cost, not the seconds it took to read it back); None for an artifact from before it recorded that."""
@@ -615,8 +624,7 @@ class Run:
             "mining": json.loads((self.dir / "biased" / "mining.json").read_text())["quality"],
             "injection": {m: json.loads((self.dir / SYNTHETIC_ROWS[m][1] / "injection.json").read_text())
                           for m in synthetic_rows},
-            "unet_sources": {m: describe_unet(self.dir / SYNTHETIC_ROWS[m][0], self.unet_origin(m))
-                             for m in synthetic_rows},
+            "unet_sources": {m: self.describe_source(m) for m in synthetic_rows},
             "methods": results,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stage_seconds_this_invocation": self.timings,

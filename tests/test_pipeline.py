@@ -98,6 +98,10 @@ def test_keep_fraction_generates_more_and_keeps_the_most_consistent(quick_run, d
     kept = run.synthetic()
     info = json.loads((tmp_path / "filtered/synthetic/injection.json").read_text())
     assert info["generated"] == 48 and info["samples"] == len(kept.labels) == 24
+    src = run.describe_source("diffinject")  # the colour-free score knows the bias: the row says so
+    assert src["bias_knowledge"] is True and "colour-free score" in src["origin"]
+    assert Run(folder, make_config("quick"), progress=False, dataset=dataset).describe_source("diffinject")[
+        "bias_knowledge"] is False  # unfiltered: the label-free U-Net alone
     tr = dataset.train
     plain = Synthetic.load(folder / "synthetic/samples.pt")
     assert consistency_scores(kept, tr.images).mean() > consistency_scores(plain, tr.images).mean()
