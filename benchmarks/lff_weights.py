@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.debias_table import command_line  # noqa: E402
 from core import methods as registry  # noqa: E402
 from core.classifier import group_metrics, predict  # noqa: E402
-from core.pipeline import PARAMS_BEFORE_THEY_EXISTED, Run, RunConfig, fit_method  # noqa: E402
+from core.pipeline import Run, RunConfig, fit_method, recorded_params  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")
@@ -67,8 +67,7 @@ def measure(folder: Path, method_name: str) -> dict:
     params = cfg.hparams.get(method_name)
     if recorded.exists():  # retrain as the run did, under the hyperparameters it recorded
         known = {f.name for f in fields(registry.REGISTRY[method_name].Params)}
-        was = {**PARAMS_BEFORE_THEY_EXISTED, **json.loads(recorded.read_text())["params"]}
-        params = {k: v for k, v in was.items() if k in known}
+        params = {k: v for k, v in recorded_params(json.loads(recorded.read_text())).items() if k in known}
     ds, method = run.ds, registry.get(method_name, params)
     extra = run.extra_data(method.extra)
     n_extra = 0 if extra is None else len(extra[1])

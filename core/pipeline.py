@@ -197,6 +197,12 @@ BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
 PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_on_real_only": False}
 
 
+def recorded_params(record: dict) -> dict:
+    """The hyperparameters a finished classifier's record (``classifiers/<method>.json``) says it was trained with,
+    those added since it was made at the value it had then."""
+    return {**PARAMS_BEFORE_THEY_EXISTED, **record.get("params", {})}
+
+
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -545,7 +551,7 @@ class Run:
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
             metrics.pop("seconds", None)  # what training took: stage_seconds reports it, the results do not
-            was = {**PARAMS_BEFORE_THEY_EXISTED, **metrics.get("params", {})}
+            was = recorded_params(metrics)
             changed = sorted(k for k, v in asdict(method.params).items() if k in was and was[k] != v)
             if changed:  # a default changed since: never report the old model under the new settings
                 raise ValueError(f"{name} in {folder} was trained with other hyperparameters ({', '.join(changed)}); "
