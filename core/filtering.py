@@ -1,4 +1,5 @@
-"""Label-free filtering of synthetic samples: keep those whose shape follows their content image.
+"""Label-free filtering of synthetic samples: keep those whose shape follows their content image (the consistency
+filter), or those a label-free classifier trained on the real split assigns to their label (:func:`vet`).
 
 An injection either moves the content's shape into the style image (what debiasing needs), leaves the style's
 shape, or breaks the image. The score tells these apart from the pair's own pixels alone, with no label of any
@@ -13,7 +14,9 @@ off by default.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
+from .classifier import predict
 from .injection import Synthetic
 
 
@@ -42,5 +45,11 @@ def keep_consistent(synthetic: Synthetic, images: torch.Tensor, count: int) -> S
     if count >= len(synthetic.labels):
         return synthetic
     scores = consistency_scores(synthetic, images)
-    keep = torch.sort(torch.argsort(scores, descending=True, stable=True)[:count]).values
-    return Synthetic(synthetic.images[keep], synthetic.labels[keep], synthetic.content[keep], synthetic.style[keep])
+    return synthetic.take(torch.sort(torch.argsort(scores, descending=True, stable=True)[:count]).values)
+
+
+def vet(synthetic: Synthetic, classifier: nn.Module, device: str = "cpu") -> Synthetic:
+    """The samples ``classifier`` assigns to their label, in their order. With a classifier trained on the real
+    split alone by a label-free method (``vetted_by``, see :meth:`Run.vetted <core.pipeline.Run.vetted>`) this drops
+    the injections that kept the style image's class or broke the image, without reading a bias label."""
+    return synthetic.take(predict(classifier, synthetic.images, device=device).argmax(1) == synthetic.labels)

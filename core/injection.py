@@ -374,6 +374,10 @@ class Synthetic:
     def load(cls, path) -> "Synthetic":
         return cls(**torch.load(path, weights_only=True))
 
+    def take(self, keep: torch.Tensor) -> "Synthetic":
+        """The samples ``keep`` selects (a boolean mask or indices), in their order."""
+        return Synthetic(*(getattr(self, f.name)[keep] for f in fields(self)))
+
     @classmethod
     def cat(cls, parts: list["Synthetic"]) -> "Synthetic":
         """The samples of ``parts``, in order."""

@@ -52,7 +52,7 @@ from .classifier import ClassifierConfig, accuracy, build_classifier, group_metr
 from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
                         num_parameters, train_diffusion)
-from .filtering import keep_consistent
+from .filtering import keep_consistent, vet
 from .injection import InjectionConfig, Synthetic, count_evaluations, inject_batches, plan_pairs
 from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
@@ -559,14 +559,20 @@ class Run:
             return metrics
         folder.mkdir(exist_ok=True)
         ds = self.ds
-        t0 = time.time()
         checkpoint = folder / f"{name}.ckpt.pt"  # epoch checkpoints: a rerun resumes after the last epoch
-        trained = fit_method(method, ds.train, self.extra_data(method.extra), ds.valid, ds.num_classes,
+        extra, vetting = self.extra_data(method.extra), None
+        if getattr(method.params, "vetted_by", None):
+            extra, vetting = self.vetted(self.synthetic(method.extra), method.params.vetted_by)
+            extra = extra.images, extra.labels
+        t0 = time.time()  # the vetting classifier is timed as its own method
+        trained = fit_method(method, ds.train, extra, ds.valid, ds.num_classes,
                              self.cfg.classifier, self.cfg.seed, self.device, self.progress, checkpoint=checkpoint)
         self.timings[name] = round(time.time() - t0, 1)
         model = trained.model
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
                                 ds.test.bias)
+        if vetting is not None:
+            metrics["vetted"] = vetting
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
@@ -576,6 +582,24 @@ class Run:
         _save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
         checkpoint.unlink(missing_ok=True)
         return metrics
+
+    def vetted(self, syn: Synthetic, by: str) -> tuple[Synthetic, dict]:
+        """The synthetic samples that method ``by``'s classifier (trained here on the real training split alone,
+        label-free like every row; read back when this folder has it) assigns to their label, and what was kept.
+
+        An injection that left the style image's digit, or broke the image, is a mislabelled sample; a debiased
+        classifier that recognises the content's class in another bias value keeps the ones that carry it. Off by
+        default: purer samples did not train better classifiers (benchmarks/results/experiments.md, 2026-12-04).
+        The kept samples' injection report (evaluation only) says what the vetting removed."""
+        self.method(by)
+        vetter = registry.get(by, self.cfg.hparams.get(by))
+        kept = vet(syn, vetter.load(self.dir / "classifiers" / f"{by}.pt", self.cfg.classifier, self.ds.image_shape,
+                                    self.ds.num_classes), self.device)
+        info = {"by": by, "kept": len(kept.labels), "of": len(syn.labels)}
+        if self.readers is not None and len(kept.labels):
+            info["report"] = diagnostics.injection_report(kept, self.ds.train.images, self.ds.train.labels,
+                                                          self.readers)
+        return kept, info
 
     def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The data a method learns from beside the training split: a synthetic source's samples, or the oracle's

@@ -367,6 +367,49 @@ def test_a_finished_folder_takes_other_methods_and_reuses_its_stages(quick_run, 
         Run(copy_dir, changed, progress=False, dataset=dataset).all()
 
 
+def test_vetting_keeps_the_synthetic_samples_the_real_only_classifier_assigns_to_their_label(quick_run, dataset,
+                                                                                             tmp_path):
+    """``vetted_by``: the learner sees only the synthetic samples that the named method's classifier, trained on
+    the real split alone, puts in their labelled class; that classifier is trained first where the folder lacks it."""
+    import shutil
+
+    from core.classifier import predict
+    from core.injection import Synthetic
+
+    folder, _ = quick_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(folder, copy_dir)
+    for name in ("vanilla", "diffinject"):  # trained again: vanilla to vet, diffinject on the vetted samples
+        (copy_dir / "classifiers" / f"{name}.pt").unlink()
+        (copy_dir / "classifiers" / f"{name}.json").unlink()
+    cfg = make_config("quick", {"methods": ["diffinject"], "hparams": {"diffinject": {"vetted_by": "vanilla"}}})
+    seen = {}
+    real_fit = REGISTRY["diffinject"].fit
+
+    def spy(self, train, *args, **kwargs):
+        seen["extra"] = train.images[train.extras["from_extra"]]
+        return real_fit(self, train, *args, **kwargs)
+
+    REGISTRY["diffinject"].fit = spy
+    try:
+        metrics = Run(copy_dir, cfg, progress=False, dataset=dataset).all()
+    finally:
+        REGISTRY["diffinject"].fit = real_fit
+    assert (copy_dir / "classifiers" / "vanilla.pt").exists()  # the vetting classifier, trained on real data here
+    vanilla = REGISTRY["vanilla"]().load(copy_dir / "classifiers" / "vanilla.pt", cfg.classifier, dataset.image_shape,
+                                         dataset.num_classes)
+    syn = Synthetic.load(copy_dir / "synthetic" / "samples.pt")
+    keep = predict(vanilla, syn.images).argmax(1) == syn.labels
+    vetted = metrics["methods"]["diffinject"]["vetted"]
+    assert (vetted["by"], vetted["kept"], vetted["of"]) == ("vanilla", int(keep.sum()), len(keep))
+    assert torch.equal(seen["extra"], syn.images[keep])
+    assert vetted["report"]["samples"] == vetted["kept"]  # what the kept samples show (evaluation only)
+    with pytest.raises(ValueError, match="vetted_by must name a method trained on the real split alone"):
+        Run(copy_dir, make_config("quick", {"methods": ["diffinject"],
+                                            "hparams": {"diffinject": {"vetted_by": "diffinject"}}}),
+            progress=False, dataset=dataset)
+
+
 def test_diffusion_settings_bind_a_folder_only_where_it_trains_its_unet(quick_run, dataset, tmp_path):
     """A folder whose U-Net came from elsewhere resumes under other diffusion settings (they decide nothing there),
     so a changed default never locks users out of such runs; any other difference is still refused."""

@@ -39,6 +39,7 @@ from core import methods as registry
 from core.classifier import build_classifier, group_metrics, predict
 from .cli import flag_overrides
 from core.data import ImageSet, pct_name
+from core.filtering import vet
 from core.injection import InjectionConfig
 from core.mining import mine
 from core.pipeline import PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize, validate
@@ -132,6 +133,12 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     pool = mine(biased.eval(), train.images, train.labels, k, DEVICE,
                 misclassified_only=cfg.mining.misclassified_only).indices
     syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
+    learner = registry.get(method, cfg.hparams.get(method))
+    vetted_by = getattr(learner.params, "vetted_by", None)
+    if vetted_by:  # the base run trained that classifier on the real split (main)
+        vetter = registry.get(vetted_by, cfg.hparams.get(vetted_by))
+        syn = vet(syn, vetter.load(base / "classifiers" / f"{vetted_by}.pt", cfg.classifier,
+                                   tuple(train.images.shape[1:]), num_classes), DEVICE)
     best = 0.0
 
     def report(epoch: int, acc: float) -> None:
@@ -139,7 +146,7 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
         best = max(best, acc)
         ray_tune.report({METRIC: best, "epoch_accuracy": acc, "epoch": epoch + 1})
 
-    trained = fit_method(registry.get(method, cfg.hparams.get(method)), train, (syn.images, syn.labels), valid,
+    trained = fit_method(learner, train, (syn.images, syn.labels), valid,
                          num_classes, cfg.classifier, cfg.seed, DEVICE, progress=False, on_epoch=report)
     torch.save(trained.model.state_dict(), Path(models) / f"{tag(k, gamma)}.pt")
 
@@ -224,8 +231,7 @@ def choose(rows: list[dict]) -> dict:
 
 def evaluate_on_test(run: Run, model_path: str, method: str = "diffinject") -> dict:
     """Group metrics of a saved debiased model on the test split: the sweep's only read of test/bias labels."""
-    model = registry.get(method).build(run.cfg.classifier, run.ds.image_shape, run.ds.num_classes)
-    model.load_state_dict(torch.load(model_path, weights_only=True))
+    model = registry.get(method).load(model_path, run.cfg.classifier, run.ds.image_shape, run.ds.num_classes)
     test = run.ds.test
     return group_metrics(predict(model, test.images, device=DEVICE).argmax(1), test.labels, test.bias)
 
@@ -310,6 +316,9 @@ def cmd_tune(args) -> int:
         validate(trial_config(cfg, k, gammas[0]), run.ds)
     run.biased()
     run.unet_dir()
+    vetted_by = getattr(registry.get(args.method, cfg.hparams.get(args.method)).params, "vetted_by", None)
+    if vetted_by:
+        run.method(vetted_by)  # the trials' vetting classifier, on the real split, once for all of them
     with ray_session(max(os.cpu_count() or 1, args.cpus_per_trial)):
         rows = sweep(run, ks, gammas, out, args.cpus_per_trial, args.asha, verbose=0 if args.no_progress else 1,
                      method=args.method)

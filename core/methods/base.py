@@ -72,6 +72,12 @@ class Method:
         """An untrained model of the kind :meth:`fit` returns, to load a saved ``state_dict`` into."""
         return build_classifier(cfg, image_shape, num_classes)
 
+    def load(self, path: Path, cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        """The model :meth:`fit` saved as a ``state_dict`` at ``path``, in eval mode."""
+        model = self.build(cfg, image_shape, num_classes)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+
 
 class LossEMA:
     """Per-sample exponential moving average of a loss, as LfF's and DisEnt's reference code keep it: a sample's
