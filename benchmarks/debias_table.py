@@ -114,7 +114,8 @@ def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dic
                                                               for k in REPORT_KEYS}
             cell.setdefault("biased_model_wrong", {})[m] = mean_std([r["injection"][m]["biased_model_wrong"]
                                                                      for r in runs])
-            seen = [r["unet_sources"][m] for r in runs]
+        for m in [m for m in runs[0]["methods"] if synthetic_source(m) in runs[0].get("unet_sources", {})]:
+            seen = [r["unet_sources"][synthetic_source(m)] for r in runs]
             sources.setdefault(m, {})[pct] = seen[0] if all(x == seen[0] for x in seen) else seen
         table[pct] = cell
     return table, sources
@@ -197,11 +198,18 @@ def reuse_rows(table: dict, meta: dict, old: dict, name: str) -> None:
                 entry = {"from": was["from"], "command": was["command"], "ratios": []}
                 entries.append(entry)
             entry["ratios"].append(pct)
-            src = synthetic_source(method)
-            if src in old["meta"].get("unet_sources", {}) and pct in old["meta"]["unet_sources"][src]:
-                meta["unet_sources"].setdefault(src, {})[pct] = old["meta"]["unet_sources"][src][pct]
+            source = row_unet(old["meta"], method).get(pct)
+            if source is not None:
+                meta["unet_sources"].setdefault(method, {})[pct] = source
     for pct in sorted(table, key=lambda p: float(p.removesuffix("pct"))):  # ratios in order, copied ones included
         table[pct] = table.pop(pct)
+
+
+def row_unet(meta: dict, method: str) -> dict:
+    """``meta.unet_sources`` of one row, by ratio: keyed by the row's method, or in files from before rows of one
+    synthetic source could use different U-Nets (the source's rows were then made together), by that source."""
+    sources = meta.get("unet_sources", {})
+    return sources.get(method) or sources.get(synthetic_source(method)) or {}
 
 
 def measured_by(old: dict, method: str, pct: str, name: str) -> dict:
@@ -228,8 +236,8 @@ def render(table: dict, args, meta: dict) -> str:
                                       f"{r['conflicting']['mean']:.1f}") for p in pcts]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
     lines.append("")
-    for m in [m for m in methods if synthetic_source(m) in meta["unet_sources"]]:
-        by_pct = meta["unet_sources"][synthetic_source(m)]  # shared by the rows of one source: keep this row's ratios
+    for m in [m for m in methods if row_unet(meta, m)]:
+        by_pct = row_unet(meta, m)
         lines.append(f"{NAMES[m]}: U-Net {unet_line({p: v for p, v in by_pct.items() if m in table.get(p, {})})}.")
     lines += ["", "Aligned and worst-group accuracy (%):", "", "| method | " + " | ".join(pcts) + " |",
               "|---" * (len(pcts) + 1) + "|"]

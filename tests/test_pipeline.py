@@ -545,6 +545,31 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     assert "rows at 2pct copied from `another.json`, measured by `python another`" in md
 
 
+def test_table_keeps_each_rows_own_unet_when_rows_of_one_source_differ(quick_run):
+    """A fold that remakes some rows of a synthetic source with a new U-Net names that U-Net for them and keeps the
+    old one for the rows it copies (files from before keyed their U-Nets by source): neither renames the other."""
+    import types
+
+    from benchmarks.debias_table import render, reuse_rows, summarise
+
+    _, metrics = quick_run
+    new = copy.deepcopy(metrics)
+    new["methods"] = {"diffinject": metrics["methods"]["diffinject"]}
+    new["unet_sources"] = {"diffinject": dict(metrics["unet_sources"]["diffinject"], origin="the new U-Net")}
+    table, sources = summarise({(1.0, 0): new}, [1.0], [0])
+    old_table, _ = summarise({(1.0, 0): metrics}, [1.0], [0])
+    old_table["1pct"]["jtt+diffinject"] = old_table["1pct"]["diffinject"]
+    old_unet = dict(metrics["unet_sources"]["diffinject"], origin="the old U-Net")
+    old = {"meta": {"command": "python old", "unet_sources": {"diffinject": {"1pct": old_unet}}}, "table": old_table}
+    meta = {"unet_sources": sources, "command": "python new", "machine": "y", "torch": "z", "wall_seconds": 60}
+    reuse_rows(table, meta, old, "old.json")
+    assert meta["unet_sources"]["diffinject"]["1pct"]["origin"] == "the new U-Net"
+    assert meta["unet_sources"]["jtt+diffinject"]["1pct"]["origin"] == "the old U-Net"
+    lines = render(table, types.SimpleNamespace(seeds=[0]), meta).splitlines()
+    assert any(line.startswith("DiffInject (label-free): U-Net the new U-Net;") for line in lines)
+    assert any(line.startswith("JTT + DiffInject (label-free): U-Net the old U-Net;") for line in lines)
+
+
 def test_table_says_when_a_row_used_another_ratios_unet():
     """A label-free row whose U-Net learnt from another ratio's training split says so, ratio by ratio."""
     from benchmarks.debias_table import unet_line
