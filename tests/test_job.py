@@ -22,15 +22,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.injection import Synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 _RAY_BESIDE = Path(sys.executable).with_name("ray")  # the CLI of this Python's Ray, else the first on PATH
 RAY = str(_RAY_BESIDE) if _RAY_BESIDE.exists() else shutil.which("ray")
-# never uploaded with the working dir, even where .gitignore is not honoured (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)
-EXCLUDES = ["/.git/", "/runs/", "/.whl/", "/build/", "/.benchmarks/", ".pytest_cache/", "__pycache__/",
-            "*.egg-info/", "checkpoint.pt", "*.tmp"]
+# the documented runtime env (it keeps the upload under Ray's 100 MiB), plus what a development checkout holds: never
+# uploaded with the working dir, even where .gitignore is not honoured (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)
+EXCLUDES = yaml.safe_load((ROOT / "deploy" / "job-runtime-env.yaml").read_text())["excludes"] + [
+    "/runs/", "/.whl/", "/build/", "/.benchmarks/", ".pytest_cache/", "__pycache__/", "*.egg-info/", "checkpoint.pt",
+    "*.tmp"]
 
 
 def _free_ports(n: int) -> list[int]:
