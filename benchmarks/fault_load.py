@@ -45,9 +45,13 @@ def replica_pids(handle, replicas: int, tries: int = 200) -> list[int]:
 
 
 def drive_with_kill(url: str, body: dict, clients: int, total: int, kill_after: float, pid: int) -> dict:
-    """``total`` requests from ``clients`` threads; ``pid`` killed ``kill_after`` s in. One retry per failure."""
+    """``total`` requests from ``clients`` threads; ``pid`` killed ``kill_after`` s in. One retry per failure.
+
+    A client that has sent its share keeps sending until it has sent one request after the kill, so a fast
+    machine that would finish ``total`` before the kill still measures it (``requests`` may then exceed ``total``)."""
     events, lock = [], threading.Lock()  # (start, end, status, retried status or None)
     remaining = iter(range(total))
+    killed = threading.Event()
 
     def send(session) -> tuple[int, float]:
         try:
@@ -58,10 +62,13 @@ def drive_with_kill(url: str, body: dict, clients: int, total: int, kill_after: 
 
     def client():
         session = requests.Session()
+        sent_after_kill = False
         while True:
             with lock:
-                if next(remaining, None) is None:
-                    return
+                spent = next(remaining, None) is None
+            if spent and sent_after_kill:
+                return
+            sent_after_kill = killed.is_set()
             t0 = time.perf_counter()
             status, wait = send(session)
             t1 = time.perf_counter()
@@ -79,6 +86,7 @@ def drive_with_kill(url: str, body: dict, clients: int, total: int, kill_after: 
     time.sleep(kill_after)
     t_kill = time.perf_counter()
     os.kill(pid, signal.SIGKILL)
+    killed.set()
     for t in threads:
         t.join()
     first = Counter(str(s) for _, _, s, _ in events if s != 200)

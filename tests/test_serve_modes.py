@@ -21,6 +21,6 @@ def test_in_the_haproxy_serve_mode_a_killed_replica_costs_no_request(quick_run, 
                           timeout=600, cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]  # its own words, if it fails
     [row] = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert row["serve_mode"] == "haproxy" and row["requests"] == 24
+    assert row["serve_mode"] == "haproxy" and row["requests"] >= 24  # more where the load outlasts its share
     assert row["failed_first_attempt"] == 0 and row["server_errors_500"] == 0, row
     assert row["seconds_until_success_after_kill"] is not None
