@@ -369,6 +369,17 @@ def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet,
                       valid.blind(), num_classes, cfg, seed, device, progress, on_epoch, **kw)
 
 
+def vetted_samples(method: registry.Method, syn: Synthetic, folder: Path, cfg: RunConfig,
+                   image_shape: tuple[int, int, int], num_classes: int, device: str = "cpu") -> Synthetic:
+    """The synthetic samples ``method`` learns from, for the pipeline and every Tune trial alike: all of them, or
+    with its ``vetted_by`` those that method's classifier, saved in ``folder/classifiers/``, assigns to their label."""
+    by = getattr(method.params, "vetted_by", None)
+    if not by:
+        return syn
+    vetter = registry.get(by, cfg.hparams.get(by))
+    return vet(syn, vetter.load(folder / "classifiers" / f"{by}.pt", cfg.classifier, image_shape, num_classes), device)
+
+
 def _takes(fn, name: str) -> bool:
     """Whether ``fn`` has a parameter ``name`` (optional protocol arguments go only to those that take them)."""
     return name in inspect.signature(fn).parameters
@@ -560,10 +571,11 @@ class Run:
         folder.mkdir(exist_ok=True)
         ds = self.ds
         checkpoint = folder / f"{name}.ckpt.pt"  # epoch checkpoints: a rerun resumes after the last epoch
-        extra, vetting = self.extra_data(method.extra), None
-        if getattr(method.params, "vetted_by", None):
-            extra, vetting = self.vetted(self.synthetic(method.extra), method.params.vetted_by)
-            extra = extra.images, extra.labels
+        if getattr(method.params, "vetted_by", None):  # read the samples once, vetted, not once more as they are
+            kept, vetting = self.vetted(self.synthetic(method.extra), method)
+            extra = kept.images, kept.labels
+        else:
+            extra, vetting = self.extra_data(method.extra), None
         t0 = time.time()  # the vetting classifier is timed as its own method
         trained = fit_method(method, ds.train, extra, ds.valid, ds.num_classes,
                              self.cfg.classifier, self.cfg.seed, self.device, self.progress, checkpoint=checkpoint)
@@ -583,19 +595,18 @@ class Run:
         checkpoint.unlink(missing_ok=True)
         return metrics
 
-    def vetted(self, syn: Synthetic, by: str) -> tuple[Synthetic, dict]:
-        """The synthetic samples that method ``by``'s classifier (trained here on the real training split alone,
-        label-free like every row; read back when this folder has it) assigns to their label, and what was kept.
+    def vetted(self, syn: Synthetic, method: registry.Method) -> tuple[Synthetic, dict]:
+        """The synthetic samples that the classifier of ``method``'s ``vetted_by`` (trained here on the real training
+        split alone, label-free like every row; read back when this folder has it) assigns to their label, and what
+        was kept (:func:`vetted_samples`).
 
         An injection that left the style image's digit, or broke the image, is a mislabelled sample; a debiased
         classifier that recognises the content's class in another bias value keeps the ones that carry it. Off by
         default: purer samples did not train better classifiers (benchmarks/results/experiments.md, 2026-12-04).
         The kept samples' injection report (evaluation only) says what the vetting removed."""
-        self.method(by)
-        vetter = registry.get(by, self.cfg.hparams.get(by))
-        kept = vet(syn, vetter.load(self.dir / "classifiers" / f"{by}.pt", self.cfg.classifier, self.ds.image_shape,
-                                    self.ds.num_classes), self.device)
-        info = {"by": by, "kept": len(kept.labels), "of": len(syn.labels)}
+        self.method(method.params.vetted_by)
+        kept = vetted_samples(method, syn, self.dir, self.cfg, self.ds.image_shape, self.ds.num_classes, self.device)
+        info = {"by": method.params.vetted_by, "kept": len(kept.labels), "of": len(syn.labels)}
         if self.readers is not None and len(kept.labels):
             info["report"] = diagnostics.injection_report(kept, self.ds.train.images, self.ds.train.labels,
                                                           self.readers)

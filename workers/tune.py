@@ -39,10 +39,10 @@ from core import methods as registry
 from core.classifier import build_classifier, group_metrics, predict
 from .cli import flag_overrides
 from core.data import ImageSet, pct_name
-from core.filtering import vet
 from core.injection import InjectionConfig
 from core.mining import mine
-from core.pipeline import PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize, validate
+from core.pipeline import (PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize,
+                           validate, vetted_samples)
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
@@ -134,11 +134,8 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
                 misclassified_only=cfg.mining.misclassified_only).indices
     syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
     learner = registry.get(method, cfg.hparams.get(method))
-    vetted_by = getattr(learner.params, "vetted_by", None)
-    if vetted_by:  # the base run trained that classifier on the real split (main)
-        vetter = registry.get(vetted_by, cfg.hparams.get(vetted_by))
-        syn = vet(syn, vetter.load(base / "classifiers" / f"{vetted_by}.pt", cfg.classifier,
-                                   tuple(train.images.shape[1:]), num_classes), DEVICE)
+    # with vetted_by, the base run trained the vetting classifier on the real split (cmd_tune)
+    syn = vetted_samples(learner, syn, base, cfg, tuple(train.images.shape[1:]), num_classes, DEVICE)
     best = 0.0
 
     def report(epoch: int, acc: float) -> None:
