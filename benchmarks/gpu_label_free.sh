@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (10 minutes at most): the label-free U-Nets of issue 13, trained on each embedded
-# benchmark's own training split, plain and with hard_share 0.5, side by side; the EMA models come back under $OUT.
+# Label-free U-Nets on a lent GPU, side by side: for each DATASET:PCT in UNETS, the U-Net stage (the GCE biased
+# classifier first, for the hard-share weights) of the seed-0 run folder that a per-ratio debias table makes,
 #
-#   bash benchmarks/gpu_label_free.sh     # from the repo root there, with .whl/ carried (see gpu_bench.sh), and
-#                                         # .whl/cache holding the embedded datasets' cache files (DIFFINJECT_CACHE)
+#   UNETS="cmnist:1 cmnist:5 corrupted_mnist:1" CONFIG=benchmarks/configs/unet-gpu-b128.yaml \
+#       bash benchmarks/gpu_label_free.sh OUTDIR       # from the repo root there
 #
-# RATIOS (default "1") and STEPS (default 2000, batch 64, as on the CPU) may be set. Each U-Net is the U-Net stage of
-# an ordinary run folder (biased classifier first, for the hard-share weights), so a run folder copied back resumes
-# at the injection stage on the CPU: `diffinject run ... --out <that folder>` with the same flags.
+# into OUTDIR/<dataset>/default-<pct>pct-seed0 (log beside it). Copy OUTDIR/<dataset> to a runs folder here and run
+# `benchmarks/debias_table.py --unet per-ratio --config CONFIG --dataset <dataset> --runs <that folder> ...`: the
+# seed-0 runs resume after the U-Net stage, the other seeds use that U-Net. Needs diffusers (carried in .whl/,
+# see gpu_bench.sh) and the datasets' cache files (DIFFINJECT_CACHE). Environment: CONFIG (a settings YAML, as
+# debias_table's --config), METHODS (default diffinject), MAX_SECONDS (time budget of each U-Net: it stops there
+# and saves, resumable), DEVICE (default cuda).
 set -u
+OUTDIR="${1:-/tmp/lf}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/diffusers*.whl .whl/importlib_metadata*.whl
-export PYTHONPATH=/tmp/site:$PWD DIFFINJECT_CACHE=$PWD/.whl/cache
-mkdir -p /tmp/lf
-for dataset in cmnist corrupted_mnist; do
-  for ratio in ${RATIOS:-1}; do
-    for share in 0 0.5; do
-      out=/tmp/lf/$dataset-${ratio}pct-hard$share
-      timeout 540 python3 - "$dataset" "$ratio" "$share" "$out" > "$out.log" 2>&1 <<'EOF' &
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/diffusers*.whl \
+    .whl/importlib_metadata*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -z "${DIFFINJECT_CACHE:-}" ] && [ -d .whl/cache ] && export DIFFINJECT_CACHE="$PWD/.whl/cache"
+for job in ${UNETS:-cmnist:1 corrupted_mnist:1}; do
+  dataset=${job%%:*} pct=${job#*:}
+  mkdir -p "$OUTDIR/$dataset"
+  python3 - "$dataset" "$pct" "$OUTDIR/$dataset" > "$OUTDIR/$dataset-${pct}pct.log" 2>&1 <<'PY' &
+import os
 import sys
-from core.pipeline import Run, make_config
-dataset, ratio, share, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-cfg = make_config("default", {"dataset": dataset, "ratio": ratio, "unet": None, "methods": ["diffinject"],
-                              "diffusion": {"hard_share": share, "steps": int(__import__("os").environ.get("STEPS", 2000))}})
-print(Run(out, cfg, device="cuda", progress=False).unet_dir())
-EOF
-    done
-  done
+
+sys.path.insert(0, "benchmarks")
+from debias_table import cell_folder  # noqa: E402
+
+from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
+
+dataset, ratio, runs = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+settings = read_settings(os.environ["CONFIG"]) if os.environ.get("CONFIG") else {}
+settings = merge(settings, {"dataset": dataset, "methods": os.environ.get("METHODS", "diffinject").split(",")})
+cfg = make_config("default", merge(settings, {"ratio": ratio, "seed": 0, "unet": None}))  # as run_cell's seed 0
+seconds = float(os.environ.get("MAX_SECONDS", 0)) or None
+run = Run(cell_folder(runs, "default", ratio, 0), cfg, device=os.environ.get("DEVICE", "cuda"), progress=False,
+          max_diffusion_seconds=seconds)
+run.mined()
+print(run.unet_dir(), flush=True)
+PY
 done
 wait
-tail -n 2 /tmp/lf/*.log
-find /tmp/lf -name checkpoint.pt -delete  # 72 MB each: over what a call brings back; the EMA model is what samples
-tar cf - -C /tmp lf | split -b 15728640 - $OUT/lf.tar.part-
-ls -la $OUT

@@ -196,6 +196,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the injector replica (more than the "
                    "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the injector replica (0: CPU)")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress replicas (HTTP handling, PNG coding)")
     add_service_options(p, "service_load")
     args = p.parse_args()
     use_serve_mode(args.serve_mode)
@@ -215,7 +216,8 @@ def main() -> None:
                                                                         "num_gpus": args.gpus},
                 user_config={"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0},
             ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.threads)
-            app = Ingress.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}).bind(
+            app = Ingress.options(max_ongoing_requests=256, num_replicas=args.ingress_replicas,
+                                  ray_actor_options={"num_cpus": 0.5}).bind(
                 injector, max_samples=max(256, args.samples))
             serve.run(app, name="bench", route_prefix="/")
             drive(url, body, 1, 2)  # warm-up: content cache, lazy imports
@@ -230,10 +232,12 @@ def main() -> None:
     by = {(r["mode"], r["clients"]): r for r in table}
     ratios = {c: round(by[("batched", c)]["images_per_s"] / max(by[("unbatched", c)]["images_per_s"], 1e-9), 2)
               for c in clients}
+    # the service against what the injector does alone at a full batch: how much HTTP, coding and queueing cost
+    of_bound = {c: round(by[("batched", c)]["images_per_s"] / ceiling["large"], 2) for c in clients}
     cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
     lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
              f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s) "
-             f"on {device}; serve mode {args.serve_mode}; "
+             f"on {device}; {args.ingress_replicas} Ingress replica(s); serve mode {args.serve_mode}; "
              f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
@@ -245,9 +249,12 @@ def main() -> None:
     lines += ["", "Batched / unbatched images/s: " + ", ".join(f"{c} clients {ratios[c]}x" for c in clients), "",
               f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
               f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
-              f"({ceiling['ratio']}x)."]
+              f"({ceiling['ratio']}x).", "",
+              "Batched service / in-process bound at a full batch: "
+              + ", ".join(f"{c} clients {of_bound[c]}" for c in clients)]
     write_results(args.out, lines, {"command": cmd.strip(), "device": device, "serve_mode": args.serve_mode,
-                                    "rows": table, "ratios": ratios,
+                                    "ingress_replicas": args.ingress_replicas,
+                                    "rows": table, "ratios": ratios, "service_over_bound": of_bound,
                                     "in_process_ceiling": ceiling})
 
 

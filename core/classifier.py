@@ -108,8 +108,8 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str = "cpu") -> torch.Tensor:
-    """Logits for uint8 images."""
-    model.eval()
+    """Logits for uint8 images, on the CPU; ``model`` is moved to ``device`` (stages load their models on the CPU)."""
+    model.eval().to(device)
     out = [model(as_float(images[i : i + batch_size]).to(device)).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
