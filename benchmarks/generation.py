@@ -23,6 +23,9 @@ Variants on the same U-Net, DDIM steps and batch size:
   ``unet_forward`` compiled by ``cuda_graphed``: ``torch.compile(fullgraph=True, mode="reduce-overhead")``, which on
   CUDA records each batch shape's graph once (in the untimed warm-up run) and replays it, so a U-Net call costs one
   graph launch instead of hundreds of kernel launches. On a CPU it is plain compiling.
+- ``fast-bf16``: ``fast`` with ``InjectionConfig(precision="bf16")``: the U-Net's calls in bfloat16 (its weights
+  cast once), the rest in float32. Its GFLOP/s are compared with the bf16 GEMM rate. Measure it on a CPU with
+  AVX-512 BF16 or AMX, or on CUDA; elsewhere bf16 is emulated.
 - ``fast-channels-last``: ``fast`` with the U-Net's weights in ``torch.channels_last`` memory format (its
   convolutions then run and return NHWC): a CPU lever kept only if it pays.
 - ``ddim``: plain deterministic DDIM from Gaussian noise, ``--pairs`` images (``ddim_generate`` without h and
@@ -90,8 +93,8 @@ from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("reference", "fast", "fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs", "ddim",
-            "ddim-cudagraphs")
+VARIANTS = ("reference", "fast", "fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled",
+            "fast-cudagraphs", "ddim", "ddim-cudagraphs")
 COMPILED = ("fast-compiled", "fast-cudagraphs", "ddim-cudagraphs")  # warm up by a whole run; report their graphs
 DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
 
@@ -232,7 +235,7 @@ def _measure(variant: str, opts: dict) -> dict:
 
     injection.unet_forward = counted_forward
     images, labels, pool, source = load_images(opts["contents"], opts["seed"])
-    cfg = InjectionConfig(steps=opts["steps"], batch_size=bs)
+    cfg = InjectionConfig(steps=opts["steps"], batch_size=bs, precision="bf16" if variant == "fast-bf16" else "fp32")
     n = opts["reference_pairs"] if variant == "reference" else opts["pairs"]
     pairs = plan_pairs(labels, pool, n, opts["seed"])
     distinct = len(np.unique(pairs.content))
@@ -443,14 +446,15 @@ def markdown(result: dict) -> str:
                      f"{'-' if fraction is None else f'{100 * fraction:.0f} %'} | "
                      f"{_fmt(r['peak_mib'])} | {r['seconds']:.1f} |")
     lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) "
-              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast "
+              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast | fast-bf16 / fast "
               "| CUDA graphs / eager: fast | CUDA graphs / eager: ddim | fast / plain DDIM, both CUDA graphs |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | "
                      f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} | "
                      f"{r.get('fast_over_unshared') or '-'} | {r.get('channels_last_over_fast') or '-'} | "
-                     f"{r.get('compiled_over_fast') or '-'} | {r.get('cudagraphs_over_fast') or '-'} | "
+                     f"{r.get('compiled_over_fast') or '-'} | {r.get('bf16_over_fast') or '-'} | "
+                     f"{r.get('cudagraphs_over_fast') or '-'} | "
                      f"{r.get('cudagraphs_over_ddim') or '-'} | {r.get('fast_over_ddim_cudagraphs') or '-'} |")
     notes = []
     if result.get("injection_step"):
@@ -544,7 +548,7 @@ def main(argv=None) -> dict:
                 continue  # the blocks are compiled already
             row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
             images[variant] = row.pop("_images")
-            gemm_rate_here = result["gemm_gflops"]["bf16" if bf16 else "fp32"]
+            gemm_rate_here = result["gemm_gflops"]["bf16" if bf16 or variant == "fast-bf16" else "fp32"]
             row["gemm_fraction"] = round(row["gflops"] / gemm_rate_here, 3) if gemm_rate_here else None
             print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:13} {row['images_per_s']:8.2f} images/s, "
                   f"{row['evals_per_image']:g} evals/image (formula {row['evals_formula']:g}), "
@@ -553,7 +557,8 @@ def main(argv=None) -> dict:
             result["rows"].append(row)
             by_variant[variant] = row
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
-        for variant in ("fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs", "ddim-cudagraphs"):
+        for variant in ("fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs",
+                        "ddim-cudagraphs"):
             base = variant.split("-")[0]  # fast or ddim: the eager variant it must match
             if variant in images and base in images:
                 diff = (images[variant].int() - images[base].int()).abs()
@@ -571,6 +576,7 @@ def main(argv=None) -> dict:
                                      "fast_over_unshared": ratio("fast", "fast-unshared"),
                                      "channels_last_over_fast": ratio("fast-channels-last", "fast"),
                                      "compiled_over_fast": ratio("fast-compiled", "fast"),
+                                     "bf16_over_fast": ratio("fast-bf16", "fast"),
                                      "cudagraphs_over_fast": ratio("fast-cudagraphs", "fast"),
                                      "cudagraphs_over_ddim": ratio("ddim-cudagraphs", "ddim"),
                                      # both with CUDA graphs: the ratio once launches no longer set the cost

@@ -20,6 +20,8 @@ generator seeded by (seed, i), so a sample's pixels do not depend on the batch i
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -42,6 +44,9 @@ class SettingError(ValueError):
         self.field = field
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class InjectionConfig:
     # Each bounded setting's inclusive range, written once: validate() checks it, the service's schema states it.
@@ -59,6 +64,10 @@ class InjectionConfig:
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
     keep_fraction: float = 1.0  # < 1: generate count / keep_fraction, keep the count most content-consistent
     batch_size: int = 64
+    # "bf16": the U-Net's calls in bfloat16 (a copy of its weights, cast once), the DDIM state, the Slerp and the
+    # images in float32. Pays where the hardware has bf16 arithmetic: CUDA, or a CPU with AVX-512 BF16 or AMX
+    # (benchmarks/results/experiments.md has its speed and its effect on the results)
+    precision: str = "fp32"
 
     def count(self, train_size: int) -> int:
         """Synthetic samples kept for a training set of ``train_size`` images."""
@@ -76,6 +85,8 @@ class InjectionConfig:
                 raise SettingError(name, f"{name} {value} is outside [{lo:g}, {hi:g}]")
         if self.label_from not in ("content", "style"):
             raise SettingError("label_from", f"label_from {self.label_from!r} must be 'content' or 'style'")
+        if self.precision not in PRECISIONS:
+            raise SettingError("precision", f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
@@ -188,19 +199,40 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
     return x, h
 
 
+def at_precision(unet: UNet2DModel, precision: str) -> UNet2DModel:
+    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` (InjectionConfig)."""
+    dtype = PRECISIONS[precision]
+    return unet if unet.dtype == dtype else copy.deepcopy(unet).to(dtype)
+
+
 def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies: int = 1):
     """:func:`unet_forward` (looked up at every call) through ``unet``'s own call, so hooks on the U-Net itself
-    (``count_evaluations``: ``sample``'s rows, all copies) see it; ``(eps, h)``."""
+    (``count_evaluations``: ``sample``'s rows, all copies) see it; ``(eps, h)`` in ``sample``'s dtype.
+
+    A U-Net in a lower precision (:func:`at_precision`) gets ``sample`` and an injected h cast to its dtype, and a
+    ``mid`` function sees h in ``sample``'s dtype: the Slerp stays in float32."""
     timestep = torch.tensor([t], dtype=torch.long, device=sample.device)  # a tensor: one compiled graph for every t
+    dtype = sample.dtype
+    if unet.dtype != dtype:
+        sample = sample.to(unet.dtype)
+        if torch.is_tensor(mid):
+            mid = mid.to(unet.dtype)
+        elif mid is not None:
+            mid = functools.partial(_mid_in, mid, dtype)
     own = unet.__dict__.get("forward")
     unet.forward = lambda sample, timestep: unet_forward(unet, sample, timestep, mid, copies)
     try:
-        return unet(sample, timestep)
+        eps, h = unet(sample, timestep)
+        return eps.to(dtype), h.to(dtype)
     finally:
         if own is None:
             del unet.forward
         else:
             unet.forward = own
+
+
+def _mid_in(fn, dtype, h):
+    return fn(h.to(dtype)).to(h.dtype)
 
 
 @contextlib.contextmanager
@@ -372,7 +404,7 @@ class Synthetic:
 
     @classmethod
     def load(cls, path) -> "Synthetic":
-        return cls(**torch.load(path, weights_only=True))
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
     def take(self, keep: torch.Tensor) -> "Synthetic":
         """The samples ``keep`` selects (a boolean mask or indices), in their order."""
@@ -465,6 +497,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     the last generated one inverts nothing.
     """
     cfg.validate()
+    unet = at_precision(unet, cfg.precision)
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")

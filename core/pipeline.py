@@ -313,7 +313,7 @@ def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
     saved = {}
     for start in range(0, len(pairs.content), batch_size):
         try:
-            shard = torch.load(_shard_path(shards, start), weights_only=True)
+            shard = torch.load(_shard_path(shards, start), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError):  # absent, or not a complete torch file
             continue
         rows = slice(start, start + batch_size)
@@ -442,7 +442,7 @@ class Run:
         tr = self.ds.train
         if path.exists():
             model = build_classifier(self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
-            model.load_state_dict(torch.load(path, weights_only=True))
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
         path.parent.mkdir(exist_ok=True)
         checkpoint = path.with_suffix(".ckpt.pt")  # epoch checkpoints: a rerun resumes after the last epoch

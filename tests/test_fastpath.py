@@ -208,6 +208,43 @@ def test_the_core_runs_float32_eager_and_with_the_down_path_shared_by_default(mo
     assert sum(mid_rows) == evals["images"] - injection_steps(cfg) * len(PAIRS.content)
 
 
+def test_bf16_precision_runs_the_unet_in_bf16_and_keeps_the_rest_in_float32(model, data, monkeypatch):
+    """``precision="bf16"``: every U-Net call in bfloat16 on a cast copy (the caller's U-Net stays float32), the
+    Slerp on float32 h, uint8 images, the same ones on a rerun. How far they are from float32's is a property of
+    the trained U-Net, measured on it (benchmarks/results/experiments.md): on this random one bf16's rounding moves
+    pixels as much as gamma + 0.05 does."""
+    import core.injection as injection
+
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS["8-steps"]
+    conv_dtypes, slerp_dtypes = set(), set()
+    real_slerp = injection.slerp
+    monkeypatch.setattr(injection, "slerp", lambda h_s, h_c, g: (slerp_dtypes.add((h_s.dtype, h_c.dtype)),
+                                                                    real_slerp(h_s, h_c, g))[1])
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x, f=torch.nn.Conv2d.forward:
+                        (conv_dtypes.add(x.dtype), f(self, x))[1])
+    low = inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, precision="bf16"), seed=3,
+                 progress=False)
+    assert conv_dtypes == {torch.bfloat16} and slerp_dtypes == {(torch.float32, torch.float32)}
+    assert unet.dtype == torch.float32
+    conv_dtypes.clear()
+    full = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3, progress=False)
+    assert conv_dtypes == {torch.float32}
+    assert low.images.dtype == torch.uint8 and not torch.equal(low.images, full.images)
+    again = inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, precision="bf16"), seed=3,
+                   progress=False)
+    assert torch.equal(again.images, low.images)
+
+
+def test_an_unknown_precision_is_refused_naming_the_field():
+    from core.injection import SettingError
+
+    with pytest.raises(SettingError, match="precision 'fp16' must be one of fp32, bf16") as err:
+        InjectionConfig(precision="fp16").validate()
+    assert err.value.field == "precision"
+
+
 def test_the_benchmark_counts_the_flops_of_the_work_done(model):
     """FLOPs per evaluation against torch's counter on diffusers' own forward (by module), and each fast variant's
     FLOPs from its evaluations less the down paths it shared."""

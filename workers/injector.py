@@ -110,7 +110,8 @@ class Injector:
         cfg = InjectionConfig(**cfg) if isinstance(cfg, dict) else cfg
         # copies: Ray hands the actor read-only arrays, which torch warns about when it indexes with them
         pairs = Pairs(np.array(content, dtype=np.int64), np.array(style, dtype=np.int64))
-        scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit)
+        scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit,
+                                 cfg.precision)
         t0 = time.time()
         with count_evaluations(self.unet) as evals:
             syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,

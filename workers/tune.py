@@ -129,7 +129,7 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     cfg = trial_config(cfg, k, gamma)
     base = Path(base)
     biased = build_classifier(cfg.mining.classifier, tuple(train.images.shape[1:]), num_classes)
-    biased.load_state_dict(torch.load(base / "biased" / "model.pt", weights_only=True))
+    biased.load_state_dict(torch.load(base / "biased" / "model.pt", map_location="cpu", weights_only=True))
     pool = mine(biased.eval(), train.images, train.labels, k, DEVICE,
                 misclassified_only=cfg.mining.misclassified_only).indices
     syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
