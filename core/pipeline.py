@@ -516,7 +516,7 @@ class Run:
             return f"{source.resolve().relative_to(PRETRAINED.resolve().parent.parent)} (shipped)"
         if isinstance(source, Path) and source.name == "unet" and (source.parent / "config.json").exists():
             # another run's U-Net stage (debias_table's --unet per-ratio): name the run, not this machine's path
-            return f"trained on the training split by run {source.parent.name}"
+            return f"trained on the training split by run {source.parent.parent.name}/{source.parent.name}"
         return str(source)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_corpus_row_says_it_uses_bias_knowledge(quick_run, dataset, tmp_path):
     src = metrics["unet_sources"]
     assert src["diffinject-corpus"]["bias_knowledge"] is True and "corpus" in src["diffinject-corpus"]["origin"]
     assert src["diffinject"]["bias_knowledge"] is False
-    assert src["diffinject"]["origin"] == f"trained on the training split by run {folder.name}"
+    assert src["diffinject"]["origin"] == f"trained on the training split by run {folder.parent.name}/{folder.name}"
     a = torch.load(tmp_path / "both/synthetic/samples.pt", weights_only=True)
     b = torch.load(tmp_path / "both/synthetic-corpus/samples.pt", weights_only=True)
     assert torch.equal(a["content"], b["content"]) and torch.equal(a["style"], b["style"])
