@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core.injection as injection  # noqa: E402
 from core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
-from core.injection import InjectionConfig, count_evaluations, ddim_generate, inject, plan_pairs  # noqa: E402
+from core.injection import InjectionConfig, count_evaluations, ddim_generate, has_bf16, inject, plan_pairs  # noqa: E402
 from core.pipeline import CORPUS_UNET  # noqa: E402
 from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
@@ -368,17 +368,6 @@ def injection_step(_, opts: dict) -> dict:
             "speedup": round(unshared / shared, 3), "channels_last_s": round(channels_last, 3),
             "channels_last_speedup": round(shared / channels_last, 3),
             "speedup_by_flops": round(2 * flops["total"] / (2 * flops["total"] - flops["down_and_middle"]), 3)}
-
-
-def has_bf16(device: str) -> bool:
-    """Whether the device has bf16 arithmetic: CUDA, or a CPU with avx512_bf16 or amx_bf16."""
-    if torch.device(device).type == "cuda":
-        return True
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _rss_bytes() -> int:

@@ -45,6 +45,27 @@ class SettingError(ValueError):
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISION_CHOICES = (*PRECISIONS, "auto")
+
+
+def has_bf16(device: str) -> bool:
+    """Whether the device has bf16 arithmetic: CUDA, or a CPU with avx512_bf16 or amx_bf16 (Linux's flags)."""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``"auto"``: bf16 on a CPU with bf16 arithmetic (1.8x faster generation there, the same results over 3 seeds:
+    benchmarks/results/experiments.md), fp32 elsewhere (on a GPU the U-Net's calls are bound by launches, and bf16
+    gained 4 %); any other value as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cpu" and has_bf16(device) else "fp32"
 
 
 @dataclass
@@ -65,8 +86,8 @@ class InjectionConfig:
     keep_fraction: float = 1.0  # < 1: generate count / keep_fraction, keep the count most content-consistent
     batch_size: int = 64
     # "bf16": the U-Net's calls in bfloat16 (a copy of its weights, cast once), the DDIM state, the Slerp and the
-    # images in float32. Pays where the hardware has bf16 arithmetic: CUDA, or a CPU with AVX-512 BF16 or AMX
-    # (benchmarks/results/experiments.md has its speed and its effect on the results)
+    # images in float32; "auto" (the default preset's): bf16 on a CPU with AVX-512 BF16 or AMX, else fp32
+    # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
     precision: str = "fp32"
 
     def count(self, train_size: int) -> int:
@@ -85,8 +106,8 @@ class InjectionConfig:
                 raise SettingError(name, f"{name} {value} is outside [{lo:g}, {hi:g}]")
         if self.label_from not in ("content", "style"):
             raise SettingError("label_from", f"label_from {self.label_from!r} must be 'content' or 'style'")
-        if self.precision not in PRECISIONS:
-            raise SettingError("precision", f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise SettingError("precision", f"precision {self.precision!r} must be one of {', '.join(PRECISION_CHOICES)}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
@@ -200,7 +221,7 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
 
 
 def at_precision(unet: UNet2DModel, precision: str) -> UNet2DModel:
-    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` (InjectionConfig)."""
+    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16")."""
     dtype = PRECISIONS[precision]
     return unet if unet.dtype == dtype else copy.deepcopy(unet).to(dtype)
 
@@ -497,7 +518,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     the last generated one inverts nothing.
     """
     cfg.validate()
-    unet = at_precision(unet, cfg.precision)
+    unet = at_precision(unet, resolve_precision(cfg.precision, device))
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")

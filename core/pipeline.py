@@ -53,7 +53,7 @@ from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
                         num_parameters, train_diffusion)
 from .filtering import keep_consistent, vet
-from .injection import InjectionConfig, Synthetic, count_evaluations, inject_batches, plan_pairs
+from .injection import InjectionConfig, Synthetic, count_evaluations, inject_batches, plan_pairs, resolve_precision
 from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
@@ -117,7 +117,8 @@ PRESETS: dict[str, dict] = {
     # benchmarks/results/experiments.md); on the embedded cmnist the corpus row, about 5 minutes on a 2-core CPU.
     # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
     # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were
-    "default": {"diffusion": {"hard_share": 0.5}},
+    # The U-Net's calls in bf16 where the CPU has bf16 arithmetic ("auto"): 1.8x faster, the same results (3 seeds)
+    "default": {"diffusion": {"hard_share": 0.5}, "injection": {"precision": "auto"}},
     # for tests and smoke runs: a tiny U-Net trained on the training split for a few steps, a few epochs; a minute
     "quick": {
         "unet": None,
@@ -540,6 +541,7 @@ class Run:
                 "images_per_second": round(generated / max(seconds, 1e-9), 2),
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
                 "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
+                "precision": resolve_precision(cfg.precision, self.device),  # what "auto" became here
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.readers is not None:
             info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers)

@@ -19,6 +19,7 @@ import torch
 
 from core.data import DataError, load_dataset, pct_name
 from core.diffusion import DiffusionConfig, train_diffusion
+from core.injection import PRECISION_CHOICES
 from core.pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
 
 
@@ -74,6 +75,7 @@ NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
     "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
+    "precision": ("injection", "precision"),
     "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
     "epochs": ("classifier", "epochs"),
 }
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
     r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 30 %% of the training set)")
     r.add_argument("--label-from", choices=["content", "style"], default=None)
+    r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
+                   help="the U-Net's calls in generation: fp32, bf16, or auto (the default preset's: bf16 on a CPU "
+                        "with AVX-512 BF16 or AMX)")
     r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
     r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
     r.add_argument("--hard-share", type=float, default=None,
