@@ -237,6 +237,20 @@ def test_bf16_precision_runs_the_unet_in_bf16_and_keeps_the_rest_in_float32(mode
     assert torch.equal(again.images, low.images)
 
 
+def test_a_cast_copy_is_made_once_and_again_after_the_weights_change():
+    from core.injection import at_precision
+
+    torch.manual_seed(0)
+    unet = build_unet(TINY).eval()
+    assert at_precision(unet, "fp32") is unet
+    low = at_precision(unet, "bf16")
+    assert low is not unet and low.dtype == torch.bfloat16 and at_precision(unet, "bf16") is low
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    fresh = at_precision(unet, "bf16")
+    assert fresh is not low and torch.equal(fresh.conv_out.bias, unet.conv_out.bias.to(torch.bfloat16))
+
+
 def test_an_unknown_precision_is_refused_naming_the_field():
     from core.injection import SettingError
 
