@@ -222,13 +222,16 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
 
 
 _CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # U-Net -> (its weights' versions, dtype -> copy)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
 
 
 def at_precision(unet: UNet2DModel, precision: str) -> UNet2DModel:
     """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16").
 
     The copy is kept while ``unet`` lives and its weights are unchanged (their in-place version counters), so an
-    actor serving many requests casts once: a cast costs about 0.1 s for the shipped U-Net on a CPU."""
+    actor serving many requests casts once: a cast costs about 0.1 s for the shipped U-Net on a CPU. It shares
+    ``unet``'s own forward hooks, so :func:`count_evaluations` on ``unet`` counts the copy's calls too."""
     dtype = PRECISIONS[precision]
     if unet.dtype == dtype:
         return unet
@@ -238,7 +241,9 @@ def at_precision(unet: UNet2DModel, precision: str) -> UNet2DModel:
         copies = {}
         _CAST[unet] = (versions, copies)
     if dtype not in copies:
-        copies[dtype] = copy.deepcopy(unet).to(dtype)
+        low = copies[dtype] = copy.deepcopy(unet).to(dtype)
+        for hooks in _HOOK_DICTS:  # the same dicts: hooks added to or removed from unet later apply to the copy
+            setattr(low, hooks, getattr(unet, hooks))
     return copies[dtype]
 
 

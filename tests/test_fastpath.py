@@ -251,6 +251,22 @@ def test_a_cast_copy_is_made_once_and_again_after_the_weights_change():
     assert fresh is not low and torch.equal(fresh.conv_out.bias, unet.conv_out.bias.to(torch.bfloat16))
 
 
+def test_evaluations_are_counted_in_bf16_on_every_call_with_the_cached_copy(model, data):
+    """count_evaluations hooks the caller's U-Net; the bf16 copy (made once, kept) shares its hooks, so a second
+    counted call (an actor's next request) counts as the first did, and as float32 does."""
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS["8-steps"]
+    counts = []
+    for precision in ("fp32", "bf16", "bf16"):
+        with count_evaluations(unet) as evals:
+            inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, precision=precision), seed=3,
+                   progress=False)
+        counts.append(dict(evals))
+    assert counts[0] == counts[1] == counts[2] and counts[0]["images"] > 0
+    assert not unet._forward_pre_hooks  # every counter's hook removed, from the copy too
+
+
 def test_an_unknown_precision_is_refused_naming_the_field():
     from core.injection import SettingError
 
