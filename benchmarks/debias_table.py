@@ -87,7 +87,8 @@ def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, 
     folder = cell_folder(runs, preset, ratio, seed)
     print(f"== {folder}", flush=True)
     metrics = Run(folder, make_config(preset, over), progress=False).all()
-    for src in metrics["unet_sources"].values():  # the seed-0 run's own U-Net reads as the other seeds name it (runs folder and run)
+    # the seed-0 run's own U-Net reads as the other seeds name it: by runs folder and run
+    for src in metrics["unet_sources"].values():
         if src["origin"] == TRAINED_HERE:
             src["origin"] = f"trained on the training split by run {folder.parent.name}/{folder.name}"
     return metrics

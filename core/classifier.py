@@ -184,7 +184,8 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     g = torch.Generator().manual_seed(seed)
     objects = {"model": model, **(state or {})}
     key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
-    phases = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint is not None and checkpoint.exists() else {}
+    resumable = checkpoint is not None and checkpoint.exists()
+    phases = torch.load(checkpoint, map_location="cpu", weights_only=True) if resumable else {}
     best, best_acc, i, start = None, -1.0, 0, 0
     saved = phases.get(desc)
     if saved is not None and saved["key"] == key:

@@ -108,7 +108,8 @@ class InjectionConfig:
         if self.label_from not in ("content", "style"):
             raise SettingError("label_from", f"label_from {self.label_from!r} must be 'content' or 'style'")
         if self.precision not in PRECISION_CHOICES:
-            raise SettingError("precision", f"precision {self.precision!r} must be one of {', '.join(PRECISION_CHOICES)}")
+            choices = ", ".join(PRECISION_CHOICES)
+            raise SettingError("precision", f"precision {self.precision!r} must be one of {choices}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
