@@ -154,6 +154,20 @@ def save_atomic(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def load_saved(path: Path):
+    """What :func:`save_atomic` (or ``torch.save``) wrote, tensors only, each on the CPU whatever device saved it: a
+    run folder made on a GPU resumes on a CPU, and a stage moves what it loads to its own device."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_classifier(path: Path, cfg: ClassifierConfig, image_shape: tuple[int, int, int],
+                    num_classes: int) -> nn.Module:
+    """The :func:`build_classifier` model whose ``state_dict`` was saved at ``path``, in eval mode."""
+    model = build_classifier(cfg, image_shape, num_classes)
+    model.load_state_dict(load_saved(path))
+    return model.eval()
+
+
 def _state(obj):
     return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
 
@@ -185,7 +199,7 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     objects = {"model": model, **(state or {})}
     key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
     resumable = checkpoint is not None and checkpoint.exists()
-    phases = torch.load(checkpoint, map_location="cpu", weights_only=True) if resumable else {}
+    phases = load_saved(checkpoint) if resumable else {}
     best, best_acc, i, start = None, -1.0, 0, 0
     saved = phases.get(desc)
     if saved is not None and saved["key"] == key:

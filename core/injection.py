@@ -33,6 +33,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from .classifier import load_saved
 from .diffusion import from_model_space, to_model_space, unet_problem
 
 
@@ -447,7 +448,7 @@ class Synthetic:
 
     @classmethod
     def load(cls, path) -> "Synthetic":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        return cls(**load_saved(path))
 
     def take(self, keep: torch.Tensor) -> "Synthetic":
         """The samples ``keep`` selects (a boolean mask or indices), in their order."""

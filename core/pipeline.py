@@ -48,7 +48,8 @@ import torch
 
 from . import diagnostics
 from . import methods as registry
-from .classifier import ClassifierConfig, accuracy, build_classifier, group_metrics, predict, save_atomic
+from .classifier import (ClassifierConfig, accuracy, group_metrics, load_classifier, load_saved, predict,
+                         save_atomic)
 from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
                         num_parameters, train_diffusion)
@@ -314,7 +315,7 @@ def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
     saved = {}
     for start in range(0, len(pairs.content), batch_size):
         try:
-            shard = torch.load(_shard_path(shards, start), map_location="cpu", weights_only=True)
+            shard = load_saved(_shard_path(shards, start))
         except (OSError, RuntimeError, EOFError):  # absent, or not a complete torch file
             continue
         rows = slice(start, start + batch_size)
@@ -442,9 +443,7 @@ class Run:
         path = self.dir / "biased" / "model.pt"
         tr = self.ds.train
         if path.exists():
-            model = build_classifier(self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
+            return load_classifier(path, self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
         path.parent.mkdir(exist_ok=True)
         checkpoint = path.with_suffix(".ckpt.pt")  # epoch checkpoints: a rerun resumes after the last epoch
         model = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,

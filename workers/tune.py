@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from core import methods as registry
-from core.classifier import build_classifier, group_metrics, predict
+from core.classifier import group_metrics, load_classifier, predict
 from .cli import flag_overrides
 from core.data import ImageSet, pct_name
 from core.injection import InjectionConfig
@@ -128,9 +128,9 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     k, gamma = params["k"], params["gamma"]
     cfg = trial_config(cfg, k, gamma)
     base = Path(base)
-    biased = build_classifier(cfg.mining.classifier, tuple(train.images.shape[1:]), num_classes)
-    biased.load_state_dict(torch.load(base / "biased" / "model.pt", map_location="cpu", weights_only=True))
-    pool = mine(biased.eval(), train.images, train.labels, k, DEVICE,
+    biased = load_classifier(base / "biased" / "model.pt", cfg.mining.classifier, tuple(train.images.shape[1:]),
+                             num_classes)
+    pool = mine(biased, train.images, train.labels, k, DEVICE,
                 misclassified_only=cfg.mining.misclassified_only).indices
     syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
     learner = registry.get(method, cfg.hparams.get(method))

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..classifier import ClassifierConfig, build_classifier
+from ..classifier import ClassifierConfig, build_classifier, load_saved
 from ..data import ImageSet
 
 
@@ -75,7 +75,7 @@ class Method:
     def load(self, path: Path, cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model :meth:`fit` saved as a ``state_dict`` at ``path``, in eval mode."""
         model = self.build(cfg, image_shape, num_classes)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_saved(path))
         return model.eval()
 
 
