@@ -14,11 +14,12 @@ Variants on the same U-Net, DDIM steps and batch size:
   30 of them, then other training images: the size of the mined pool, K = 10 per class), no cache.
 - ``fast-unshared``: ``fast`` with ``ddim_generate(..., share_down=False)``: an injection step runs the whole U-Net
   on both halves of the doubled batch (what the hook path did) instead of the down path and middle block once.
-- ``fast-compiled`` (not run unless named in ``--variants``: compiling takes minutes on a CPU): ``fast`` with
-  ``core.injection.unet_forward``, the hook-free U-Net forward, replaced by ``torch.compile(unet_forward,
-  fullgraph=True)``. Its warm-up is a whole untimed run of the variant (every graph compiled before the timing;
-  ``compiles_timed`` counts graphs compiled during the timing anyway), so its peak memory is not reported on CPU
-  (the compiler's would be in the process's peak).
+- ``fast-compiled`` and ``fast-bf16-compiled`` (not run unless named in ``--variants``: compiling takes minutes on a
+  CPU): ``fast`` and ``fast-bf16`` with ``InjectionConfig(compile=True)``: the U-Net's calls through
+  ``torch.compile(unet_forward, fullgraph=True)`` with inductor's weight freezing (``core.injection.at_precision``).
+  Their warm-up is a whole untimed run of the variant (every graph compiled before the timing; ``compiles_timed``
+  counts graphs compiled during the timing anyway), so their peak memory is not reported on CPU (the compiler's
+  would be in the process's peak).
 - ``fast-cudagraphs`` and ``ddim-cudagraphs`` (named in ``--variants`` only): ``fast`` and ``ddim`` with
   ``unet_forward`` compiled by ``cuda_graphed``: ``torch.compile(fullgraph=True, mode="reduce-overhead")``, which on
   CUDA records each batch shape's graph once (in the untimed warm-up run) and replays it, so a U-Net call costs one
@@ -31,10 +32,10 @@ Variants on the same U-Net, DDIM steps and batch size:
 - ``ddim``: plain deterministic DDIM from Gaussian noise, ``--pairs`` images (``ddim_generate`` without h and
   without the quality-boost steps): what sampling alone costs on this U-Net.
 
-``fast-unshared``, ``fast-channels-last`` and ``fast-compiled`` also report how far their images are from ``fast``'s (uint8 levels). The
-shared down path saves about 4 % of the fast path's FLOPs at the defaults, less than a noisy machine's drift between
-two variants run one after the other, so the run also times one injection step's U-Net call both ways, alternately
-(``--step-reps``; ``injection_step`` in the JSON).
+Every ``fast-...`` and ``ddim-...`` variant also reports how far its images are from those of ``fast`` or ``ddim``
+(uint8 levels). The shared down path saves about 4 % of the fast path's FLOPs at the defaults, less than a noisy
+machine's drift between two variants run one after the other, so the run also times one injection step's U-Net call
+both ways, alternately (``--step-reps``; ``injection_step`` in the JSON).
 
 For each: images/s, U-Net evaluations per image (counted with ``count_evaluations``, and the formula of
 ``core.reference.evaluations_per_sample``), and peak memory. Memory on CUDA: ``torch.cuda.max_memory_allocated``
@@ -52,10 +53,11 @@ Roofline: the FLOPs of one U-Net evaluation (one image) come from ``torch.utils.
 on ``unet_forward`` (matmuls, convolutions, attention's products; not norms or activations), and those of its time
 embedding, down path and middle block alone from the same counter on a doubled batch whose down path runs once.
 A variant's FLOPs are evaluations x the first, less the second for every image whose down path was shared
-(counted at ``unet_forward``); divided by its seconds, its achieved GFLOP/s (``rows[i].gflops``). The same run
+(``count_evaluations``' ``shared``); divided by its seconds, its achieved GFLOP/s (``rows[i].gflops``). The same run
 measures the machine's GEMM rate (``torch.mm`` on ``--gemm-size`` square matrices, fp32 and, where the device has
 it (CUDA, or a CPU with avx512_bf16 or amx_bf16), bf16, at the same thread count, median of ``--gemm-reps``; top
-level ``gemm_gflops``), and each row's share of it (``rows[i].gemm_fraction``, against the bf16 rate for bf16
+level ``gemm_gflops``; measured before the variants and again after them, and the higher median kept: the
+machine drifts), and each row's share of it (``rows[i].gemm_fraction``, against the bf16 rate for bf16
 rows).
 
 Writes ``{--out}.md`` and ``{--out}.json``
@@ -94,9 +96,21 @@ from core.reference import evaluations_per_sample, reference_inject  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("reference", "fast", "fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled",
-            "fast-cudagraphs", "ddim", "ddim-cudagraphs")
-COMPILED = ("fast-compiled", "fast-cudagraphs", "ddim-cudagraphs")  # warm up by a whole run; report their graphs
+            "fast-bf16-compiled", "fast-cudagraphs", "ddim", "ddim-cudagraphs")
+COMPILED = ("fast-compiled", "fast-bf16-compiled", "fast-cudagraphs", "ddim-cudagraphs")  # warm up by a whole run; report their graphs
 DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
+# the ratios of images/s a run reports: (JSON key, numerator variant, denominator variant, column header)
+RATIOS = (("fast_over_reference", "fast", "reference", "fast / reference (images/s)"),
+          ("fast_over_ddim", "fast", "ddim", "fast / plain DDIM (images/s)"),
+          ("fast_over_unshared", "fast", "fast-unshared", "fast / fast-unshared (shared down path)"),
+          ("channels_last_over_fast", "fast-channels-last", "fast", "fast-channels-last / fast"),
+          ("compiled_over_fast", "fast-compiled", "fast", "fast-compiled / fast"),
+          ("bf16_over_fast", "fast-bf16", "fast", "fast-bf16 / fast"),
+          ("bf16_compiled_over_fast", "fast-bf16-compiled", "fast", "fast-bf16-compiled / fast"),
+          ("cudagraphs_over_fast", "fast-cudagraphs", "fast", "CUDA graphs / eager: fast"),
+          ("cudagraphs_over_ddim", "ddim-cudagraphs", "ddim", "CUDA graphs / eager: ddim"),
+          # both with CUDA graphs: the ratio once launches no longer set the cost
+          ("fast_over_ddim_cudagraphs", "fast-cudagraphs", "ddim-cudagraphs", "fast / plain DDIM, both CUDA graphs"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,25 +231,16 @@ def _measure(variant: str, opts: dict) -> dict:
     flops = flops_per_evaluation(unet, device)  # eager, before anything is compiled
     if opts["compile"]:
         compile_unet(unet)
-    forward = injection.unet_forward
-    if variant == "fast-compiled":
-        forward = torch.compile(forward, fullgraph=True)
     if variant.endswith("-cudagraphs"):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x steps
-        forward = cuda_graphed(forward)
+        injection.unet_forward = cuda_graphed(injection.unet_forward)  # inject looks it up at every call
     if variant == "fast-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     if variant == "fast-unshared":
         injection.ddim_generate = functools.partial(injection.ddim_generate, share_down=False)  # inject's lookup
-    shared = {"images": 0}  # images whose time embedding, down path and middle block another copy's call made
-
-    def counted_forward(unet, sample, timestep, mid=None, copies=1, class_labels=None):
-        shared["images"] += sample.shape[0] - sample.shape[0] // copies
-        return forward(unet, sample, timestep, mid, copies, class_labels)
-
-    injection.unet_forward = counted_forward
     images, labels, pool, source = load_images(opts["contents"], opts["seed"])
-    cfg = InjectionConfig(steps=opts["steps"], batch_size=bs, precision="bf16" if variant == "fast-bf16" else "fp32")
+    cfg = InjectionConfig(steps=opts["steps"], batch_size=bs, precision="bf16" if "bf16" in variant else "fp32",
+                          compile=variant.endswith("-compiled"))
     n = opts["reference_pairs"] if variant == "reference" else opts["pairs"]
     pairs = plan_pairs(labels, pool, n, opts["seed"])
     distinct = len(np.unique(pairs.content))
@@ -277,7 +282,6 @@ def _measure(variant: str, opts: dict) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    shared["images"] = 0
     with unet_autocast(device, opts["bf16"]), count_evaluations(unet) as evals:
         t0 = time.perf_counter()
         out = run()
@@ -286,7 +290,7 @@ def _measure(variant: str, opts: dict) -> dict:
         seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if cuda else _maxrss_bytes()) - before
     assert len(out) == n
-    executed = evals["images"] * flops["total"] - shared["images"] * flops["down_and_middle"]
+    executed = evals["images"] * flops["total"] - evals["shared"] * flops["down_and_middle"]
     row = {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
            "distinct_contents": None if variant.startswith("ddim") else distinct, "seconds": round(seconds, 3),
            "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
@@ -294,7 +298,7 @@ def _measure(variant: str, opts: dict) -> dict:
            "evals_formula": round(expected, 3),
            "peak_mib": None if variant in COMPILED and not cuda else round(max(peak, 0) / 2**20, 1),
            "data": source,
-           "shared_down_images": shared["images"], "gflop": round(executed / 1e9, 2),
+           "shared_down_images": evals["shared"], "gflop": round(executed / 1e9, 2),
            "gflops": round(executed / 1e9 / seconds, 2), "flops_per_evaluation": flops,
            "_images": out}
     if variant in COMPILED:
@@ -421,7 +425,8 @@ def markdown(result: dict) -> str:
         lines += [f"Roofline: one U-Net evaluation (one image) is {flops['total'] / 1e9:.3f} GFLOP by torch's "
                   f"counter (matmuls, convolutions, attention), {share:.1f} % of it the time embedding, down path "
                   f"and middle block (what a shared down path saves). GEMM (`torch.mm`, {gemm['size']}x{gemm['size']}, "
-                  f"{gemm['threads']} thread(s), median of {gemm['reps']}): fp32 {gemm['fp32']['median']:g} GFLOP/s "
+                  f"{gemm['threads']} thread(s), the higher of the medians of {gemm['reps']} before and after the "
+                  f"variants): fp32 {gemm['fp32']['median']:g} GFLOP/s "
                   f"(best {gemm['fp32']['best']:g}), bf16 {bf16}. GFLOP/s: the variant's FLOPs over its seconds; "
                   "of GEMM: that over the GEMM rate of its precision.", ""]
     lines += ["| bf16 | compile | variant | images | images/s | U-Net evals / image (formula) | U-Net calls | GFLOP/s "
@@ -434,17 +439,11 @@ def markdown(result: dict) -> str:
                      f"{r.get('unet_calls', '-')} | {_fmt(r.get('gflops'), '.1f')} | "
                      f"{'-' if fraction is None else f'{100 * fraction:.0f} %'} | "
                      f"{_fmt(r['peak_mib'])} | {r['seconds']:.1f} |")
-    lines += ["", "| bf16 | compile | fast / reference (images/s) | fast / plain DDIM (images/s) "
-              "| fast / fast-unshared (shared down path) | fast-channels-last / fast | fast-compiled / fast | fast-bf16 / fast "
-              "| CUDA graphs / eager: fast | CUDA graphs / eager: ddim | fast / plain DDIM, both CUDA graphs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| bf16 | compile | " + " | ".join(header for _, _, _, header in RATIOS) + " |",
+              "|---|---|" + "---|" * len(RATIOS)]
     for r in result["ratios"]:
         lines.append(f"| {'on' if r['bf16'] else 'off'} | {'on' if r['compile'] else 'off'} | "
-                     f"{r['fast_over_reference'] or '-'} | {r['fast_over_ddim'] or '-'} | "
-                     f"{r.get('fast_over_unshared') or '-'} | {r.get('channels_last_over_fast') or '-'} | "
-                     f"{r.get('compiled_over_fast') or '-'} | {r.get('bf16_over_fast') or '-'} | "
-                     f"{r.get('cudagraphs_over_fast') or '-'} | "
-                     f"{r.get('cudagraphs_over_ddim') or '-'} | {r.get('fast_over_ddim_cudagraphs') or '-'} |")
+                     + " | ".join(str(r.get(key) or "-") for key, _, _, _ in RATIOS) + " |")
     notes = []
     if result.get("injection_step"):
         step = result["injection_step"]
@@ -515,12 +514,31 @@ def main(argv=None) -> dict:
     gemm_opts = {"device": args.device, "threads": args.threads, "gemm_reps": args.gemm_reps,
                  "gemm_size": args.gemm_size or (8192 if cuda else 2048)}
     bf16_here = has_bf16(args.device)
-    gemm = {"size": gemm_opts["gemm_size"], "threads": args.threads, "reps": args.gemm_reps, "statistic": "median",
-            "fp32": measure_isolated("float32", gemm_opts, gemm_rate),
-            "bf16": measure_isolated("bfloat16", gemm_opts, gemm_rate) if bf16_here else None,
+    gemm = {"size": gemm_opts["gemm_size"], "threads": args.threads, "reps": args.gemm_reps,
+            "statistic": "the higher of the medians before and after the variants",
             "bf16_note": None if bf16_here else "this CPU has no avx512_bf16 or amx_bf16: bf16 would be emulated"}
-    result["gemm_gflops"] = {"fp32": gemm["fp32"]["median"], "bf16": gemm["bf16"] and gemm["bf16"]["median"],
-                             "threads": args.threads}
+
+    def measure_gemm(when: str) -> None:
+        """GEMM rates, measured before the variants and again after: a shared machine drifts by 20 % within a
+        run, so each precision's rate is the higher median, which makes the variants' fractions of it the lower."""
+        for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+            if precision == "bf16" and not bf16_here:
+                gemm[precision] = None
+                continue
+            rate = gemm.setdefault(precision, {})
+            rate[when] = measure_isolated(dtype, gemm_opts, gemm_rate)
+            rate["median"] = max(r["median"] for key, r in rate.items() if key in ("before", "after"))
+            rate["best"] = max(r["best"] for key, r in rate.items() if key in ("before", "after"))
+        result["gemm_gflops"] = {"fp32": gemm["fp32"]["median"], "bf16": gemm["bf16"] and gemm["bf16"]["median"],
+                                 "threads": args.threads}
+        fractions()
+
+    def fractions() -> None:
+        for row in result["rows"]:
+            rate_here = result["gemm_gflops"]["bf16" if row["bf16"] or "bf16" in row["variant"] else "fp32"]
+            row["gemm_fraction"] = round(row["gflops"] / rate_here, 3) if rate_here else None
+
+    measure_gemm("before")
     result["gemm"] = gemm
     print(f"GEMM {gemm['size']}x{gemm['size']}, {args.threads} thread(s): fp32 {result['gemm_gflops']['fp32']} "
           f"GFLOP/s, bf16 {result['gemm_gflops']['bf16'] or gemm['bf16_note']}", flush=True)
@@ -537,40 +555,27 @@ def main(argv=None) -> dict:
                 continue  # the blocks are compiled already
             row = measure_isolated(variant, opts | {"bf16": bf16, "compile": compiled})
             images[variant] = row.pop("_images")
-            gemm_rate_here = result["gemm_gflops"]["bf16" if bf16 or variant == "fast-bf16" else "fp32"]
-            row["gemm_fraction"] = round(row["gflops"] / gemm_rate_here, 3) if gemm_rate_here else None
+            result["rows"].append(row)
+            fractions()  # of the rate so far; the final ones come after the variants
             print(f"bf16 {bf16!s:5} compile {compiled!s:5} {variant:13} {row['images_per_s']:8.2f} images/s, "
                   f"{row['evals_per_image']:g} evals/image (formula {row['evals_formula']:g}), "
                   f"{row['gflops']:.1f} GFLOP/s ({_fmt(row['gemm_fraction'] and 100 * row['gemm_fraction'], '.0f')} % "
                   f"of GEMM), peak {_fmt(row['peak_mib'])} MiB, {row['seconds']:.1f} s", flush=True)
-            result["rows"].append(row)
             by_variant[variant] = row
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))  # after every row: see above
-        for variant in ("fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled", "fast-cudagraphs",
-                        "ddim-cudagraphs"):
+        for variant in VARIANTS:
             base = variant.split("-")[0]  # fast or ddim: the eager variant it must match
-            if variant in images and base in images:
+            if variant != base and variant in images and base in images:
                 diff = (images[variant].int() - images[base].int()).abs()
                 by_variant[variant]["vs_fast"] = {"against": base, "max_abs_diff": int(diff.max()),
                                                   "pixels_differ": int((diff > 0).sum()), "pixels": diff.numel()}
 
-        def ratio(a, b):
-            return round(by_variant[a]["images_per_s"] / by_variant[b]["images_per_s"], 2) \
-                if a in by_variant and b in by_variant else None
-
         if "fast" in by_variant:
-            result["ratios"].append({"bf16": bf16, "compile": compiled,
-                                     "fast_over_reference": ratio("fast", "reference"),
-                                     "fast_over_ddim": ratio("fast", "ddim"),
-                                     "fast_over_unshared": ratio("fast", "fast-unshared"),
-                                     "channels_last_over_fast": ratio("fast-channels-last", "fast"),
-                                     "compiled_over_fast": ratio("fast-compiled", "fast"),
-                                     "bf16_over_fast": ratio("fast-bf16", "fast"),
-                                     "cudagraphs_over_fast": ratio("fast-cudagraphs", "fast"),
-                                     "cudagraphs_over_ddim": ratio("ddim-cudagraphs", "ddim"),
-                                     # both with CUDA graphs: the ratio once launches no longer set the cost
-                                     "fast_over_ddim_cudagraphs": ratio("fast-cudagraphs", "ddim-cudagraphs")})
+            result["ratios"].append({"bf16": bf16, "compile": compiled} | {
+                key: round(by_variant[a]["images_per_s"] / by_variant[b]["images_per_s"], 2)
+                if a in by_variant and b in by_variant else None for key, a, b, _ in RATIOS})
 
+    measure_gemm("after")
     table = markdown(result)
     print("\n" + table)
     Path(f"{args.out}.md").write_text(table)

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -91,6 +92,10 @@ class InjectionConfig:
     # images in float32; "auto" (the default preset's): bf16 on a CPU with AVX-512 BF16 or AMX, else fp32
     # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
     precision: str = "fp32"
+    # True: the U-Net's calls go through torch.compile (inductor, its weights frozen as constants) of a copy of it,
+    # one graph per call kind, compiled on first use: 1.16x on top of bf16 on this CPU, after a 2.4-min compile
+    # (benchmarks/results/generation_bf16.md). Pays for a long-lived actor or a large run, not the default run.
+    compile: bool = False
 
     def count(self, train_size: int) -> int:
         """Synthetic samples kept for a training set of ``train_size`` images."""
@@ -111,6 +116,8 @@ class InjectionConfig:
         if self.precision not in PRECISION_CHOICES:
             choices = ", ".join(PRECISION_CHOICES)
             raise SettingError("precision", f"precision {self.precision!r} must be one of {choices}")
+        if not isinstance(self.compile, bool):
+            raise SettingError("compile", f"compile {self.compile!r} must be true or false")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
@@ -223,35 +230,45 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
     return x, h
 
 
-_CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # U-Net -> (its weights' versions, dtype -> copy)
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # U-Net -> (weights' versions, key -> copy)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compiled copy -> its compiled unet_forward
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called")
 
 
-def at_precision(unet: UNet2DModel, precision: str) -> UNet2DModel:
-    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16").
+def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> UNet2DModel:
+    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16");
+    with ``compiled``, always a copy, whose calls in :func:`ddim_invert` and :func:`ddim_generate` go through
+    ``torch.compile(unet_forward, fullgraph=True)`` with inductor's ``freezing`` (weights as constants, which lets
+    oneDNN prepack them and fuse GroupNorm and SiLU around them; graphs are compiled on first use of each kind of
+    call, then shapes become dynamic).
 
     The copy is kept while ``unet`` lives and its weights are unchanged (their in-place version counters), so an
-    actor serving many requests casts once: a cast costs about 0.1 s for the shipped U-Net on a CPU. It shares
-    ``unet``'s own forward hooks, so :func:`count_evaluations` on ``unet`` counts the copy's calls too."""
+    actor serving many requests casts (about 0.1 s for the shipped U-Net on a CPU) and compiles once, and a frozen
+    graph never serves changed weights. It shares ``unet``'s own forward hooks, so :func:`count_evaluations` on
+    ``unet`` counts the copy's calls too."""
     dtype = PRECISIONS[precision]
-    if unet.dtype == dtype:
+    if unet.dtype == dtype and not compiled:
         return unet
     versions = tuple(p._version for p in unet.parameters())
-    seen, copies = _CAST.get(unet, (None, {}))
+    seen, copies = _PREPARED.get(unet, (None, {}))
     if seen != versions:
         copies = {}
-        _CAST[unet] = (versions, copies)
-    if dtype not in copies:
-        low = copies[dtype] = copy.deepcopy(unet).to(dtype)
+        _PREPARED[unet] = (versions, copies)
+    if (dtype, compiled) not in copies:
+        # nn.Module.to: diffusers' own `to` warns about modules to keep in float32, which this U-Net has none of
+        prepared = copies[dtype, compiled] = torch.nn.Module.to(copy.deepcopy(unet), dtype)
         for hooks in _HOOK_DICTS:  # the same dicts: hooks added to or removed from unet later apply to the copy
-            setattr(low, hooks, getattr(unet, hooks))
-    return copies[dtype]
+            setattr(prepared, hooks, getattr(unet, hooks))
+        if compiled:
+            _COMPILED[prepared] = torch.compile(unet_forward, fullgraph=True, options={"freezing": True})
+    return copies[dtype, compiled]
 
 
 def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies: int = 1):
-    """:func:`unet_forward` (looked up at every call) through ``unet``'s own call, so hooks on the U-Net itself
-    (``count_evaluations``: ``sample``'s rows, all copies) see it; ``(eps, h)`` in ``sample``'s dtype.
+    """:func:`unet_forward` (looked up at every call, or the compiled one of a compiled copy: :func:`at_precision`)
+    through ``unet``'s own call, so hooks on the U-Net itself (``count_evaluations``: ``sample``'s rows, all copies,
+    and ``copies``) see it; ``(eps, h)`` in ``sample``'s dtype.
 
     A U-Net in a lower precision (:func:`at_precision`) gets ``sample`` and an injected h cast to its dtype, and a
     ``mid`` function sees h in ``sample``'s dtype: the Slerp stays in float32."""
@@ -263,16 +280,32 @@ def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies:
             mid = mid.to(unet.dtype)
         elif mid is not None:
             mid = functools.partial(_mid_in, mid, dtype)
+    forward, quiet = _COMPILED.get(unet), contextlib.nullcontext()
+    if forward is None:
+        forward = unet_forward
+    else:
+        if not sample.is_inference() and torch.is_inference_mode_enabled():
+            sample = sample.clone()  # an inference tensor, as every later call's: one graph for both
+        quiet = _quiet_compiler()
     own = unet.__dict__.get("forward")
-    unet.forward = lambda sample, timestep: unet_forward(unet, sample, timestep, mid, copies)
+    unet.forward = lambda sample, timestep, copies: forward(unet, sample, timestep, mid, copies)
     try:
-        eps, h = unet(sample, timestep)
+        with quiet:
+            eps, h = unet(sample, timestep, copies=copies)
         return eps.to(dtype), h.to(dtype)
     finally:
         if own is None:
             del unet.forward
         else:
             unet.forward = own
+
+
+@contextlib.contextmanager
+def _quiet_compiler():
+    """Without the compiler's notes on diffusers' code (a screenful per graph, about its own version checks)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+        yield
 
 
 def _mid_in(fn, dtype, h):
@@ -285,11 +318,15 @@ def count_evaluations(unet: UNet2DModel):
 
     Yields a dict whose ``"images"`` and ``"calls"`` entries grow while the context is open. Images are what a
     CPU pays for; calls are what a GPU pays for at small batch sizes (each call launches the same kernels).
+    ``"shared"`` counts the images of calls on ``copies`` of a batch whose time embedding, down path and middle
+    block another copy's ran (:func:`unet_forward`): an evaluation costs them only the up path.
     """
-    counter = {"images": 0, "calls": 0}
+    counter = {"images": 0, "calls": 0, "shared": 0}
 
     def count(module, args, kwargs):
-        counter["images"] += int((args[0] if args else kwargs["sample"]).shape[0])
+        rows = int((args[0] if args else kwargs["sample"]).shape[0])
+        counter["images"] += rows
+        counter["shared"] += rows - rows // kwargs.get("copies", 1)
         counter["calls"] += 1
 
     handle = unet.register_forward_pre_hook(count, with_kwargs=True)
@@ -541,7 +578,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     the last generated one inverts nothing.
     """
     cfg.validate()
-    unet = at_precision(unet, resolve_precision(cfg.precision, device))
+    unet = at_precision(unet, resolve_precision(cfg.precision, device), compiled=cfg.compile)
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")

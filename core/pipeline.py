@@ -541,6 +541,7 @@ class Run:
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
                 "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
                 "precision": resolve_precision(cfg.precision, self.device),  # what "auto" became here
+                "compile": cfg.compile,
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.readers is not None:
             info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers)

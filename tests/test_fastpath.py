@@ -251,6 +251,48 @@ def test_a_cast_copy_is_made_once_and_again_after_the_weights_change():
     assert fresh is not low and torch.equal(fresh.conv_out.bias, unet.conv_out.bias.to(torch.bfloat16))
 
 
+def test_compile_runs_every_unet_call_through_a_frozen_graph_of_a_copy_and_matches_eager(model, data):
+    """``compile=True``: the U-Net's calls go through inductor's graphs of a copy (compiled on first use, cached
+    with the copy: a second run compiles nothing and calls the compiled function for every U-Net call), with the
+    same evaluations counted and the eager pixels up to float rounding (fused kernels add in another order); the
+    copy is remade, and so recompiled, when the weights change, so a frozen graph never serves old weights."""
+    import core.injection as injection
+
+    unet, scheduler = model
+    images, labels = data
+    cfg = CONFIGS["8-steps"]
+    stats = torch._dynamo.utils.counters["stats"]
+    with count_evaluations(unet) as eager_evals:
+        eager = inject(unet, scheduler, images, labels, PAIRS, cfg, seed=3, progress=False)
+    graphs = stats["unique_graphs"]
+    with count_evaluations(unet) as evals:
+        first = inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, compile=True), seed=3,
+                       progress=False)
+    compiled_graphs = stats["unique_graphs"] - graphs
+    assert dict(evals) == dict(eager_evals) and 1 <= compiled_graphs <= 4  # per kind of call, not per call
+    copy = injection.at_precision(unet, "fp32", compiled=True)
+    assert copy is not unet and injection.at_precision(unet, "fp32") is unet
+    compiled, calls = injection._COMPILED[copy], []
+    injection._COMPILED[copy] = lambda *args: (calls.append(1), compiled(*args))[1]
+    with count_evaluations(unet) as evals:
+        second = inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, compile=True), seed=3,
+                        progress=False)
+    assert len(calls) == evals["calls"] == eager_evals["calls"] and stats["unique_graphs"] - graphs == compiled_graphs
+    assert_same_pixels(first.images, eager.images)
+    assert torch.equal(second.images, first.images)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.0)  # an in-place write, even of the same values, bumps the version counter
+    assert injection.at_precision(unet, "fp32", compiled=True) is not copy
+
+
+def test_an_unknown_compile_value_from_a_settings_file_is_refused_naming_the_field():
+    from core.injection import SettingError
+
+    with pytest.raises(SettingError, match="compile 'yes' must be true or false") as err:
+        InjectionConfig(compile="yes").validate()
+    assert err.value.field == "compile"
+
+
 def test_evaluations_are_counted_in_bf16_on_every_call_with_the_cached_copy(model, data):
     """count_evaluations hooks the caller's U-Net; the bf16 copy (made once, kept) shares its hooks, so a second
     counted call (an actor's next request) counts as the first did, and as float32 does."""
@@ -328,3 +370,14 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
     assert rows["fast-channels-last"]["shared_down_images"] == k * 2
     assert rows["fast-channels-last"]["evals_per_image"] == rows["fast"]["evals_per_image"]
     assert (rows["fast-channels-last"]["_images"].int() - rows["fast"]["_images"].int()).abs().max() <= 1
+
+
+def test_the_cli_sets_precision_and_compile_in_the_injection_settings():
+    from workers.cli import build_parser, flag_overrides
+
+    def injection(*flags):
+        return flag_overrides(build_parser().parse_args(["run", *flags])).get("injection", {})
+
+    assert injection() == {}  # unset flags leave the preset's settings alone
+    assert injection("--precision", "bf16", "--compile") == {"precision": "bf16", "compile": True}
+    assert injection("--no-compile") == {"compile": False}

@@ -75,7 +75,7 @@ NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
     "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
-    "precision": ("injection", "precision"),
+    "precision": ("injection", "precision"), "compile": ("injection", "compile"),
     "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
     "epochs": ("classifier", "epochs"),
 }
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
                    help="the U-Net's calls in generation: fp32, bf16, or auto (the default preset's: bf16 on a CPU "
                         "with AVX-512 BF16 or AMX)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the U-Net's calls in generation: faster after minutes of compiling, so it pays "
+                        "on large runs (default: off)")
     r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
     r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
     r.add_argument("--hard-share", type=float, default=None,

@@ -111,7 +111,7 @@ class Injector:
         # copies: Ray hands the actor read-only arrays, which torch warns about when it indexes with them
         pairs = Pairs(np.array(content, dtype=np.int64), np.array(style, dtype=np.int64))
         scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit,
-                                 cfg.precision)
+                                 cfg.precision, cfg.compile)  # what an inversion's pixels depend on
         t0 = time.time()
         with count_evaluations(self.unet) as evals:
             syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
