@@ -97,7 +97,8 @@ from core.reference import evaluations_per_sample, reference_inject  # noqa: E40
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("reference", "fast", "fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled",
             "fast-bf16-compiled", "fast-cudagraphs", "ddim", "ddim-cudagraphs")
-COMPILED = ("fast-compiled", "fast-bf16-compiled", "fast-cudagraphs", "ddim-cudagraphs")  # warm up by a whole run; report their graphs
+# warmed up by a whole untimed run; they report their graphs
+COMPILED = ("fast-compiled", "fast-bf16-compiled", "fast-cudagraphs", "ddim-cudagraphs")
 DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
 # the ratios of images/s a run reports: (JSON key, numerator variant, denominator variant, column header)
 RATIOS = (("fast_over_reference", "fast", "reference", "fast / reference (images/s)"),

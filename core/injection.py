@@ -93,8 +93,9 @@ class InjectionConfig:
     # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
     precision: str = "fp32"
     # True: the U-Net's calls go through torch.compile (inductor, its weights frozen as constants) of a copy of it,
-    # one graph per call kind, compiled on first use: 1.16x on top of bf16 on this CPU, after a 2.4-min compile
-    # (benchmarks/results/generation_bf16.md). Pays for a long-lived actor or a large run, not the default run.
+    # one graph per kind of call, compiled on first use: 1.14-1.23x on top of bf16 on a 2-core CPU, after a cold
+    # compile of 2.7 min (benchmarks/results/generation_bf16.md). Pays in a long-lived actor or a large run, not in
+    # the default run (its compiles took longer than its whole bf16 injection stage).
     compile: bool = False
 
     def count(self, train_size: int) -> int:

@@ -604,4 +604,5 @@ def test_an_injection_step_runs_the_middle_block_on_one_copy_and_counts_two(tiny
         finally:
             handle.remove()
         assert seen == rows
-        assert evals == {"images": 3 * (8 + 4), "calls": 8}  # the doubled batch counts twice either way
+        # the doubled batch counts twice either way; its second copy's down path is shared only with share_down
+        assert evals == {"images": 3 * (8 + 4), "calls": 8, "shared": 3 * 4 if share_down else 0}
