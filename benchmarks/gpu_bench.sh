@@ -86,8 +86,8 @@ if [ -f "${DIFFINJECT_CACHE:-.whl/cache}/cmnist-v2-1pct-seed0.npz" ] || "$PY" -c
   if "$PY" -c "import ray.serve, fastapi" 2>/dev/null; then
     echo "== service load (injector replica on $DEVICE)"
     # shellcheck disable=SC2086  # SERVE_ARGS is a list of flags
-    limit "${SERVE_TIMEOUT:-0}" "$PY" benchmarks/service_load.py --gpus 1 --cpus 8 --runs "$WORK/runs" \
-      --out "$WORK/service_load" ${SERVE_ARGS:-} || echo "service benchmark failed (exit $?)"
+    limit "${SERVE_TIMEOUT:-0}" "$PY" benchmarks/service_load.py --gpus 1 --cpus 8 --bucket 64 \
+      --runs "$WORK/runs" --out "$WORK/service_load" ${SERVE_ARGS:-} || echo "service benchmark failed (exit $?)"
     [ -f "$WORK/service_load.md" ] && cp "$WORK/service_load.md" "$OUT_DIR/gpu_service_load.md"
   else
     echo "== service load skipped: ray[serve] and fastapi do not import"

@@ -9,7 +9,9 @@ Starts a local Ray cluster and the service (Ingress + Injector, one injector rep
 tiny U-Net, then drives POST /inject from N client threads for a fixed number of requests per level. The same
 run repeats with ``max_batch_size`` 1 (batching off), so the gain is a ratio measured on one machine in one
 run. ``--gpus`` gives the injector replica a GPU (the ``num_gpus`` of its ``ray_actor_options``, as in
-deploy/serve.yaml); it then generates on CUDA. Writes ``{--out}.md`` and ``{--out}.json`` (default
+deploy/serve.yaml); it then generates on CUDA. ``--bucket`` is the Injector's fixed U-Net batch
+(deploy/serve.yaml's 8 on a CPU; deploy/rayservice.yaml's 64 on its GPUs), and the in-process bound runs at the
+same one. Writes ``{--out}.md`` and ``{--out}.json`` (default
 ``benchmarks/results/service_load``).
 """
 
@@ -169,7 +171,7 @@ def in_process_ceiling(run, pool: list[int], args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if args.gpus and torch.cuda.is_available() else "cpu"
-    injector = Injector(run.dir, threads=args.threads, device=device)
+    injector = Injector(run.dir, threads=args.threads, device=device, bucket=args.bucket)
     tr = run.ds.train
     cfg = {"steps": args.steps, "t_edit": 500, "gamma": 0.5, "batch_size": args.samples * args.max_batch_size}
     rates = {}
@@ -197,6 +199,9 @@ def main() -> None:
                    "free cores makes CPU inference far slower: leave room for the proxy and the ingress)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the injector replica (0: CPU)")
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress replicas (HTTP handling, PNG coding)")
+    p.add_argument("--bucket", type=int, default=8, help="the Injector's fixed U-Net batch, in the service and the "
+                   "in-process bound (deploy/serve.yaml: 8 on CPUs; deploy/rayservice.yaml: 64 on GPUs, which pay per "
+                   "U-Net call, not per image)")
     add_service_options(p, "service_load")
     args = p.parse_args()
     use_serve_mode(args.serve_mode)
@@ -215,7 +220,7 @@ def main() -> None:
                 max_ongoing_requests=max(2 * batch, 8), ray_actor_options={"num_cpus": args.threads,
                                                                         "num_gpus": args.gpus},
                 user_config={"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0},
-            ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.threads)
+            ).bind(datasets={"quick": {"preset": "quick"}}, root=args.runs, threads=args.threads, bucket=args.bucket)
             app = Ingress.options(max_ongoing_requests=256, num_replicas=args.ingress_replicas,
                                   ray_actor_options={"num_cpus": 0.5}).bind(
                 injector, max_samples=max(256, args.samples))
@@ -237,7 +242,8 @@ def main() -> None:
     cmd = "python benchmarks/service_load.py " + " ".join(sys.argv[1:])
     lines = [f"# Service load: POST /inject, {args.samples} samples x {args.steps} DDIM steps per request", "",
              f"`{cmd.strip()}`; quick-preset U-Net, one injector replica with {args.threads} torch thread(s) "
-             f"on {device}; {args.ingress_replicas} Ingress replica(s); serve mode {args.serve_mode}; "
+             f"on {device}, U-Net batches of {args.bucket} (bucket); {args.ingress_replicas} Ingress replica(s); "
+             f"serve mode {args.serve_mode}; "
              f"{args.requests} requests per level; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| mode | clients | p50 s | p95 s | p99 s | req/s | images/s | errors | mean batch (requests) | batches seen |",
@@ -247,12 +253,14 @@ def main() -> None:
                      f"{r['requests_per_s']} | {r['images_per_s']} | {r['errors']} | {r['mean_batch_requests']} | "
                      f"{r['batch_requests_seen']} |")
     lines += ["", "Batched / unbatched images/s: " + ", ".join(f"{c} clients {ratios[c]}x" for c in clients), "",
-              f"In-process bound on any batching gain (same U-Net and threads, no HTTP): {ceiling['small']} images/s "
+              "In-process bound on any batching gain (same U-Net, threads and bucket, no HTTP): "
+              f"{ceiling['small']} images/s "
               f"at {args.samples} samples per call, {ceiling['large']} at {ceiling['large_samples']} "
               f"({ceiling['ratio']}x).", "",
               "Batched service / in-process bound at a full batch: "
               + ", ".join(f"{c} clients {of_bound[c]}" for c in clients)]
     write_results(args.out, lines, {"command": cmd.strip(), "device": device, "serve_mode": args.serve_mode,
+                                    "bucket": args.bucket,
                                     "ingress_replicas": args.ingress_replicas,
                                     "rows": table, "ratios": ratios, "service_over_bound": of_bound,
                                     "in_process_ceiling": ceiling})

@@ -27,6 +27,8 @@ K8S_ONLY = {
     ("http_options", "host"): ("127.0.0.1", "0.0.0.0"),
     # ... and therefore never without a key (from the Secret, in every pod's environment)
     ("applications", 0, "args", "require_api_key"): (False, True),
+    # a GPU pays per U-Net call, a CPU per image: the GPU's fixed U-Net batch is a full Injector batch
+    ("applications", 0, "args", "bucket"): (8, 64),
 }
 
 
