@@ -616,6 +616,8 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
         return invert(s_idx).x_T if styles else None
 
     bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
+    if unet in _COMPILED:  # the first batches wait on the compiler, which prints nothing
+        bar.set_postfix_str("compiling the U-Net's calls (minutes on a CPU) ...")
     try:
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
@@ -631,6 +633,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
                     samples = Synthetic(from_model_space(x[:real].cpu(), images.shape[-1], images.shape[1]),
                                         labels[torch.as_tensor(source[rows])],
                                         torch.as_tensor(pairs.content[rows]), torch.as_tensor(pairs.style[rows]))
+            bar.set_postfix_str("")
             bar.update(rows.stop - start)
             yield rows, samples
     finally:
