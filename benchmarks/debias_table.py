@@ -35,7 +35,7 @@ from core.data import pct_name  # noqa: E402
 from core.diagnostics import REPORT_KEYS  # noqa: E402
 from core.pipeline import (  # noqa: E402
     METRIC_COLUMNS, METHODS, NAMES, TRAINED_HERE, Run, bias_knowledge_phrase, make_config, merge, read_settings,
-    synthetic_source,
+    synthetic_source, trained_by,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,7 +90,7 @@ def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, 
     # the seed-0 run's own U-Net reads as the other seeds name it: by runs folder and run
     for src in metrics["unet_sources"].values():
         if src["origin"] == TRAINED_HERE:
-            src["origin"] = f"trained on the training split by run {folder.parent.name}/{folder.name}"
+            src["origin"] = trained_by(folder)
     return metrics
 
 

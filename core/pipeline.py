@@ -62,6 +62,13 @@ CORPUS_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-balanced 
 TRAINED_HERE = "trained in this run on the training split"  # unet_origin of a U-Net the run trained itself
 SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
 
+
+def trained_by(run_dir: Path) -> str:
+    """The unet_origin of the U-Net that the run in ``run_dir`` trained, as another run (or table) names it: by its
+    runs folder and run, not by this machine's path."""
+    return f"trained on the training split by run {run_dir.parent.name}/{run_dir.name}"
+
+
 # The rows a run can make (core/methods: one class each), and the synthetic sources a method's ``extra`` can name:
 # source -> (U-Net folder, synthetic folder) in the run.
 METHODS = tuple(registry.REGISTRY)
@@ -515,8 +522,7 @@ class Run:
             # shipped, whether found for this ratio or named with --unet (e.g. the 1 % one at 5 %): one spelling
             return f"{source.resolve().relative_to(PRETRAINED.resolve().parent.parent)} (shipped)"
         if isinstance(source, Path) and source.name == "unet" and (source.parent / "config.json").exists():
-            # another run's U-Net stage (debias_table's --unet per-ratio): name the run, not this machine's path
-            return f"trained on the training split by run {source.parent.parent.name}/{source.parent.name}"
+            return trained_by(source.parent)  # another run's U-Net stage (debias_table's --unet per-ratio)
         return str(source)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
