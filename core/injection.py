@@ -75,12 +75,15 @@ def resolve_precision(precision: str, device: str) -> str:
 class InjectionConfig:
     # Each bounded setting's inclusive range, written once: validate() checks it, the service's schema states it.
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
-        "steps": (2, 1000), "t_edit": (0, 999), "gamma": (0.0, 1.0), "t_boost": (-1, 999)}
+        "steps": (2, 1000), "t_edit": (0, 999), "gamma": (0.0, 1.0), "t_boost": (-1, 999), "skip_levels": (0, 8)}
 
     steps: int = 10  # DDIM steps for inversion and generation (reference: 1000; benchmarks/steps_study.py)
     # measured best with the shipped U-Net (benchmarks/results/experiments.md); the paper's are t_edit 500, gamma 0.5
     t_edit: int = 300  # inject h at every generation step with t >= t_edit
     gamma: float = 0.9  # Slerp strength: 0 = no injection, 1 = the (norm-matched) content h
+    # 0: h is the middle block's output alone (the paper's h-space); N: h also holds the skip connections that the N
+    # coarsest up blocks read, which carry much of the style's shape (unet_forward; benchmarks/results/experiments.md)
+    skip_levels: int = 0
     t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
     dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
     synthetic_ratio: float = 0.3  # number of synthetic samples = ratio * |train| (the paper's: 0.1) ...
@@ -108,6 +111,8 @@ class InjectionConfig:
 
     def validate(self) -> "InjectionConfig":
         """Raises :class:`SettingError` naming the first setting out of its range."""
+        if not isinstance(self.skip_levels, int) or isinstance(self.skip_levels, bool):
+            raise SettingError("skip_levels", f"skip_levels {self.skip_levels!r} must be a whole number")
         for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
@@ -165,13 +170,16 @@ def _rows(value, rows: int, copies: int):
     return value
 
 
-def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, copies: int = 1, class_labels=None):
+def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, copies: int = 1, class_labels=None,
+                 skip_levels: int = 0):
     """``UNet2DModel.forward`` (diffusers 0.42) step by step, with the bottleneck h passed out and in: no hooks.
 
     Returns ``(eps, h)``: the U-Net's output and h as the middle block made it. ``mid`` replaces h on the way up:
-    a tensor, or a function ``h -> h'``; None keeps it. ``copies`` > 1 says ``sample`` (and a per-row
-    ``timestep`` or ``class_labels``) is that many equal copies of one batch, ``torch.cat([x] * copies)``: the
-    time embedding, the down path and the middle block then run once, on the first copy (h has its rows), and the
+    a tensor, or a function ``h -> h'``; None keeps it. ``skip_levels`` N > 0 widens h to the middle block's output
+    and the skip connections the N coarsest up blocks read, each flattened per image and concatenated, ``(B, D)``;
+    a replacement then replaces all of them (an h-space that also holds the coarse layout the skips carry past the
+    bottleneck). ``copies`` > 1 says ``sample`` (and a per-row ``timestep`` or ``class_labels``) is that many
+    equal copies of one batch, ``torch.cat([x] * copies)``: the time embedding, the down path and the middle block then run once, on the first copy (h has its rows), and the
     up path runs on all of them, with the skip connections and the embedding repeated, so ``mid`` must return
     ``copies`` times h's rows. Taking h and putting h' back in is how ``ddim_invert`` and ``ddim_generate`` inject,
     and this function, free of hooks and module state, is what ``torch.compile`` can take whole.
@@ -209,12 +217,22 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
             x, block_res = block(hidden_states=x, temb=emb)
         res += block_res
     h = unet.mid_block(x, emb) if unet.mid_block is not None else x
-    x = (torch.cat([h] * copies) if copies > 1 else h) if mid is None else mid if torch.is_tensor(mid) else mid(h)
+    if not 0 <= skip_levels <= len(unet.up_blocks):
+        raise ValueError(f"skip_levels {skip_levels} must be between 0 and the U-Net's {len(unet.up_blocks)} up blocks")
+    k = sum(len(block.resnets) for block in unet.up_blocks[:skip_levels])  # the skips those up blocks read
+    parts = (h, *res[len(res) - k :])
+    h = _flat(parts) if k else h
     # 5. up: on every copy
     if copies > 1:
         emb = torch.cat([emb] * copies)
         res = tuple(torch.cat([r] * copies) for r in res)
         timesteps = torch.cat([timesteps] * copies)
+    if mid is None:
+        x = torch.cat([parts[0]] * copies) if copies > 1 else parts[0]
+    else:
+        new = mid if torch.is_tensor(mid) else mid(h)
+        x, *skips = _unflat(new, parts) if k else (new,)
+        res = res[: len(res) - k] + tuple(skips)
     skip = None
     for block in unet.up_blocks:
         block_res, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
@@ -229,6 +247,17 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
     if cfg.time_embedding_type == "fourier":
         x = x / timesteps.reshape((x.shape[0], *([1] * len(x.shape[1:]))))
     return x, h
+
+
+def _flat(parts) -> torch.Tensor:
+    """Tensors of equal rows as one ``(rows, D)`` tensor: each flattened per row, concatenated."""
+    return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+
+def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    """:func:`_flat` undone: ``flat``'s columns cut into tensors shaped as ``like``'s (any number of rows)."""
+    sizes = [p[0].numel() for p in like]
+    return [c.reshape(len(flat), *p.shape[1:]) for c, p in zip(flat.split(sizes, dim=1), like)]
 
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # U-Net -> (weights' versions, key -> copy)
@@ -266,7 +295,7 @@ def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> U
     return copies[dtype, compiled]
 
 
-def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies: int = 1):
+def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies: int = 1, skip_levels: int = 0):
     """:func:`unet_forward` (looked up at every call, or the compiled one of a compiled copy: :func:`at_precision`)
     through ``unet``'s own call, so hooks on the U-Net itself (``count_evaluations``: ``sample``'s rows, all copies,
     and ``copies``) see it; ``(eps, h)`` in ``sample``'s dtype.
@@ -289,7 +318,8 @@ def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies:
             sample = sample.clone()  # an inference tensor, as every later call's: one graph for both
         quiet = _quiet_compiler()
     own = unet.__dict__.get("forward")
-    unet.forward = lambda sample, timestep, copies: forward(unet, sample, timestep, mid, copies)
+    unet.forward = lambda sample, timestep, copies: forward(unet, sample, timestep, mid, copies,
+                                                            skip_levels=skip_levels)
     try:
         with quiet:
             eps, h = unet(sample, timestep, copies=copies)
@@ -368,13 +398,13 @@ class Inversion:
 
 @torch.inference_mode()
 def ddim_invert(unet: UNet2DModel, scheduler: DDIMScheduler, x0: torch.Tensor, steps: int,
-                record_h_from: int | None = None, h_rows: int | None = None) -> Inversion:
+                record_h_from: int | None = None, h_rows: int | None = None, skip_levels: int = 0) -> Inversion:
     """Deterministic DDIM inversion of a batch ``x0`` (model space, [-1, 1]).
 
     If ``record_h_from`` is given, the bottleneck h is recorded for every grid timestep t >= record_h_from,
     including the top one (one extra U-Net call on x_T). ``h_rows`` limits the recording, and that extra call,
     to the first ``h_rows`` images of the batch: contents and styles are inverted in one U-Net call per step,
-    and only the contents need their h.
+    and only the contents need their h. ``skip_levels``: the h recorded (:func:`unet_forward`).
     """
     grid = ddim_timesteps(scheduler, steps)[::-1]  # ascending
     rows = slice(None) if h_rows is None else slice(0, h_rows)
@@ -383,9 +413,9 @@ def ddim_invert(unet: UNet2DModel, scheduler: DDIMScheduler, x0: torch.Tensor, s
         record = record_h_from is not None and t >= record_h_from and h_rows != 0
         if i == len(grid) - 1:
             if record:
-                hs[t] = _evaluate(unet, x[rows], t)[1]
+                hs[t] = _evaluate(unet, x[rows], t, skip_levels=skip_levels)[1]
             break
-        eps, h = _evaluate(unet, x, t)
+        eps, h = _evaluate(unet, x, t, skip_levels=skip_levels)
         if record:
             hs[t] = h[rows]
         x = _ddim_move(x, eps, eps, _alpha(scheduler, t), _alpha(scheduler, grid[i + 1]))
@@ -410,7 +440,8 @@ def sample_generators(seed, sample_ids) -> list[torch.Generator]:
 def ddim_generate(unet: UNet2DModel, scheduler: DDIMScheduler, x_T: torch.Tensor, cfg: InjectionConfig,
                   h_content: dict[int, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None,
                   share_down: bool = True):
-    """Generate from ``x_T``; inject ``h_content[t]`` with Slerp(gamma) at steps t >= cfg.t_edit.
+    """Generate from ``x_T``; inject ``h_content[t]`` with Slerp(gamma) at steps t >= cfg.t_edit. ``h_content`` is
+    recorded at ``cfg.skip_levels`` (``ddim_invert``): one Slerp over the middle block's output and those skips.
 
     Without ``h_content`` (or with gamma = 0) this is plain DDIM (with the quality-boost steps if t_boost >= 0).
     An injection step evaluates the doubled batch ``[x, x]``, its second half with the content's h; both halves
@@ -429,7 +460,7 @@ def ddim_generate(unet: UNet2DModel, scheduler: DDIMScheduler, x_T: torch.Tensor
             def mix(h, h_c=h_c):  # second half of the doubled batch gets the content's h
                 return torch.cat([h[:n], slerp(h[-n:], h_c, cfg.gamma)])
 
-            eps, eps_inj = _evaluate(unet, torch.cat([x, x]), t, mix, copies)[0].chunk(2)
+            eps, eps_inj = _evaluate(unet, torch.cat([x, x]), t, mix, copies, cfg.skip_levels)[0].chunk(2)
             x = _ddim_move(x, eps_inj, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
             continue
         eps = _evaluate(unet, x, t)[0]
@@ -501,7 +532,7 @@ class Synthetic:
 class _ContentInversions:
     """The h-trajectories of content images (t >= t_edit), each inverted once: from ``cache`` when it holds
     them (a mapping from image index to Inversion, e.g. an actor's LRU, specific to this U-Net, image set,
-    ``cfg.steps`` and ``cfg.t_edit``), else inverted beside a batch's styles and stored there too."""
+    ``cfg.steps``, ``cfg.t_edit`` and ``cfg.skip_levels``), else inverted beside a batch's styles and stored there too."""
 
     def __init__(self, cache=None):
         self.cache = cache
@@ -545,8 +576,8 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
     workers gives the same pixels up to float rounding of other batch shapes (exactly, with ``bucket``);
     ``seed`` may also be one per pair. Each distinct content is inverted once, with the first batch of styles
     that needs it. ``content_cache`` (a mapping from image index to Inversion, e.g. an actor's LRU, specific to
-    this U-Net, image set, ``cfg.steps`` and ``cfg.t_edit``) supplies the inversions it holds and receives the new
-    ones.
+    this U-Net, image set, ``cfg.steps``, ``cfg.t_edit`` and ``cfg.skip_levels``) supplies the inversions it holds
+    and receives the new ones.
     ``joint_inversion`` inverts a batch's styles and its new contents in the same U-Net calls (default: on CUDA
     only, never with ``bucket``). A GPU pays per call at these sizes, so this saves a third of the calls; a CPU
     pays per image, so there it saves nothing, and separate calls keep the output bit-identical whether or not a
@@ -598,7 +629,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
 
     def invert(index, **kw):
         return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size, channels).to(device),
-                           cfg.steps, **kw)
+                           cfg.steps, skip_levels=cfg.skip_levels, **kw)
 
     def invert_contents(new):  # in one call, or in padded chunks of ``bucket``
         for i in range(0, len(new), bucket or max(1, len(new))):

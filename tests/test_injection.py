@@ -1,6 +1,7 @@
 """Stage 3: normalized Slerp, the bottleneck hook, pair planning, DDIM inversion and the injection stage."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -545,6 +546,97 @@ def test_copies_run_the_down_path_once_and_the_up_path_on_every_copy(tiny_unet, 
     # against batches of other shapes: equal up to float rounding
     torch.testing.assert_close(eps[:2], tiny_unet(x, t).sample, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(eps[2:], unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0], rtol=1e-5, atol=1e-6)
+
+
+def _skips_of_first_up_blocks(unet, levels: int) -> int:
+    return sum(len(block.resnets) for block in unet.up_blocks[:levels])
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@torch.inference_mode()
+def test_skip_levels_widen_h_to_the_skips_the_coarsest_up_blocks_read(any_unet, levels):
+    """h at ``skip_levels`` N is [middle block's output, the skips of the N coarsest up blocks], flattened per
+    image; a replacement goes to exactly those places, against hooks on diffusers' own forward (the oracle)."""
+    unet, _, size = any_unet
+    if levels > len(unet.up_blocks):
+        pytest.skip("a 2-level U-Net has two up blocks")
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 3, size, size, generator=g), 600
+    k = _skips_of_first_up_blocks(unet, levels)
+    seen = {"h": [], "skips": []}
+    handles = [unet.mid_block.register_forward_hook(lambda m, a, out: seen["h"].append(out))]
+    for block in unet.up_blocks[:levels]:  # diffusers calls an up block as block(x, its skips, emb)
+        handles.append(block.register_forward_pre_hook(lambda m, a: seen["skips"].append(a[1])))
+    try:
+        plain = unet(x, t).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the skips in the down path's order: the coarsest block reads the last ones
+    parts = [seen["h"][0], *[r for skips in reversed(seen["skips"]) for r in skips]]
+    assert len(parts) == 1 + k
+    eps, h = unet_forward(unet, x, t, skip_levels=levels)
+    assert torch.equal(eps, plain) and h.shape == (2, sum(p[0].numel() for p in parts))
+    assert torch.equal(h, torch.cat([p.flatten(1) for p in parts], dim=1))
+    # h put back as it came out: the same values, in another memory layout (attention's output is strided)
+    torch.testing.assert_close(unet_forward(unet, x, t, mid=lambda h: h, skip_levels=levels)[0], plain)
+    # zero the first skip of h (the first one the last injected up block reads): as a hook zeroing it in diffusers
+    zeroed = h.clone()
+    zeroed[:, parts[0][0].numel() : sum(p[0].numel() for p in parts[:2])] = 0
+    handle = unet.up_blocks[levels - 1].register_forward_pre_hook(
+        lambda m, a: (a[0], (torch.zeros_like(a[1][0]), *a[1][1:]), *a[2:]))
+    try:
+        expected = unet(x, t).sample
+    finally:
+        handle.remove()
+    torch.testing.assert_close(unet_forward(unet, x, t, mid=zeroed, skip_levels=levels)[0], expected)
+    assert (expected - plain).abs().max() > 1e-4  # the zeroed skip mattered
+
+
+@torch.inference_mode()
+def test_skip_levels_share_the_down_path_between_copies(tiny_unet, unet_input):
+    x, t = unet_input
+    eps, h = unet_forward(tiny_unet, torch.cat([x, x]), t.repeat(2), lambda h: torch.cat([h, torch.zeros_like(h)]),
+                          copies=2, skip_levels=1)
+    assert h.shape[0] == 2
+    torch.testing.assert_close(eps[:2], tiny_unet(x, t).sample, rtol=1e-5, atol=1e-6)
+    alone = unet_forward(tiny_unet, x, t, mid=torch.zeros_like, skip_levels=1)[0]
+    torch.testing.assert_close(eps[2:], alone, rtol=1e-5, atol=1e-6)
+    assert (alone - unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0]).abs().max() > 1e-4  # skips zeroed too
+
+
+def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, unet_input):
+    from core.injection import SettingError
+
+    x, t = unet_input
+    with pytest.raises(ValueError, match="skip_levels 3 must be between 0 and the U-Net's 2 up blocks"):
+        unet_forward(tiny_unet, x, t, skip_levels=3)
+    for value, message in ((9, "skip_levels 9 is outside"), (1.5, "skip_levels 1.5 must be a whole number"),
+                           (True, "skip_levels True must be a whole number")):
+        with pytest.raises(SettingError, match=message) as err:
+            InjectionConfig(skip_levels=value).validate()
+        assert err.value.field == "skip_levels"
+
+
+def test_injection_with_skip_levels_records_the_wider_h_and_moves_the_samples(tiny_unet):
+    """The whole stage at ``skip_levels`` 1: contents recorded with their skips, a different result from the
+    bottleneck alone, and reproducible."""
+    scheduler = ddim_scheduler(cfg=tiny_config())
+    g = torch.Generator().manual_seed(8)
+    images = (torch.rand(8, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    pairs = plan_pairs(labels, np.array([0, 2, 4]), 6, seed=0)
+    x0 = to_model_space(images[:1], 16)
+    cfg = InjectionConfig(steps=6, t_edit=300, gamma=1.0, skip_levels=1)
+    h = ddim_invert(tiny_unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit, skip_levels=1).h
+    bottleneck = ddim_invert(tiny_unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit).h
+    k = _skips_of_first_up_blocks(tiny_unet, 1)
+    assert all(h[t].dim() == 2 and h[t].shape[1] > bottleneck[t][0].numel() for t in h) and k == 2
+    wide = inject(tiny_unet, scheduler, images, labels, pairs, cfg, seed=1, progress=False)
+    plain = inject(tiny_unet, scheduler, images, labels, pairs, replace(cfg, skip_levels=0), seed=1, progress=False)
+    assert (wide.images.int() - plain.images.int()).abs().max() > 0
+    again = inject(tiny_unet, scheduler, images, labels, pairs, cfg, seed=1, progress=False)
+    assert torch.equal(again.images, wide.images)
 
 
 def test_the_forward_swap_is_undone_even_on_error(tiny_unet, unet_input):

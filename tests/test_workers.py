@@ -1,5 +1,7 @@
 """Injection actors: same pixels as in-process core, content cache, fan-out over several actors."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -70,6 +72,9 @@ def test_injector_cache_is_hit_on_reuse_and_changes_nothing(quick_run):
     assert again.evaluations < first.evaluations  # the content inversions were skipped
     assert torch.equal(first.synthetic.images, again.synthetic.images)
     assert torch.equal(first.synthetic.images, _in_process(quick_run, pairs).images)
+    # an inversion recorded at other skip levels holds another h: never served from this cache entry
+    wider = injector.inject(tr.images, tr.labels, pairs.content, pairs.style, replace(CFG, skip_levels=1), seed=7)
+    assert wider.cache["misses"] == 2 * distinct and wider.cache["entries"] == 2 * distinct
 
 
 def test_actor_equals_in_process_and_fan_out_equals_one_actor(ray_cluster, quick_run):

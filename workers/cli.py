@@ -74,6 +74,7 @@ TOP_FLAGS = ("dataset", "data_root", "ratio", "seed", "data_seed", "image_size",
 NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
+    "skip_levels": ("injection", "skip_levels"),
     "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
     "precision": ("injection", "precision"), "compile": ("injection", "compile"),
     "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
+    r.add_argument("--skip-levels", type=int, default=None,
+                   help="also inject the skip connections of the N coarsest up blocks with the bottleneck h (default: 0)")
     r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 30 %% of the training set)")
     r.add_argument("--label-from", choices=["content", "style"], default=None)
     r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,

@@ -2,8 +2,8 @@
 
 ``Injector`` is plain Python around ``core.injection.inject``; ``InjectorActor`` is the same class as a Ray
 actor, and the Serve deployment wraps it too. Content inversions are cached (LRU, bounded by entries) under
-(model, image set, DDIM steps, t_edit, index): a mined conflict sample is inverted once however often it is
-paired. Cached and fresh inversions give the same pixels, so caching never changes a result.
+(model, image set, DDIM steps, t_edit, skip levels, index): a mined conflict sample is inverted once however often it
+is paired. Cached and fresh inversions give the same pixels, so caching never changes a result.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Injector:
         # copies: Ray hands the actor read-only arrays, which torch warns about when it indexes with them
         pairs = Pairs(np.array(content, dtype=np.int64), np.array(style, dtype=np.int64))
         scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit,
-                                 cfg.precision, cfg.compile)  # what an inversion's pixels depend on
+                                 cfg.skip_levels, cfg.precision, cfg.compile)  # what an inversion's pixels depend on
         t0 = time.time()
         with count_evaluations(self.unet) as evals:
             syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
