@@ -1,7 +1,8 @@
 """Synthetic samples out of a run, for the user's own training code: an image folder and its manifest.
 
     DIR/{label}/{name}.png     the layout torchvision's ImageFolder and the datasets library's imagefolder read
-    DIR/manifest.csv           file,label,kind,content,style,gamma,t_edit,steps,seed,unet: how each image was made
+    DIR/manifest.csv           file,label,kind,content,style,gamma,t_edit,skip_levels,steps,seed,unet: how each image
+                               was made
 
 ``kind`` is ``synthetic`` (content and style are indices into the training split) or ``real`` (``--with-real``: the
 training images themselves, so DIR is the debiased training set). The service answers the same layout as a zip
@@ -24,7 +25,15 @@ from PIL import Image
 from .diffusion import weights_id
 from .injection import Synthetic
 
-COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "steps", "seed", "unet")
+COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "skip_levels", "steps", "seed", "unet")
+
+
+def made_by(injection: dict, seed: int, unet: str) -> dict:
+    """What a manifest row records of how its synthetic sample was made: the injection settings that shape its
+    pixels (``injection``: an ``InjectionConfig`` as a dict; one saved before ``skip_levels`` existed reads 0), the
+    seed and the U-Net's weights id."""
+    return {"gamma": injection["gamma"], "t_edit": injection["t_edit"], "skip_levels": injection.get("skip_levels", 0),
+            "steps": injection["steps"], "seed": seed, "unet": unet}
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -36,8 +45,8 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 
 def synthetic_entries(labels, content, style, pngs, made: dict):
-    """``(path, png bytes, manifest row)`` of synthetic samples whose PNGs are encoded already (``made``: gamma,
-    t_edit, steps, seed, unet: what each row records of how they were made)."""
+    """``(path, png bytes, manifest row)`` of synthetic samples whose PNGs are encoded already (``made``:
+    :func:`made_by`)."""
     for i, (label, c, s, png) in enumerate(zip(labels, content, style, pngs)):
         path = f"{int(label)}/synthetic-{i:06d}.png"
         yield path, png, {"file": path, "label": int(label), "kind": "synthetic", "content": int(c), "style": int(s),
@@ -95,8 +104,7 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
         raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
     cfg = json.loads((run_dir / "config.json").read_text())
     inj, unet = cfg["injection"], run_dir / ("unet" if source == "synthetic" else "unet-corpus")
-    made = {"gamma": inj["gamma"], "t_edit": inj["t_edit"], "steps": inj["steps"], "seed": cfg["seed"],
-            "unet": weights_id(unet)}
+    made = made_by(inj, cfg["seed"], weights_id(unet))
     real = None
     if with_real:
         from .data import load_dataset

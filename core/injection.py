@@ -179,10 +179,11 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
     and the skip connections the N coarsest up blocks read, each flattened per image and concatenated, ``(B, D)``;
     a replacement then replaces all of them (an h-space that also holds the coarse layout the skips carry past the
     bottleneck). ``copies`` > 1 says ``sample`` (and a per-row ``timestep`` or ``class_labels``) is that many
-    equal copies of one batch, ``torch.cat([x] * copies)``: the time embedding, the down path and the middle block then run once, on the first copy (h has its rows), and the
-    up path runs on all of them, with the skip connections and the embedding repeated, so ``mid`` must return
-    ``copies`` times h's rows. Taking h and putting h' back in is how ``ddim_invert`` and ``ddim_generate`` inject,
-    and this function, free of hooks and module state, is what ``torch.compile`` can take whole.
+    equal copies of one batch, ``torch.cat([x] * copies)``: the time embedding, the down path and the middle
+    block then run once, on the first copy (h has its rows), and the up path runs on all of them, with the skip
+    connections and the embedding repeated, so ``mid`` must return ``copies`` times h's rows. Taking h and putting
+    h' back in is how ``ddim_invert`` and ``ddim_generate`` inject, and this function, free of hooks and module
+    state, is what ``torch.compile`` can take whole.
     """
     cfg = unet.config
     n = sample.shape[0] // copies
@@ -217,8 +218,9 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
             x, block_res = block(hidden_states=x, temb=emb)
         res += block_res
     h = unet.mid_block(x, emb) if unet.mid_block is not None else x
-    if not 0 <= skip_levels <= len(unet.up_blocks):
-        raise ValueError(f"skip_levels {skip_levels} must be between 0 and the U-Net's {len(unet.up_blocks)} up blocks")
+    if not 0 <= skip_levels <= len(unet.up_blocks):  # a setting this U-Net cannot take: the caller's to fix
+        raise SettingError("skip_levels", f"skip_levels {skip_levels} must be between 0 and the U-Net's "
+                                          f"{len(unet.up_blocks)} up blocks")
     k = sum(len(block.resnets) for block in unet.up_blocks[:skip_levels])  # the skips those up blocks read
     parts = (h, *res[len(res) - k :])
     h = _flat(parts) if k else h
@@ -532,7 +534,8 @@ class Synthetic:
 class _ContentInversions:
     """The h-trajectories of content images (t >= t_edit), each inverted once: from ``cache`` when it holds
     them (a mapping from image index to Inversion, e.g. an actor's LRU, specific to this U-Net, image set,
-    ``cfg.steps``, ``cfg.t_edit`` and ``cfg.skip_levels``), else inverted beside a batch's styles and stored there too."""
+    ``cfg.steps``, ``cfg.t_edit`` and ``cfg.skip_levels``), else inverted beside a batch's styles and stored there
+    too."""
 
     def __init__(self, cache=None):
         self.cache = cache

@@ -40,7 +40,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from core.export import png_bytes, synthetic_entries, zip_bytes
+from core.export import made_by, png_bytes, synthetic_entries, zip_bytes
 from core.injection import InjectionConfig, SettingError, plan_pairs
 from core.mining import mine
 from core.classifier import MLP, build_classifier
@@ -470,7 +470,7 @@ class Ingress:
         if "error" in out:  # failed alone inside its batch
             raise _error(out["error"]["status"], out["error"]["field"], out["error"]["message"])
         if req.format == "zip":
-            made = {"gamma": cfg.gamma, "t_edit": cfg.t_edit, "steps": cfg.steps, "seed": req.seed, "unet": out["unet"]}
+            made = made_by(asdict(cfg), req.seed, out["unet"])
             items = synthetic_entries(out["labels"], out["content"], out["style"], out["png"], made)
             return Response(zip_bytes(items), media_type="application/zip",
                             headers={"Content-Disposition": 'attachment; filename="synthetic.zip"'})
@@ -532,7 +532,8 @@ class Ingress:
     def _injection(self, req: InjectRequest, dataset_settings: dict) -> InjectionConfig:
         """The job's injection settings: the request's fields, then the dataset's settings, then core's defaults;
         checked by core's ranges and this deployment's maxima, each error naming its field."""
-        overrides = {f: getattr(req, f) for f in ("gamma", "t_edit", "steps") if getattr(req, f) is not None}
+        overrides = {f: getattr(req, f) for f in ("gamma", "t_edit", "skip_levels", "steps")
+                     if getattr(req, f) is not None}
         cfg = replace(InjectionConfig(**dataset_settings), **overrides, num_samples=req.num_samples)
         try:
             cfg.validate()

@@ -50,6 +50,8 @@ class InjectRequest(BaseModel):
                                 description="injection strength (default: the dataset's)")
     t_edit: int | None = Field(None, ge=_RANGES["t_edit"][0], le=_RANGES["t_edit"][1],
                                description="inject at generation steps with t >= t_edit (default: the dataset's)")
+    skip_levels: int | None = Field(None, ge=_RANGES["skip_levels"][0], le=_RANGES["skip_levels"][1], description=(
+        "also inject the skip connections of this many of the coarsest up blocks (default: the dataset's)"))
     steps: int | None = Field(None, ge=_RANGES["steps"][0], le=_RANGES["steps"][1], description=(
         "DDIM steps for inversion and generation (default: the dataset's; at most the deployment's max_steps)"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="same request and seed give the same images")

@@ -58,7 +58,7 @@ def test_export_writes_one_png_per_sample_and_a_matching_manifest(byo_run, tmp_p
     out = tmp_path / "export"
     assert main(["export", str(byo_run), "--to", str(out)]) == 0
     rows = list(csv.DictReader((out / "manifest.csv").open()))
-    assert {"file", "label", "content", "style", "gamma", "t_edit", "steps", "seed", "unet"} <= set(rows[0])
+    assert {"file", "label", "content", "style", "gamma", "t_edit", "skip_levels", "steps", "seed", "unet"} <= set(rows[0])
     assert len(rows) == len(syn.labels) == len(list(out.glob("*/*.png")))
     for i, row in enumerate(rows):
         image = np.asarray(Image.open(out / row["file"]))
@@ -131,7 +131,7 @@ def test_zip_of_the_same_layout(byo_run):
     from core.injection import Synthetic
 
     syn = Synthetic.load(byo_run / "synthetic" / "samples.pt")
-    made = {"gamma": 0.9, "t_edit": 300, "steps": 5, "seed": 0, "unet": "x"}
+    made = {"gamma": 0.9, "t_edit": 300, "skip_levels": 0, "steps": 5, "seed": 0, "unet": "x"}
     z = zipfile.ZipFile(io.BytesIO(zip_bytes(entries(syn, made))))
     rows = list(csv.DictReader(io.StringIO(z.read("manifest.csv").decode())))
     assert sorted(r["file"] for r in rows) == sorted(n for n in z.namelist() if n.endswith(".png"))

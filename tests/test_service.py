@@ -119,6 +119,8 @@ def test_inject_returns_pngs_with_content_labels_and_is_reproducible(url, quick_
     assert [s["image"] for s in again["samples"]] == [s["image"] for s in out["samples"]]
     other_seed = _post(url, body | {"seed": 4}).json()
     assert [s["image"] for s in other_seed["samples"]] != [s["image"] for s in out["samples"]]
+    with_skips = _post(url, body | {"skip_levels": 1}).json()
+    assert [s["image"] for s in with_skips["samples"]] != [s["image"] for s in out["samples"]]
 
 
 def test_inject_mines_when_no_conflict_indices_and_honours_style_pool(url, quick_run):
@@ -167,6 +169,8 @@ def test_inline_dataset(url, quick_run):
     ({"seed": -1}, 400, "seed"),
     ({"seed": 2**63}, 400, "seed"),
     ({"t_edit": 1000}, 400, "t_edit"),
+    ({"skip_levels": 9}, 400, "skip_levels"),
+    ({"skip_levels": 8}, 400, "skip_levels"),  # in the schema's range, beyond this U-Net's up blocks: the actor's 400
     ({"steps": 1}, 400, "steps"),
     ({"conflict_indices": [2**40]}, 400, "conflict_indices"),
     ({"inline": {"images": ["x"], "labels": [-1]}, "dataset": None}, 400, "inline.labels"),

@@ -155,11 +155,14 @@ def check_job(job: dict, n_images: int) -> dict | None:
 def run_isolated(jobs: list, run_group) -> list[dict]:
     """``run_group(jobs)`` (one result per job), such that a job that fails fails alone: a group that raises is
     split in halves and each half run again, down to single jobs, which answer ``{"error": {...}}`` (status 500,
-    the exception's type and first line). With ``bucket`` set a job's pixels do not depend on its group."""
+    the exception's type and first line; 400 naming the field for a setting the U-Net cannot take). With ``bucket``
+    set a job's pixels do not depend on its group."""
     try:
         return run_group(jobs)
     except Exception as e:  # noqa: BLE001 - any failure of one job must not reach its batch-mates
         if len(jobs) == 1:
+            if isinstance(e, SettingError):
+                return [{"error": {"status": 400, "field": f"cfg.{e.field}", "message": str(e)}}]
             message = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             return [{"error": {"status": 500, "field": None, "message": message}}]
         half = len(jobs) // 2
