@@ -618,17 +618,19 @@ def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, un
         assert err.value.field == "skip_levels"
 
 
-def test_the_default_preset_widens_h_but_on_the_embedded_colored_mnist():
-    """The core and the paper keep h at the middle block; the default preset widens it, but on the embedded
-    Colored MNIST (its measured exception), and a flag or a settings file still wins there."""
+def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
+    """h stays at the middle block (the core, every preset) but on the embedded Corrupted MNIST under the default
+    preset (its measured exception), and a flag or a settings file still wins there."""
     from core.pipeline import make_config
 
     assert InjectionConfig().skip_levels == 0 and make_config("paper").injection.skip_levels == 0
+    assert make_config().injection.skip_levels == 0  # the embedded cmnist
     assert make_config("default", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
-    assert make_config("default", {"dataset": "cmnist", "data_root": "/data"}).injection.skip_levels == 1  # a folder
-    assert make_config("default", {"dataset": "cmnist"}).injection.skip_levels == 0
-    assert make_config().injection.skip_levels == 0  # the default dataset is the embedded cmnist
-    assert make_config("default", {"injection": {"skip_levels": 1}}).injection.skip_levels == 1
+    assert make_config("paper", {"dataset": "corrupted_mnist"}).injection.skip_levels == 0
+    folder = {"dataset": "cifar10c", "data_root": "/data"}
+    assert make_config("default", folder).injection.skip_levels == 0
+    assert make_config("default", {"dataset": "corrupted_mnist", "injection": {"skip_levels": 0}}).injection.skip_levels == 0
+    assert make_config("default", folder | {"injection": {"skip_levels": 1}}).injection.skip_levels == 1
 
 
 def test_injection_with_skip_levels_records_the_wider_h_and_moves_the_samples(tiny_unet):
