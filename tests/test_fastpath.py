@@ -273,7 +273,7 @@ def test_compile_runs_every_unet_call_through_a_frozen_graph_of_a_copy_and_match
     copy = injection.at_precision(unet, "fp32", compiled=True)
     assert copy is not unet and injection.at_precision(unet, "fp32") is unet
     compiled, calls = injection._COMPILED[copy], []
-    injection._COMPILED[copy] = lambda *args: (calls.append(1), compiled(*args))[1]
+    injection._COMPILED[copy] = lambda *args, **kwargs: (calls.append(1), compiled(*args, **kwargs))[1]
     with count_evaluations(unet) as evals:
         second = inject(unet, scheduler, images, labels, PAIRS, dataclasses.replace(cfg, compile=True), seed=3,
                         progress=False)
