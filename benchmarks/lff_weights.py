@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.debias_table import command_line  # noqa: E402
 from core import methods as registry  # noqa: E402
 from core.classifier import group_metrics, predict  # noqa: E402
-from core.pipeline import Run, RunConfig, fit_method, recorded_params  # noqa: E402
+from core.pipeline import Run, fit_method, recorded_params, saved_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")
@@ -61,7 +61,7 @@ class WeightTally:
 
 
 def measure(folder: Path, method_name: str) -> dict:
-    cfg = RunConfig(**json.loads((folder / "config.json").read_text()))
+    cfg = saved_config(folder)
     run = Run(folder, cfg, progress=False)
     recorded = folder / "classifiers" / f"{method_name}.json"
     params = cfg.hparams.get(method_name)

@@ -32,7 +32,7 @@ from benchmarks.debias_table import command_line  # noqa: E402
 from core.classifier import ClassifierConfig, as_float, build_classifier, predict, train_classifier  # noqa: E402
 from core.data import load_dataset  # noqa: E402
 from core.injection import Synthetic  # noqa: E402
-from core.pipeline import SYNTHETIC_ROWS, RunConfig  # noqa: E402
+from core.pipeline import SYNTHETIC_ROWS, saved_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,7 +82,7 @@ def pixel_accuracy(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> flo
 
 
 def measure(folder: Path) -> list[dict]:
-    cfg = RunConfig(**json.loads((folder / "config.json").read_text()))
+    cfg = saved_config(folder)
     ds = load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
     rows = []
     for method, (_, synthetic_dir) in SYNTHETIC_ROWS.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -23,17 +22,17 @@ import torch
 from PIL import Image
 
 from .diffusion import weights_id
-from .injection import Synthetic
+from .injection import InjectionConfig, Synthetic
+from .pipeline import saved_config
 
 COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "skip_levels", "steps", "seed", "unet")
 
 
-def made_by(injection: dict, seed: int, unet: str) -> dict:
+def made_by(injection: InjectionConfig, seed: int, unet: str) -> dict:
     """What a manifest row records of how its synthetic sample was made: the injection settings that shape its
-    pixels (``injection``: an ``InjectionConfig`` as a dict; one saved before ``skip_levels`` existed reads 0), the
-    seed and the U-Net's weights id."""
-    return {"gamma": injection["gamma"], "t_edit": injection["t_edit"], "skip_levels": injection.get("skip_levels", 0),
-            "steps": injection["steps"], "seed": seed, "unet": unet}
+    pixels, the seed and the U-Net's weights id."""
+    return {"gamma": injection.gamma, "t_edit": injection.t_edit, "skip_levels": injection.skip_levels,
+            "steps": injection.steps, "seed": seed, "unet": unet}
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -102,14 +101,13 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
         raise FileNotFoundError(f"no synthetic samples at {samples}: finish the run first")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
-    cfg = json.loads((run_dir / "config.json").read_text())
-    inj, unet = cfg["injection"], run_dir / ("unet" if source == "synthetic" else "unet-corpus")
-    made = made_by(inj, cfg["seed"], weights_id(unet))
+    cfg = saved_config(run_dir)
+    made = made_by(cfg.injection, cfg.seed, weights_id(run_dir / ("unet" if source == "synthetic" else "unet-corpus")))
     real = None
     if with_real:
         from .data import load_dataset
 
-        ds = load_dataset(cfg["dataset"], cfg["ratio"], cfg["data_root"], cfg["data_seed"], cfg.get("image_size"))
+        ds = load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         real = (ds.train.images, ds.train.labels)  # task labels only: the bias labels stay behind
     syn = Synthetic.load(samples)
     rows = []

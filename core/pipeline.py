@@ -219,6 +219,13 @@ BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
 PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_on_real_only": False}
 
 
+def saved_config(run_dir: str | Path) -> RunConfig:
+    """The config a run folder was made with (its ``config.json``): a setting added to the code since counts at the
+    value it had then (``BEFORE_SETTING_EXISTED``, else its default)."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    return RunConfig(**merge(merge(RunConfig().to_dict(), BEFORE_SETTING_EXISTED), saved))
+
+
 def recorded_params(record: dict) -> dict:
     """The hyperparameters a finished classifier's record (``classifiers/<method>.json``) says it was trained with,
     those added since it was made at the value it had then."""
@@ -431,8 +438,7 @@ class Run:
         if path.exists():
             # a setting added to the code after the folder was made counts at the value it was made with, so new
             # options never lock users out of their finished runs, nor resume them under other settings
-            old = merge(merge(RunConfig().to_dict(), BEFORE_SETTING_EXISTED), json.loads(path.read_text()))
-            diff = _diff_keys(old, self.cfg.to_dict())
+            diff = _diff_keys(saved_config(self.dir).to_dict(), self.cfg.to_dict())
             if not self.trains_unet():  # then the diffusion settings decide nothing in this folder
                 diff = [k for k in diff if not k.startswith("diffusion.")]
             # other methods or hyperparameters reuse the shared stages: each classifier is kept under its method's

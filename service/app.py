@@ -470,7 +470,7 @@ class Ingress:
         if "error" in out:  # failed alone inside its batch
             raise _error(out["error"]["status"], out["error"]["field"], out["error"]["message"])
         if req.format == "zip":
-            made = made_by(asdict(cfg), req.seed, out["unet"])
+            made = made_by(cfg, req.seed, out["unet"])
             items = synthetic_entries(out["labels"], out["content"], out["style"], out["png"], made)
             return Response(zip_bytes(items), media_type="application/zip",
                             headers={"Content-Disposition": 'attachment; filename="synthetic.zip"'})
