@@ -170,6 +170,14 @@ def _rows(value, rows: int, copies: int):
     return value
 
 
+def check_skip_levels(skip_levels: int, up_blocks: int) -> None:
+    """:class:`SettingError` when ``skip_levels`` exceeds a U-Net's ``up_blocks``: a setting this U-Net cannot take
+    (the range in ``InjectionConfig.RANGES`` knows no U-Net)."""
+    if not 0 <= skip_levels <= up_blocks:
+        raise SettingError("skip_levels", f"skip_levels {skip_levels} must be between 0 and the U-Net's "
+                                          f"{up_blocks} up blocks")
+
+
 def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, copies: int = 1, class_labels=None,
                  skip_levels: int = 0):
     """``UNet2DModel.forward`` (diffusers 0.42) step by step, with the bottleneck h passed out and in: no hooks.
@@ -218,9 +226,7 @@ def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, co
             x, block_res = block(hidden_states=x, temb=emb)
         res += block_res
     h = unet.mid_block(x, emb) if unet.mid_block is not None else x
-    if not 0 <= skip_levels <= len(unet.up_blocks):  # a setting this U-Net cannot take: the caller's to fix
-        raise SettingError("skip_levels", f"skip_levels {skip_levels} must be between 0 and the U-Net's "
-                                          f"{len(unet.up_blocks)} up blocks")
+    check_skip_levels(skip_levels, len(unet.up_blocks))
     k = sum(len(block.resnets) for block in unet.up_blocks[:skip_levels])  # the skips those up blocks read
     parts = (h, *res[len(res) - k :])
     h = _flat(parts) if k else h

@@ -52,9 +52,10 @@ from .classifier import (ClassifierConfig, accuracy, group_metrics, load_classif
                          save_atomic)
 from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
-                        num_parameters, train_diffusion)
+                        num_parameters, train_diffusion, unet_folder)
 from .filtering import keep_consistent, vet
-from .injection import InjectionConfig, Synthetic, count_evaluations, inject_batches, plan_pairs, resolve_precision
+from .injection import (InjectionConfig, Synthetic, check_skip_levels, count_evaluations, inject_batches, plan_pairs,
+                        resolve_precision)
 from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
 
 PRETRAINED = Path(__file__).parent / "pretrained"
@@ -430,6 +431,7 @@ class Run:
         validate(cfg, self.ds)
         if "diffinject" in sources_of(run_methods(cfg)):
             self.unet_source()  # a given U-Net that cannot work is refused now, not after mining
+        self._check_skip_levels()
         self.timings: dict[str, float] = {}
         self._claim_folder()
 
@@ -453,6 +455,18 @@ class Run:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         _save_json(path, self.cfg.to_dict())
+
+    def _check_skip_levels(self) -> None:
+        """A ``skip_levels`` that a synthetic row's U-Net cannot take is refused now, read from the U-Net's config
+        (or the one it will be trained with), not after mining and U-Net training."""
+        for method in sources_of(run_methods(self.cfg)):
+            source = CORPUS_UNET if method == "diffinject-corpus" else self.unet_source()
+            folder = None if source is None else unet_folder(source)
+            if source is not None and folder is None:
+                continue  # a hub id: checked when the injection runs
+            up = (self.cfg.diffusion.up_block_types if folder is None
+                  else json.loads((folder / "config.json").read_text())["up_block_types"])
+            check_skip_levels(self.cfg.injection.skip_levels, len(up))
 
     def trains_unet(self) -> bool:
         """Whether this run trains the label-free row's U-Net itself (no ``unet`` given, none shipped)."""

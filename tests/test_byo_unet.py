@@ -103,6 +103,21 @@ def test_what_cannot_work_is_one_line_and_exit_2(make, words, tmp_path, capsys):
     assert not (tmp_path / "run" / "biased").exists()  # refused before any stage ran
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_skip_levels_the_unet_cannot_take_is_refused_before_any_stage(given, tmp_path, capsys):
+    """A given U-Net's up blocks are read from its config, a U-Net to be trained here from the run's diffusion
+    settings (the quick preset's: 2 up blocks): 3 is refused at once, not after mining and U-Net training."""
+    args = ["run", "--preset", "quick", "--methods", "diffinject", "--skip-levels", "3",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    if given:
+        _tiny_unet().save_pretrained(tmp_path / "model")
+        args += ["--unet", str(tmp_path / "model")]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "--skip-levels 3 must be between 0 and the U-Net's 2 up blocks" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run" / "biased").exists()
+
+
 def test_grey_images_go_through_an_rgb_model_and_come_back_grey():
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     x = to_model_space(images, 32, channels=3)
