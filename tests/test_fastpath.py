@@ -372,7 +372,7 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
     assert (rows["fast-channels-last"]["_images"].int() - rows["fast"]["_images"].int()).abs().max() <= 1
 
 
-def test_the_cli_sets_precision_compile_and_skip_levels_in_the_injection_settings():
+def test_the_cli_sets_precision_compile_skip_levels_and_the_sample_share_in_the_injection_settings():
     from workers.cli import build_parser, flag_overrides
 
     def injection(*flags):
@@ -382,3 +382,4 @@ def test_the_cli_sets_precision_compile_and_skip_levels_in_the_injection_setting
     assert injection("--precision", "bf16", "--compile") == {"precision": "bf16", "compile": True}
     assert injection("--no-compile") == {"compile": False}
     assert injection("--skip-levels", "1") == {"skip_levels": 1}
+    assert injection("--synthetic-ratio", "0.3") == {"synthetic_ratio": 0.3}

@@ -317,6 +317,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--k", "100000"], "K=100000 is out of range"),
     (["--k", "0"], "K=0 is out of range"),
     (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
+    (["--synthetic-ratio", "0"], "synthetic-ratio 0.0 must be in (0, 10]"),
     (["--methods", "vanilla,magic"], "unknown method 'magic'"),
     (["--hard-share", "1.5"], "--hard-share 1.5 must be in [0, 1]"),
 ])

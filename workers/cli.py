@@ -75,7 +75,7 @@ NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
     "skip_levels": ("injection", "skip_levels"),
-    "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
+    "synthetic_ratio": ("injection", "synthetic_ratio"), "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
     "precision": ("injection", "precision"), "compile": ("injection", "compile"),
     "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
     "epochs": ("classifier", "epochs"),
@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
     r.add_argument("--skip-levels", type=int, default=None,
-                   help="also inject the skip connections of the N coarsest up blocks with the bottleneck h (default: 0)")
-    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: 30 %% of the training set)")
+                   help="also inject the skip connections of the N coarsest up blocks with the bottleneck h (default: 0; "
+                        "1 on the embedded corrupted_mnist)")
+    r.add_argument("--synthetic-ratio", type=float, default=None,
+                   help="synthetic samples as a share of the training set (default: 0.6)")
+    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (overrides --synthetic-ratio)")
     r.add_argument("--label-from", choices=["content", "style"], default=None)
     r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
                    help="the U-Net's calls in generation: fp32, bf16, or auto (the default preset's: bf16 on a CPU "
