@@ -122,8 +122,8 @@ def _section_types():
 
 
 PRESETS: dict[str, dict] = {
-    # the default: 10-step DDIM, 900 synthetic samples from misclassified contents (the measured best,
-    # benchmarks/results/experiments.md); on the embedded cmnist the corpus row, about 5 minutes on a 2-core CPU.
+    # the default: 10-step DDIM, synthetic samples 0.6 of the training set (InjectionConfig) from misclassified
+    # contents (the measured best, benchmarks/results/experiments.md); on the embedded cmnist the corpus row.
     # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
     # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were
     # The U-Net's calls in bf16 where the CPU has bf16 arithmetic ("auto"): 1.8x faster, the same results (3 seeds).
