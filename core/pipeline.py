@@ -460,7 +460,7 @@ class Run:
         """A ``skip_levels`` that a synthetic row's U-Net cannot take is refused now, read from the U-Net's config
         (or the one it will be trained with), not after mining and U-Net training."""
         for method in sources_of(run_methods(self.cfg)):
-            source = CORPUS_UNET if method == "diffinject-corpus" else self.unet_source()
+            source = self.row_unet_source(method)
             folder = None if source is None else unet_folder(source)
             if source is not None and folder is None:
                 continue  # a hub id: checked when the injection runs
@@ -515,7 +515,7 @@ class Run:
         corpus U-Net.
         """
         out = self.dir / SYNTHETIC_ROWS[method][0]
-        source = CORPUS_UNET if method == "diffinject-corpus" else self.unet_source()
+        source = self.row_unet_source(method)
         if source is not None:
             if not is_unet(out):
                 fetch_unet(source, out, self.ds.image_shape[0])
@@ -544,6 +544,11 @@ class Run:
             return shipped_unet(self.cfg)
         check_unet(self.cfg.unet, self.ds.image_shape[0])
         return Path(self.cfg.unet) if is_unet(self.cfg.unet) else self.cfg.unet
+
+    def row_unet_source(self, method: str) -> Path | str | None:
+        """The U-Net a synthetic row copies (:meth:`unet_source`; the corpus U-Net for ``diffinject-corpus``), or
+        None where the run trains it."""
+        return CORPUS_UNET if method == "diffinject-corpus" else self.unet_source()
 
     def unet_origin(self, method: str) -> str:
         if method == "diffinject-corpus":
