@@ -429,9 +429,7 @@ class Run:
         self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
-        if "diffinject" in sources_of(run_methods(cfg)):
-            self.unet_source()  # a given U-Net that cannot work is refused now, not after mining
-        self._check_skip_levels()
+        self._check_unets()
         self.timings: dict[str, float] = {}
         self._claim_folder()
 
@@ -456,9 +454,10 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         _save_json(path, self.cfg.to_dict())
 
-    def _check_skip_levels(self) -> None:
-        """A ``skip_levels`` that a synthetic row's U-Net cannot take is refused now, read from the U-Net's config
-        (or the one it will be trained with), not after mining and U-Net training."""
+    def _check_unets(self) -> None:
+        """A synthetic row's given U-Net that cannot work (:meth:`unet_source`), or a ``skip_levels`` it cannot take
+        (read from its config, or the settings it will be trained with), is refused now, not after mining and U-Net
+        training."""
         for method in sources_of(run_methods(self.cfg)):
             source = self.row_unet_source(method)
             folder = None if source is None else unet_folder(source)
