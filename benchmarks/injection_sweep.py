@@ -5,6 +5,7 @@ samples (bias labels pick the pool: an experiment instrument, not a method), 64 
     python benchmarks/injection_sweep.py --unet DIR --dataset corrupted_mnist --ratio 1  # any U-Net, benchmark
     python benchmarks/injection_sweep.py --checkpoint F  # raw weights of a training checkpoint.pt
     python benchmarks/injection_sweep.py --checkpoint F --ema  # its EMA weights
+    python benchmarks/injection_sweep.py --pairs 256 --skip-levels 1  # more pairs, h widened to the coarsest skips
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=1.0, help="its bias-conflict percent")
     p.add_argument("--settings", nargs="+", default=None, metavar="T_EDIT:GAMMA",
                    help=f"(t_edit, gamma) pairs to run (default: {' '.join(f'{t}:{g}' for t, g in SETTINGS)})")
+    p.add_argument("--pairs", type=int, default=64, help="content-style pairs per setting")
+    p.add_argument("--skip-levels", type=int, default=0, help="InjectionConfig.skip_levels for every setting")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     settings = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in args.settings] if args.settings else SETTINGS
@@ -49,13 +52,13 @@ def main() -> None:
     ds = load_dataset(args.dataset, args.ratio)
     tr, readers, scheduler = ds.train, Readers(ds), ddim_scheduler(args.unet)
     conflict = np.flatnonzero((tr.labels != tr.bias).numpy())
-    pairs = plan_pairs(tr.labels, conflict, 64, 0)
+    pairs = plan_pairs(tr.labels, conflict, args.pairs, 0)
     for t_edit, gamma in settings:
-        syn = inject(unet, scheduler, tr.images, tr.labels, pairs, InjectionConfig(gamma=gamma, t_edit=t_edit),
+        syn = inject(unet, scheduler, tr.images, tr.labels, pairs, InjectionConfig(gamma=gamma, t_edit=t_edit, skip_levels=args.skip_levels),
                      progress=False)
         report = injection_report(syn, tr.images, tr.labels, readers)
         style_digit = 100.0 * (readers.read_class(syn.images) == tr.labels[syn.style]).float().mean().item()
-        print(json.dumps({"t_edit": t_edit, "gamma": gamma, **{k: report[k] for k in REPORT_KEYS},
+        print(json.dumps({"t_edit": t_edit, "gamma": gamma, "skip_levels": args.skip_levels, **{k: report[k] for k in REPORT_KEYS},
                           "style_digit": round(style_digit, 2)}), flush=True)
 
 
