@@ -122,7 +122,7 @@ def _section_types():
 
 
 PRESETS: dict[str, dict] = {
-    # the default: 10-step DDIM, synthetic samples 0.6 of the training set (InjectionConfig) from misclassified
+    # the default: 10-step DDIM, as many synthetic samples as training images (InjectionConfig) from misclassified
     # contents (the measured best, benchmarks/results/experiments.md); on the embedded cmnist the corpus row.
     # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
     # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were

@@ -19,7 +19,7 @@ import torch
 
 from core.data import DataError, load_dataset, pct_name
 from core.diffusion import DiffusionConfig, train_diffusion
-from core.injection import PRECISION_CHOICES
+from core.injection import PRECISION_CHOICES, InjectionConfig
 from core.pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
 
 
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also inject the skip connections of the N coarsest up blocks with the bottleneck h (default: 0; "
                         "1 on the embedded corrupted_mnist)")
     r.add_argument("--synthetic-ratio", type=float, default=None,
-                   help="synthetic samples as a share of the training set (default: 0.6)")
+                   help="synthetic samples as a share of the training set "
+                        f"(default: {InjectionConfig.synthetic_ratio:g})")
     r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (overrides --synthetic-ratio)")
     r.add_argument("--label-from", choices=["content", "style"], default=None)
     r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
