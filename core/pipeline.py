@@ -74,11 +74,12 @@ def trained_by(run_dir: Path) -> str:
 # source -> (U-Net folder, synthetic folder) in the run.
 METHODS = tuple(registry.REGISTRY)
 SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("unet-corpus", "synthetic-corpus")}
-# A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the quick default
-# until the label-free row is within 3 points of it (issue 13; benchmarks/results/experiments.md): training a
-# label-free U-Net takes about 45 minutes on a 2-core CPU.
+# A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the default at the
+# ratios where the best label-free row is more than 3 points under it (issue 13): 11.8 and 9.7 at 0.5 and 1 %, 2.2
+# and 2.0 at 2 and 5 % (README, Results; benchmarks/results/debias_table.md at 3,000 samples).
 DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")  # the label-free rows, alone and on LfF
 DEFAULT_METHODS_CMNIST = ("vanilla", "lff", "diffinject-corpus", "oracle")
+LABEL_FREE_DEFAULT_RATIOS_CMNIST = (2.0, 5.0)
 
 
 class StageIncomplete(Exception):
@@ -98,7 +99,7 @@ class RunConfig:
     # the label-free row's U-Net: "shipped" (core/pretrained/<dataset>-<pct> where the project ships one for the
     # embedded data, else trained here), a U-Net folder, or None: train one on the training split
     unet: str | None = SHIPPED
-    methods: tuple[str, ...] | None = None  # None: DEFAULT_METHODS (DEFAULT_METHODS_CMNIST on the embedded cmnist)
+    methods: tuple[str, ...] | None = None  # None: run_methods, by dataset and ratio
     hparams: dict = field(default_factory=dict)  # method name -> its hyperparameters over the registry's defaults
     mining: MiningConfig = field(default_factory=MiningConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -275,10 +276,11 @@ def sources_of(methods) -> list[str]:
 
 
 def run_methods(cfg: RunConfig) -> tuple[str, ...]:
-    """The config's methods, or the default ones for its dataset."""
+    """The config's methods, or the default ones for its dataset and ratio."""
     if cfg.methods is not None:
         return cfg.methods
-    return DEFAULT_METHODS_CMNIST if _embedded_cmnist(cfg) else DEFAULT_METHODS
+    corpus_default = _embedded_cmnist(cfg) and cfg.ratio not in LABEL_FREE_DEFAULT_RATIOS_CMNIST
+    return DEFAULT_METHODS_CMNIST if corpus_default else DEFAULT_METHODS
 
 
 def shipped_unet(cfg: RunConfig) -> Path | None:

@@ -238,7 +238,11 @@ def test_default_methods_name_the_corpus_row_on_cmnist_only():
     from core.pipeline import run_methods
 
     assert run_methods(make_config()) == ("vanilla", "lff", "diffinject-corpus", "oracle")
+    assert run_methods(make_config(overrides={"ratio": 0.5})) == ("vanilla", "lff", "diffinject-corpus", "oracle")
     label_free = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")
+    # where the label-free row is measured within 3 points of the corpus row, it is the default there too
+    assert run_methods(make_config(overrides={"ratio": 2.0})) == label_free
+    assert run_methods(make_config(overrides={"ratio": 5.0})) == label_free
     assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == label_free
     assert run_methods(make_config(overrides={"data_root": "/data"})) == label_free
     # a U-Net the run trains itself takes the measured label-free route; tests' quick preset keeps uniform batches
