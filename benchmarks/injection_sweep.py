@@ -54,12 +54,12 @@ def main() -> None:
     conflict = np.flatnonzero((tr.labels != tr.bias).numpy())
     pairs = plan_pairs(tr.labels, conflict, args.pairs, 0)
     for t_edit, gamma in settings:
-        syn = inject(unet, scheduler, tr.images, tr.labels, pairs, InjectionConfig(gamma=gamma, t_edit=t_edit, skip_levels=args.skip_levels),
-                     progress=False)
+        cfg = InjectionConfig(gamma=gamma, t_edit=t_edit, skip_levels=args.skip_levels)
+        syn = inject(unet, scheduler, tr.images, tr.labels, pairs, cfg, progress=False)
         report = injection_report(syn, tr.images, tr.labels, readers)
         style_digit = 100.0 * (readers.read_class(syn.images) == tr.labels[syn.style]).float().mean().item()
-        print(json.dumps({"t_edit": t_edit, "gamma": gamma, "skip_levels": args.skip_levels, **{k: report[k] for k in REPORT_KEYS},
-                          "style_digit": round(style_digit, 2)}), flush=True)
+        print(json.dumps({"t_edit": t_edit, "gamma": gamma, "skip_levels": args.skip_levels,
+                          **{k: report[k] for k in REPORT_KEYS}, "style_digit": round(style_digit, 2)}), flush=True)
 
 
 if __name__ == "__main__":

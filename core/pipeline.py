@@ -124,7 +124,7 @@ def _section_types():
 
 PRESETS: dict[str, dict] = {
     # the default: 10-step DDIM, as many synthetic samples as training images (InjectionConfig) from misclassified
-    # contents (the measured best, benchmarks/results/experiments.md); on the embedded cmnist the corpus row.
+    # contents (the measured best, benchmarks/results/experiments.md); the corpus row at embedded cmnist's 0.5 and 1 %.
     # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
     # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were
     # The U-Net's calls in bf16 where the CPU has bf16 arithmetic ("auto"): 1.8x faster, the same results (3 seeds).
