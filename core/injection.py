@@ -86,8 +86,8 @@ class InjectionConfig:
     skip_levels: int = 0
     t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
     dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
-    # number of synthetic samples = ratio * |train| (the paper's: 0.1); 1.0 beat 0.6, and 0.6 beat 0.3, on the best
-    # label-free row's validation accuracy at every ratio of both embedded benchmarks
+    # number of synthetic samples = ratio * |train| (the paper's: 0.1); 1.0 raised or held the best label-free row at
+    # every ratio of both embedded benchmarks and on a folder benchmark, against 0.6 and 0.3 before it
     # (benchmarks/results/experiments.md, 2026-12-04 ninth session and 2026-12-05 tenth session) ...
     synthetic_ratio: float = 1.0
     num_samples: int | None = None  # ... unless given here
