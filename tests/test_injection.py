@@ -633,6 +633,21 @@ def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
     assert make_config("default", folder | {"injection": {"skip_levels": 1}}).injection.skip_levels == 1
 
 
+def test_the_default_preset_mines_the_embedded_corrupted_mnist_with_a_cnn_alone():
+    """The miner is the MLP with K = 10 everywhere but on the embedded Corrupted MNIST under the default preset (a
+    CNN with K = 5, measured there); the debiased classifiers keep the shared architecture, and a file still wins."""
+    from core.pipeline import make_config
+
+    corrupted = make_config("default", {"dataset": "corrupted_mnist"})
+    assert (corrupted.mining.k, corrupted.mining.classifier.arch) == (5, "cnn")
+    assert corrupted.mining.classifier.epochs == 50 and corrupted.classifier.arch == "auto"  # merged key by key
+    for cfg in (make_config(), make_config("default", {"dataset": "cifar10c", "data_root": "/data"}),
+                make_config("paper", {"dataset": "corrupted_mnist"})):
+        assert (cfg.mining.k, cfg.mining.classifier.arch) == (10, "auto")
+    mlp = make_config("default", {"dataset": "corrupted_mnist", "mining": {"classifier": {"arch": "mlp"}}})
+    assert (mlp.mining.k, mlp.mining.classifier.arch) == (5, "mlp")
+
+
 def test_injection_with_skip_levels_records_the_wider_h_and_moves_the_samples(tiny_unet):
     """The whole stage at ``skip_levels`` 1: contents recorded with their skips, a different result from the
     bottleneck alone, and reproducible."""

@@ -151,6 +151,20 @@ def test_lff_biased_model_can_learn_from_the_real_samples_alone():
     assert torch.equal(registry.get("lff+diffinject").biased_loss(logits, y, from_extra, 0.7), gce_loss(logits, y, 0.7))
 
 
+def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, monkeypatch):
+    """biased_arch: LfF builds its biased model with that architecture and its debiased model with the shared one."""
+    import core.methods.lff as lff
+    from core.pipeline import fit_method
+
+    built = []
+    monkeypatch.setattr(lff, "build_classifier", lambda cfg, *a: built.append(cfg.arch) or build_classifier(cfg, *a))
+    train, valid = planted(32), planted(16, seed=1)
+    cfg = ClassifierConfig(arch="mlp", epochs=1, batch_size=32)
+    for params in ({"biased_arch": "cnn"}, None):
+        fit_method(registry.get("lff", params), train, None, valid, 2, cfg, 0, progress=False)
+    assert built == ["cnn", "mlp", "mlp", "mlp"]  # (biased, debiased) with the setting, then without it
+
+
 def test_registry_names_every_method_once_with_defaults_in_one_place():
     assert list(registry.REGISTRY)[:4] == ["vanilla", "lff", "jtt", "disent"]
     for name, cls in registry.REGISTRY.items():

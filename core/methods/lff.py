@@ -4,7 +4,7 @@ W = L_b / (L_b + L_d), from per-sample loss averages normalised by their class m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ class LfFParams:
     ema_alpha: float = 0.7  # the loss averages' decay (reference: 0.7)
     cap_extra_weight: bool = False  # extra (synthetic) samples hold at most their share of a batch's weight
     biased_on_real_only: bool = False  # the biased model learns from the real samples only, not the extra ones
+    # the biased model's architecture ("mlp", "cnn", ...) where it should differ from the debiased model's (None: the
+    # same); DiffInject's mining can take a CNN on Corrupted MNIST, so LfF is measured with one too
+    biased_arch: str | None = None
 
 
 class LfF(Method):
@@ -27,7 +30,8 @@ class LfF(Method):
             checkpoint=None) -> Trained:
         torch.manual_seed(seed)
         shape = tuple(train.images.shape[1:])
-        model_b = build_classifier(cfg, shape, num_classes).to(device)
+        cfg_b = cfg if self.params.biased_arch is None else replace(cfg, arch=self.params.biased_arch)
+        model_b = build_classifier(cfg_b, shape, num_classes).to(device)
         model_d = build_classifier(cfg, shape, num_classes).to(device)
         opt_b = torch.optim.Adam(model_b.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt_d = torch.optim.Adam(model_d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
