@@ -179,9 +179,10 @@ def read_settings(path: str | Path, what: str = "config") -> dict:
 # block's skips (skip_levels 1) made Corrupted MNIST's classifiers 1-6 points better at every ratio; on Colored MNIST
 # the coarse skips carry the colour and the classifiers lost 2.5-3.6 points at 0.5-1 %, and a background-colour
 # folder benchmark came out level, so every other dataset keeps h at the middle block (the paper's h-space).
-# The miner there is the small CNN with K = 5 (2026-12-05, eleventh session): the MLP reads few of the ten textures,
-# so its mistakes were mostly illegible bias-aligned digits (mining precision 34 %, recall 47 % at 1 %); the CNN
-# fails nearly every conflict (precision 65-86 %, recall 67-93 %) and the classifiers gained 3-4 points.
+# The miner there is the small CNN with K = 5 (2026-12-05, eleventh session): the MLP learns few of the ten textures,
+# so its mistakes were mostly illegible bias-aligned digits (mining precision 19 / 34 / 54 / 66 % at 0.5 / 1 / 2 / 5 %);
+# the CNN's are mostly the conflicts (40 / 71 / 85 / 100 %), and the best label-free row gained 5.0 / 2.9 / 4.1 points
+# at 0.5-2 % and held at 5 % (+0.3).
 EMBEDDED_DEFAULTS: dict[str, dict] = {
     "corrupted_mnist": {"injection": {"skip_levels": 1}, "mining": {"k": 5, "classifier": {"arch": "cnn"}}},
 }
