@@ -82,6 +82,9 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
+ARCHS = ("mlp", "cnn", "resnet18", "auto")
+
+
 def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     c, h, w = image_shape
     arch = cfg.arch if cfg.arch != "auto" else ("mlp" if h <= 32 else "resnet18")
@@ -91,7 +94,7 @@ def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], n
         return SmallCNN(c, num_classes)
     if arch == "resnet18":
         return ResNet18(c, num_classes)
-    raise ValueError(f"unknown classifier arch {cfg.arch!r} (mlp, cnn, resnet18, auto)")
+    raise ValueError(f"unknown classifier arch {cfg.arch!r} ({', '.join(ARCHS)})")
 
 
 def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7, reduction: str = "mean") -> torch.Tensor:

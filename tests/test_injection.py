@@ -635,7 +635,8 @@ def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
 
 def test_the_default_preset_mines_the_embedded_corrupted_mnist_with_a_cnn_alone():
     """The miner is the MLP with K = 10 everywhere but on the embedded Corrupted MNIST under the default preset (a
-    CNN with K = 5, measured there); the debiased classifiers keep the shared architecture, and a file still wins."""
+    CNN with K = 5, measured there, and LfF's biased model the same CNN); the debiased classifiers keep the shared
+    architecture, and a file still wins."""
     from core.pipeline import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
@@ -646,6 +647,10 @@ def test_the_default_preset_mines_the_embedded_corrupted_mnist_with_a_cnn_alone(
         assert (cfg.mining.k, cfg.mining.classifier.arch) == (10, "auto")
     mlp = make_config("default", {"dataset": "corrupted_mnist", "mining": {"classifier": {"arch": "mlp"}}})
     assert (mlp.mining.k, mlp.mining.classifier.arch) == (5, "mlp")
+    assert corrupted.hparams == {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}  # LfF's too
+    assert make_config().hparams == {}
+    own = make_config("default", {"dataset": "corrupted_mnist", "hparams": {"lff": {"ema_alpha": 0.5}}})
+    assert own.hparams["lff"] == {"biased_arch": "cnn", "ema_alpha": 0.5}  # a file's hyperparameters merge in
 
 
 def test_injection_with_skip_levels_records_the_wider_h_and_moves_the_samples(tiny_unet):

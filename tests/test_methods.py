@@ -163,6 +163,11 @@ def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, mon
     for params in ({"biased_arch": "cnn"}, None):
         fit_method(registry.get("lff", params), train, None, valid, 2, cfg, 0, progress=False)
     assert built == ["cnn", "mlp", "mlp", "mlp"]  # (biased, debiased) with the setting, then without it
+    for name in ("lff", "lff+diffinject"):
+        with pytest.raises(ValueError, match="biased_arch 'vit' must be one of mlp, cnn, resnet18, auto"):
+            registry.get(name, {"biased_arch": "vit"})
+    with pytest.raises(ValueError, match="vetted_by must name"):  # the combination keeps its own check too
+        registry.get("lff+diffinject", {"vetted_by": "nothing"})
 
 
 def test_registry_names_every_method_once_with_defaults_in_one_place():

@@ -50,6 +50,10 @@ class LfFDiffInjectParams(LfFParams, SyntheticParams):
     # points at 5 % on Colored / Corrupted MNIST, level at 0.5-1 % (benchmarks/results/experiments.md, 2026-12-03)
     cap_extra_weight: bool = True
 
+    def __post_init__(self):  # both checks (the MRO would run LfF's alone)
+        LfFParams.__post_init__(self)
+        SyntheticParams.__post_init__(self)
+
 
 class LfFDiffInject(LfF):
     name, label, extra, Params = "lff+diffinject", "LfF + DiffInject (label-free)", "diffinject", LfFDiffInjectParams

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..classifier import as_float, build_classifier, gce_loss, train_loop
+from ..classifier import ARCHS, as_float, build_classifier, gce_loss, train_loop
 from .base import LossEMA, Method, Trained, difficulty_weights
 
 
@@ -21,6 +21,10 @@ class LfFParams:
     # the biased model's architecture ("mlp", "cnn", ...) where it should differ from the debiased model's (None: the
     # same); DiffInject's mining can take a CNN on Corrupted MNIST, so LfF is measured with one too
     biased_arch: str | None = None
+
+    def __post_init__(self):  # refused when the run is configured, before any stage
+        if self.biased_arch is not None and self.biased_arch not in ARCHS:
+            raise ValueError(f"biased_arch {self.biased_arch!r} must be one of {', '.join(ARCHS)}")
 
 
 class LfF(Method):
