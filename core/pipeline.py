@@ -181,9 +181,9 @@ def read_settings(path: str | Path, what: str = "config") -> dict:
 # folder benchmark came out level, so every other dataset keeps h at the middle block (the paper's h-space).
 # The miner there is the small CNN with K = 5 (2026-12-05, eleventh session): the MLP learns few of the ten textures,
 # so its mistakes were mostly illegible bias-aligned digits (mining precision 19 / 34 / 54 / 66 % at 0.5 / 1 / 2 / 5 %);
-# the CNN's are mostly the conflicts (40 / 71 / 85 / 100 %), and the best label-free row gained 5.0 / 2.9 / 4.1 points
-# at 0.5-2 % and held at 5 % (+0.3). LfF's biased model is the same CNN there, alone and under DiffInject: the
-# strongest peer (LfF 44.0 / 63.7 at 1 / 5 % against 38.7 / 56.5 with its MLP) and a better combination.
+# the CNN's are mostly the conflicts (40 / 71 / 85 / 100 %), and that alone gave the best label-free row +5.0 / +2.9 /
+# +4.1 / +0.3. LfF's biased model is the same CNN there, alone and under DiffInject: the strongest peer (LfF 36.0 /
+# 44.0 / 57.6 / 63.7 against 33.3 / 38.7 / 48.1 / 56.5 with its MLP) and a better combination (+2.0 to +4.9).
 EMBEDDED_DEFAULTS: dict[str, dict] = {
     "corrupted_mnist": {"injection": {"skip_levels": 1}, "mining": {"k": 5, "classifier": {"arch": "cnn"}},
                         "hparams": {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}},
