@@ -85,9 +85,14 @@ class ResNet18(nn.Module):
 ARCHS = ("mlp", "cnn", "resnet18", "auto")
 
 
+def resolve_arch(arch: str, image_size: int) -> str:
+    """The architecture ``arch`` names at this image size ("auto": the MLP up to 32 px, else ResNet-18)."""
+    return arch if arch != "auto" else ("mlp" if image_size <= 32 else "resnet18")
+
+
 def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     c, h, w = image_shape
-    arch = cfg.arch if cfg.arch != "auto" else ("mlp" if h <= 32 else "resnet18")
+    arch = resolve_arch(cfg.arch, h)
     if arch == "mlp":
         return MLP(c * h * w, num_classes)
     if arch == "cnn":

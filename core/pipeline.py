@@ -49,7 +49,7 @@ import torch
 from . import diagnostics
 from . import methods as registry
 from .classifier import (ClassifierConfig, accuracy, group_metrics, load_classifier, load_saved, predict,
-                         save_atomic)
+                         resolve_arch, save_atomic)
 from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
                         num_parameters, train_diffusion, unet_folder)
@@ -532,10 +532,12 @@ class Run:
         if is_trained(out) and json.loads((out / "train.json").read_text())["steps"] >= self.cfg.diffusion.steps:
             return out
         weights = None
-        if self.cfg.diffusion.hard_share > 0:  # the biased model's difficulty: task labels only
-            weights = difficulty(self.biased(), self.ds.train.images, self.ds.train.labels, self.device)
         about = {"dataset": self.ds.name, "ratio": pct_name(self.cfg.ratio), "split": "train",
                  "hard_share": self.cfg.diffusion.hard_share, "bias_knowledge": False}
+        if self.cfg.diffusion.hard_share > 0:  # the biased model's difficulty: task labels only
+            weights = difficulty(self.biased(), self.ds.train.images, self.ds.train.labels, self.device)
+            # which biased model drew the hard half: it decides what the U-Net oversamples (experiments.md, 12th)
+            about["hard_by"] = resolve_arch(self.cfg.mining.classifier.arch, self.ds.image_shape[1])
         result = self._timed("diffusion", lambda: train_diffusion(
             self.ds.train.images, self.cfg.diffusion, out, self.cfg.seed, self.device, self.progress,
             max_seconds=self.max_diffusion_seconds, sample_weights=weights, about=about))

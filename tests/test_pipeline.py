@@ -155,6 +155,8 @@ def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
     weights = lambda d: (d / "unet/diffusion_pytorch_model.safetensors").read_bytes()  # noqa: E731
     assert weights(one) == weights(other)
     assert weights(one) != weights(folder)  # the weighting changes what the U-Net learns
+    # train.json says which biased model drew the hard half (the quick preset's: "auto", the MLP at 28 px)
+    assert json.loads((one / "unet/train.json").read_text())["data"]["hard_by"] == "mlp"
     a = torch.load(one / "synthetic/samples.pt", weights_only=True)
     b = torch.load(other / "synthetic/samples.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
