@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+ARCHS = ("mlp", "cnn", "resnet18", "auto")
+
+
+def check_arch(arch: str, what: str = "classifier arch") -> None:
+    """Refuse an architecture name :func:`build_classifier` does not know, naming the setting (``what``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"{what} {arch!r} must be one of {', '.join(ARCHS)}")
+
+
 @dataclass
 class ClassifierConfig:
     arch: str = "auto"  # "mlp" (LfF's Colored MNIST MLP), "cnn" (a small CNN), "resnet18", or "auto": mlp up to 32 px
@@ -21,6 +30,9 @@ class ClassifierConfig:
     batch_size: int = 256
     weight_decay: float = 0.0
     gce_q: float = 0.7
+
+    def __post_init__(self):  # refused when the run is configured, not when a stage first builds the model
+        check_arch(self.arch)
 
 
 class MLP(nn.Module):
@@ -82,9 +94,6 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-ARCHS = ("mlp", "cnn", "resnet18", "auto")
-
-
 def resolve_arch(arch: str, image_size: int) -> str:
     """The architecture ``arch`` names at this image size ("auto": the MLP up to 32 px, else ResNet-18)."""
     return arch if arch != "auto" else ("mlp" if image_size <= 32 else "resnet18")
@@ -99,7 +108,7 @@ def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], n
         return SmallCNN(c, num_classes)
     if arch == "resnet18":
         return ResNet18(c, num_classes)
-    raise ValueError(f"unknown classifier arch {cfg.arch!r} ({', '.join(ARCHS)})")
+    raise AssertionError(arch)  # ClassifierConfig checked the name
 
 
 def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7, reduction: str = "mean") -> torch.Tensor:

@@ -168,6 +168,11 @@ def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, mon
             registry.get(name, {"biased_arch": "vit"})
     with pytest.raises(ValueError, match="vetted_by must name"):  # the combination keeps its own check too
         registry.get("lff+diffinject", {"vetted_by": "nothing"})
+    from core.pipeline import make_config  # the miner's and the classifiers' arch: refused when configured too
+
+    for section in ({"mining": {"classifier": {"arch": "vit"}}}, {"classifier": {"arch": "vit"}}):
+        with pytest.raises(ValueError, match="classifier arch 'vit' must be one of mlp, cnn, resnet18, auto"):
+            make_config("default", section)
 
 
 def test_registry_names_every_method_once_with_defaults_in_one_place():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..classifier import ARCHS, as_float, build_classifier, gce_loss, train_loop
+from ..classifier import as_float, build_classifier, check_arch, gce_loss, train_loop
 from .base import LossEMA, Method, Trained, difficulty_weights
 
 
@@ -23,8 +23,8 @@ class LfFParams:
     biased_arch: str | None = None
 
     def __post_init__(self):  # refused when the run is configured, before any stage
-        if self.biased_arch is not None and self.biased_arch not in ARCHS:
-            raise ValueError(f"biased_arch {self.biased_arch!r} must be one of {', '.join(ARCHS)}")
+        if self.biased_arch is not None:
+            check_arch(self.biased_arch, "biased_arch")
 
 
 class LfF(Method):
