@@ -5,6 +5,12 @@ it still gets wrong (highest plain cross entropy) are, mostly, the bias-conflict
 highest-loss samples of each class. With ``misclassified_only`` we keep, of those, only the ones the biased model
 also predicts wrongly (a class with none keeps its single highest-loss sample): a sample the shortcut gets right
 is bias-aligned, whatever its loss (benchmarks/results/experiments.md measured precision and the effect).
+
+``min_loss`` keeps, further, only the samples whose loss exceeds it, i.e. to whose own label the biased model gives
+less than ``exp(-min_loss)``. A strongly biased model is all but certain of the class its shortcut points at on a
+true conflict, while its mistakes on bias-aligned digits (illegible ones, mostly) are hesitant; where conflicts are
+rare (0.5 %) those hesitant mistakes were most of the mined set. A class with no sample past the threshold then
+gives no content: its samples would be no conflicts. Only if no class has one does every class keep its top one.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ from .classifier import ClassifierConfig, gce_loss, predict, train_classifier
 class MiningConfig:
     k: int = 10  # samples kept per class (reference default)
     misclassified_only: bool = True  # of the top k, keep those the biased model predicts wrongly (paper: False)
+    min_loss: float = 0.0  # of those, keep the ones whose CE exceeds this (0: off; see the module docstring)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # the biased model
 
     def __post_init__(self):
         if isinstance(self.classifier, dict):  # from YAML / config.json
             self.classifier = ClassifierConfig(**self.classifier)
+        if self.min_loss < 0:
+            raise ValueError(f"mining.min_loss must be >= 0 (a cross entropy), got {self.min_loss}")
+
+    @property
+    def filters(self) -> dict:
+        """The keyword arguments :func:`mine` takes from this config (every caller mines as its run does)."""
+        return {"misclassified_only": self.misclassified_only, "min_loss": self.min_loss}
 
 
 @dataclass
@@ -55,21 +69,27 @@ def top_k_per_class(losses: np.ndarray, labels: np.ndarray, k: int) -> np.ndarra
     return np.concatenate(picked)
 
 
-def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: bool) -> Mined:
+def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: bool, min_loss: float) -> Mined:
     """Score every training sample by plain CE under the biased ``model`` and keep the top ``k`` per class.
 
-    ``misclassified_only`` (no default here: callers pass their ``MiningConfig``'s) keeps, of each class's top
-    ``k``, those the model predicts as another class; a class with none of them keeps its top one, so every class
-    still has a content. Reads task labels only.
+    ``misclassified_only`` and ``min_loss`` (no defaults here: callers pass their ``MiningConfig.filters``) keep, of
+    each class's top ``k``, those the model predicts as another class, and those whose CE exceeds ``min_loss``.
+    Without ``min_loss`` a class with none of them keeps its top one, so every class still has a content; with it,
+    such a class gives none (unless none has any). Reads task labels only.
     """
     logits = predict(model, images, device=device)
     losses = F.cross_entropy(logits, labels, reduction="none").numpy()
     y = labels.numpy()
     picked = top_k_per_class(losses, y, k)
+    passes = losses > min_loss
     if misclassified_only:
-        wrong = (logits.argmax(1) != labels).numpy()
+        passes &= (logits.argmax(1) != labels).numpy()
+    if misclassified_only or min_loss > 0:
         groups = [picked[y[picked] == c] for c in np.unique(y)]  # each class's top k, highest loss first
-        picked = np.concatenate([g[wrong[g]] if wrong[g].any() else g[:1] for g in groups])
+        kept = [g[passes[g]] for g in groups]
+        if min_loss == 0 or not any(len(g) for g in kept):
+            kept = [g if len(g) else group[:1] for g, group in zip(kept, groups)]
+        picked = np.concatenate(kept)
     return Mined(picked, losses)
 
 

@@ -224,7 +224,7 @@ def _save_json(path: Path, obj) -> None:
 
 # Settings added after run folders existed whose default is not what such a folder was made with: a folder's
 # config.json without them is read at these values (any other missing setting reads at its default).
-BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False}}
+BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False, "min_loss": 0.0}}
 # The same for a method's hyperparameters in a finished classifier's record (classifiers/<method>.json).
 PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_on_real_only": False}
 
@@ -507,7 +507,7 @@ class Run:
             return np.array(json.loads(path.read_text())["indices"])
         tr = self.ds.train
         result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k,
-                      misclassified_only=self.cfg.mining.misclassified_only)
+                      **self.cfg.mining.filters)
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
         rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")

@@ -184,7 +184,7 @@ class InjectorDeployment:
         run = self.runs[name]
         tr = run.ds.train
         return mine(run.biased(), tr.images, tr.labels, k,
-                    misclassified_only=run.cfg.mining.misclassified_only).indices.tolist()
+                    **run.cfg.mining.filters).indices.tolist()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def generate(self, jobs: list[dict]) -> list[dict]:

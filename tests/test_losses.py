@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from core.classifier import gce_loss, group_metrics
 from core.diffusion import DiffusionConfig, _step_generator, build_unet, ddpm_scheduler, p2_weights, train_diffusion
-from core.mining import mine, mining_quality, top_k_per_class
+from core.mining import MiningConfig, mine, mining_quality, top_k_per_class
 
 # ---------------------------------------------------------------------------------------------------------
 # P2 weighting
@@ -172,13 +172,39 @@ def test_mine_misclassified_only_keeps_the_wrongly_predicted_of_each_top_k():
     images = torch.arange(10, dtype=torch.uint8)[:, None, None, None]
     model = _FixedLogits(logits)
 
-    top = mine(model, images, labels, k=3, misclassified_only=False).indices
+    top = mine(model, images, labels, k=3, misclassified_only=False, min_loss=0.0).indices
     assert top.tolist() == [0, 2, 1, 5, 6, 4, 7, 8, 9]  # plain top 3 per class, highest loss first
-    kept = mine(model, images, labels, k=3, misclassified_only=True).indices
+    kept = mine(model, images, labels, k=3, misclassified_only=True, min_loss=0.0).indices
     # class 0: its two wrong ones; class 1: none wrong, so its single highest-loss sample; class 2: the wrong one
     assert kept.tolist() == [0, 2, 5, 7]
     # only what the top k held: with k = 1, class 0 keeps sample 0 alone
-    assert mine(model, images, labels, k=1, misclassified_only=True).indices.tolist() == [0, 5, 7]
+    assert mine(model, images, labels, k=1, misclassified_only=True, min_loss=0.0).indices.tolist() == [0, 5, 7]
+
+
+def test_mine_min_loss_keeps_only_confident_mistakes_and_drops_classes_without_one():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    logits = torch.zeros(7, 3)
+    # class 0: sample 0 all but certain of class 1 (CE about 8), sample 1 a hesitant mistake (CE about 1), sample 2 right
+    logits[0, 1], logits[1, 2], logits[1, 0], logits[2, 0] = 8.0, 1.0, 0.7, 3.0
+    logits[3, 0], logits[4, 1] = 2.0, 4.0  # class 1: sample 3 a hesitant mistake only
+    logits[5, 0], logits[6, 2] = 9.0, 5.0  # class 2: sample 5 a confident mistake
+    images = torch.arange(7, dtype=torch.uint8)[:, None, None, None]
+    model = _FixedLogits(logits)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    assert losses[0] > 4 and losses[5] > 4 and losses[1] < 4 and losses[3] < 4
+
+    assert mine(model, images, labels, k=2, misclassified_only=True, min_loss=0.0).indices.tolist() == [0, 1, 3, 5]
+    # past 4 nats: class 0 keeps its confident mistake, class 1 has none and gives no content (not its top one)
+    assert mine(model, images, labels, k=2, misclassified_only=True, min_loss=4.0).indices.tolist() == [0, 5]
+    # the threshold also filters the plain top k
+    assert mine(model, images, labels, k=2, misclassified_only=False, min_loss=4.0).indices.tolist() == [0, 5]
+    # a threshold no sample passes falls back to every class's top one, as misclassified_only does
+    assert mine(model, images, labels, k=2, misclassified_only=True, min_loss=50.0).indices.tolist() == [0, 3, 5]
+
+
+def test_min_loss_below_zero_is_refused():
+    with pytest.raises(ValueError, match="min_loss"):
+        MiningConfig(min_loss=-1.0)
 
 
 def test_mining_quality_by_hand():

@@ -128,7 +128,7 @@ def test_inject_mines_when_no_conflict_indices_and_honours_style_pool(url, quick
 
     tr = quick_run.ds.train
     mined = set(mine(quick_run.biased(), tr.images, tr.labels, 2,
-                     misclassified_only=quick_run.cfg.mining.misclassified_only).indices.tolist())
+                     **quick_run.cfg.mining.filters).indices.tolist())
     styles = [int(i) for i in np.flatnonzero(tr.labels.numpy() < 5)[:40]]
     r = _post(url, {"dataset": quick_run.dir.name, "k": 2, "num_samples": 6, "steps": STEPS, "style_indices": styles})
     assert r.status_code == 200, r.text

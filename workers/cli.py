@@ -73,6 +73,7 @@ def cmd_train_diffusion(args) -> int:
 TOP_FLAGS = ("dataset", "data_root", "ratio", "seed", "data_seed", "image_size", "methods", "unet")
 NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
+    "min_loss": ("mining", "min_loss"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
     "skip_levels": ("injection", "skip_levels"), "synthetic_ratio": ("injection", "synthetic_ratio"),
     "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int, default=None, help="mined samples per class")
     r.add_argument("--misclassified-only", action=argparse.BooleanOptionalAction, default=None,
                    help="of the top K, keep those the biased model misclassifies (default: on)")
+    r.add_argument("--min-loss", type=float, default=None,
+                   help="of those, keep the ones whose CE under the biased model exceeds this (default: 0, off)")
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")

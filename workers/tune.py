@@ -131,7 +131,7 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     biased = load_classifier(base / "biased" / "model.pt", cfg.mining.classifier, tuple(train.images.shape[1:]),
                              num_classes)
     pool = mine(biased, train.images, train.labels, k, DEVICE,
-                misclassified_only=cfg.mining.misclassified_only).indices
+                **cfg.mining.filters).indices
     syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
     learner = registry.get(method, cfg.hparams.get(method))
     # with vetted_by, the base run trained the vetting classifier on the real split (cmd_tune)
