@@ -35,6 +35,7 @@ reported as its own row, like the oracle, never as the method. Any learner combi
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import shutil
@@ -303,12 +304,26 @@ def bias_knowledge_phrase(knows: bool | None) -> str:
             None: "not recorded whether it used knowledge of the bias"}[knows]
 
 
+def weights_digest(folder: Path) -> str | None:
+    """The first 16 hex digits of the SHA-256 of a U-Net folder's weights file (None where it has none): a path
+    names whichever model is there now, so a table that outlives a replaced model names it by this."""
+    files = sorted(Path(folder).glob("diffusion_pytorch_model*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def describe_unet(folder: Path, origin: str) -> dict:
-    """Where a row's U-Net came from and what it learnt from (its ``train.json``): the tables' ``unet_sources``."""
+    """Where a row's U-Net came from, what it learnt from (its ``train.json``) and which weights it is
+    (:func:`weights_digest`): the tables' ``unet_sources``."""
     train = json.loads((Path(folder) / "train.json").read_text()) if (Path(folder) / "train.json").exists() else {}
     data = train.get("data", {})
     return {"origin": origin, "data": data, "steps": train.get("steps"),
-            "bias_knowledge": data.get("bias_knowledge")}  # None: not recorded (a U-Net from elsewhere)
+            "bias_knowledge": data.get("bias_knowledge"),  # None: not recorded (a U-Net from elsewhere)
+            "weights_sha256": weights_digest(folder)}
 
 
 def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tensor, pairs, cfg: InjectionConfig,

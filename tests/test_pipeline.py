@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import subprocess
 import sys
@@ -70,9 +71,11 @@ def test_quick_run_metrics_are_sane(quick_run):
     report = (folder / "report.md").read_text()
     assert "| Vanilla |" in report and "| LfF |" in report and "| DiffInject (label-free) |" in report
     # the row says what its U-Net learnt from
+    weights = hashlib.sha256((folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     assert metrics["unet_sources"] == {"diffinject": {
         "origin": "trained in this run on the training split", "steps": 30, "bias_knowledge": False,
-        "data": {"dataset": "cmnist", "ratio": "1pct", "split": "train", "hard_share": 0.0, "bias_knowledge": False}}}
+        "data": {"dataset": "cmnist", "ratio": "1pct", "split": "train", "hard_share": 0.0, "bias_knowledge": False},
+        "weights_sha256": weights[:16]}}  # which model, whatever later lies at its path
     assert "U-Net trained in this run on the training split; no knowledge of the bias" in report
 
 
