@@ -184,7 +184,7 @@ def test_mine_misclassified_only_keeps_the_wrongly_predicted_of_each_top_k():
 def test_mine_min_loss_keeps_only_confident_mistakes_and_drops_classes_without_one():
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     logits = torch.zeros(7, 3)
-    # class 0: sample 0 all but certain of class 1 (CE about 8), sample 1 a hesitant mistake (CE about 1), sample 2 right
+    # class 0: sample 0 all but certain of class 1 (CE about 8), sample 1 a hesitant mistake (CE about 1)
     logits[0, 1], logits[1, 2], logits[1, 0], logits[2, 0] = 8.0, 1.0, 0.7, 3.0
     logits[3, 0], logits[4, 1] = 2.0, 4.0  # class 1: sample 3 a hesitant mistake only
     logits[5, 0], logits[6, 2] = 9.0, 5.0  # class 2: sample 5 a confident mistake
