@@ -633,18 +633,22 @@ def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
     assert make_config("default", folder | {"injection": {"skip_levels": 1}}).injection.skip_levels == 1
 
 
-def test_the_default_preset_mines_the_embedded_corrupted_mnist_with_a_cnn_alone():
-    """The miner is the MLP with K = 10 everywhere but on the embedded Corrupted MNIST under the default preset (a
-    CNN with K = 5, measured there, and LfF's biased model the same CNN); the debiased classifiers keep the shared
-    architecture, and a file still wins."""
+def test_the_default_preset_mines_the_embedded_benchmarks_with_a_cnn_alone():
+    """The miner is the MLP with K = 10 everywhere but on the embedded benchmarks under the default preset (a CNN with
+    K = 5, measured there; on Colored MNIST only its confident mistakes, and on Corrupted MNIST LfF's biased model
+    the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
     from core.pipeline import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
-    assert (corrupted.mining.k, corrupted.mining.classifier.arch) == (5, "cnn")
+    assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 0.0)
     assert corrupted.mining.classifier.epochs == 50 and corrupted.classifier.arch == "auto"  # merged key by key
-    for cfg in (make_config(), make_config("default", {"dataset": "cifar10c", "data_root": "/data"}),
+    coloured = make_config()
+    assert (coloured.mining.k, coloured.mining.classifier.arch, coloured.mining.min_loss) == (5, "cnn", 4.0)
+    assert make_config("default", {"mining": {"min_loss": 0.0}}).mining.min_loss == 0.0  # a flag or file wins
+    for cfg in (make_config("default", {"dataset": "cifar10c", "data_root": "/data"}),
+                make_config("default", {"data_root": "/data"}), make_config("paper"),
                 make_config("paper", {"dataset": "corrupted_mnist"})):
-        assert (cfg.mining.k, cfg.mining.classifier.arch) == (10, "auto")
+        assert (cfg.mining.k, cfg.mining.classifier.arch, cfg.mining.min_loss) == (10, "auto", 0.0)
     mlp = make_config("default", {"dataset": "corrupted_mnist", "mining": {"classifier": {"arch": "mlp"}}})
     assert (mlp.mining.k, mlp.mining.classifier.arch) == (5, "mlp")
     assert corrupted.hparams == {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}  # LfF's too
