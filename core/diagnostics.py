@@ -102,11 +102,14 @@ def biased_disagreement(biased_model, images: torch.Tensor, labels: torch.Tensor
     return round(100.0 * (predict(biased_model, images).argmax(1) != labels).float().mean().item(), 2)
 
 
-def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.Tensor, readers: Readers) -> dict:
+def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.Tensor, readers: Readers,
+                     train_bias: torch.Tensor | None = None) -> dict:
     """Shares (percent) of synthetic samples by what the readers see. Evaluation only.
 
     "colour" in the keys is the benchmark's bias attribute (``bias_attribute``: colour or corruption); the keys
-    keep their Colored MNIST names so every results file reads the same.
+    keep their Colored MNIST names so every results file reads the same. With the hidden ``train_bias``,
+    ``by_content`` splits the samples by whether their content is a true bias conflict or an aligned sample the
+    miner took: the two fail for different reasons (the U-Net's fidelity, the miner's precision).
     """
     digit = readers.read_class(synthetic.images)
     colour = readers.read_bias(synthetic.images)
@@ -115,7 +118,8 @@ def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.
     s_colour = readers.read_bias(train_images[synthetic.style])
     content_digit, style_colour = digit == c_label, colour == s_colour
     pct = lambda m: round(100.0 * m.float().mean().item(), 2)  # noqa: E731
-    return {
+    target = content_digit & (colour != c_label)
+    report = {
         "samples": int(len(digit)),
         "bias_attribute": readers.bias_attribute,
         "content_digit": pct(content_digit),
@@ -124,10 +128,19 @@ def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.
         "reverse": pct((digit == s_label) & (colour == c_colour)),
         "neither": pct(~content_digit & ~style_colour),
         # the target of "Make injection pay": the content's class with a bias other than its class's own
-        "content_digit_other_colour": pct(content_digit & (colour != c_label)),
+        "content_digit_other_colour": pct(target),
         "shape_reader_test_accuracy": readers.class_accuracy,
         "colour_reader_test_accuracy": readers.bias_accuracy,
     }
+    if train_bias is not None:
+        report["by_content"] = {}
+        conflict = train_bias[synthetic.content] != c_label
+        for name, chosen in (("conflict", conflict), ("aligned", ~conflict)):
+            part = {"share": pct(chosen)}
+            if chosen.any():  # a miner of perfect precision leaves no aligned contents
+                part |= {"content_digit": pct(content_digit[chosen]), "content_digit_other_colour": pct(target[chosen])}
+            report["by_content"][name] = part
+    return report
 
 
 def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 3, pad: int = 2) -> None:

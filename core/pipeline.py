@@ -620,7 +620,7 @@ class Run:
                 "compile": cfg.compile,
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.readers is not None:
-            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers)
+            info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers, tr.bias)
         _save_json(folder / "injection.json", info)
         syn.save(path)  # last: its existence marks the stage done
         shutil.rmtree(folder / "shards", ignore_errors=True)
@@ -687,7 +687,7 @@ class Run:
         info = {"by": method.params.vetted_by, "kept": len(kept.labels), "of": len(syn.labels)}
         if self.readers is not None and len(kept.labels):
             info["report"] = diagnostics.injection_report(kept, self.ds.train.images, self.ds.train.labels,
-                                                          self.readers)
+                                                          self.readers, self.ds.train.bias)
         return kept, info
 
     def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -786,5 +786,10 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
                           f"{rep['colour_reader_test_accuracy']:.1f} %):", "",
                       "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
                       "| " + " | ".join(f"{rep[k]:.1f} %" for k in keys) + " |"]
+            if "by_content" in rep:  # bias labels read for this line only
+                lines += ["", "By content (bias labels read for this line only): " + "; ".join(
+                    f"{part['share']:.1f} % of the samples have a {name} content, of which "
+                    f"{part['content_digit_other_colour']:.1f} % show its class with another {rep['bias_attribute']}"
+                    for name, part in rep["by_content"].items() if "content_digit_other_colour" in part) + "."]
         lines += ["", f"![style | content | result]({SYNTHETIC_ROWS[name][1]}/injection_grid.png)"]
     return "\n".join(lines) + "\n"

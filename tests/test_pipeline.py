@@ -68,7 +68,13 @@ def test_quick_run_metrics_are_sane(quick_run):
     assert rep["both"] <= min(rep["content_digit"], rep["style_colour"])
     # inclusion-exclusion: (content digit or style colour) and neither cover every sample once
     assert abs(rep["content_digit"] + rep["style_colour"] - rep["both"] + rep["neither"] - 100) < 0.05
+    # split by the content's hidden bias label (evaluation only): the two parts recombine into the whole
+    parts = rep["by_content"]
+    assert abs(parts["conflict"]["share"] + parts["aligned"]["share"] - 100) < 0.05
+    whole = sum(p["share"] * p.get("content_digit_other_colour", 0.0) for p in parts.values()) / 100
+    assert abs(whole - rep["content_digit_other_colour"]) < 0.1
     report = (folder / "report.md").read_text()
+    assert "By content (bias labels read for this line only)" in report
     assert "| Vanilla |" in report and "| LfF |" in report and "| DiffInject (label-free) |" in report
     # the row says what its U-Net learnt from
     weights = hashlib.sha256((folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
