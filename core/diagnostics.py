@@ -135,7 +135,7 @@ def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.
     if train_bias is not None:
         report["by_content"] = {}
         conflict = train_bias[synthetic.content] != c_label
-        for name, chosen in (("conflict", conflict), ("aligned", ~conflict)):
+        for name, chosen in (("true-conflict", conflict), ("aligned", ~conflict)):
             part = {"share": pct(chosen)}
             if chosen.any():  # a miner of perfect precision leaves no aligned contents
                 part |= {"content_digit": pct(content_digit[chosen]), "content_digit_other_colour": pct(target[chosen])}

@@ -43,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from core.export import made_by, png_bytes, synthetic_entries, zip_bytes
 from core.injection import InjectionConfig, SettingError, plan_pairs
 from core.mining import mine
-from core.classifier import MLP, build_classifier
+from core.classifier import MLP, SmallCNN, build_classifier
 from core.diffusion import is_unet
 from core.pipeline import SHIPPED, Run, make_config
 from workers.injector import Injector, check_job, images_id, run_isolated
@@ -114,12 +114,14 @@ def registered_runs(datasets: dict, root: str = "runs/serve", data_root: str = "
 
 def unprepared(run: Run) -> list[str]:
     """What a run folder lacks before it can be served: its U-Net (unless one is to be copied: a shipped or given
-    folder), and its biased classifier (mining) unless that is the MLP of small images, which trains in seconds.
+    folder), and its biased classifier (mining) unless that is the MLP or the small CNN of small images, which train
+    in seconds (the embedded benchmarks' CNN: under half a minute on two cores).
     The rest takes minutes to hours: never inside a replica."""
     missing = []
     if run.unet_source() is None and not is_unet(run.dir / "unet"):
         missing.append(f"a trained U-Net in {run.dir / 'unet'}")
-    quick = isinstance(build_classifier(run.cfg.mining.classifier, run.ds.image_shape, run.ds.num_classes), MLP)
+    model = build_classifier(run.cfg.mining.classifier, run.ds.image_shape, run.ds.num_classes)
+    quick = isinstance(model, (MLP, SmallCNN))
     if not quick and not (run.dir / "biased" / "model.pt").exists():
         missing.append(f"the biased classifier {run.dir / 'biased' / 'model.pt'}")
     return missing
@@ -140,7 +142,7 @@ class InjectorDeployment:
             raise ValueError(f"registered datasets are not prepared ({lines}): make them before serving with "
                              "`diffinject prepare deploy/serve.yaml` (or the pipeline as a `ray job submit`, "
                              "deploy/README.md), into the same `root`")
-        for run in self.runs.values():  # what takes seconds: a shipped or given U-Net copied, an MLP biased model
+        for run in self.runs.values():  # what takes seconds: a shipped or given U-Net copied, a small biased model
             run.unet_dir()
             run.biased()
         threads = threads or _assigned_cpus()

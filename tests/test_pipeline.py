@@ -70,7 +70,7 @@ def test_quick_run_metrics_are_sane(quick_run):
     assert abs(rep["content_digit"] + rep["style_colour"] - rep["both"] + rep["neither"] - 100) < 0.05
     # split by the content's hidden bias label (evaluation only): the two parts recombine into the whole
     parts = rep["by_content"]
-    assert abs(parts["conflict"]["share"] + parts["aligned"]["share"] - 100) < 0.05
+    assert abs(parts["true-conflict"]["share"] + parts["aligned"]["share"] - 100) < 0.05
     whole = sum(p["share"] * p.get("content_digit_other_colour", 0.0) for p in parts.values()) / 100
     assert abs(whole - rep["content_digit_other_colour"]) < 0.1
     report = (folder / "report.md").read_text()
@@ -248,12 +248,10 @@ def test_corpus_row_needs_the_embedded_cmnist(capsys, tmp_path):
 def test_default_methods_name_the_corpus_row_on_cmnist_only():
     from core.pipeline import run_methods
 
-    assert run_methods(make_config()) == ("vanilla", "lff", "diffinject-corpus", "oracle")
-    assert run_methods(make_config(overrides={"ratio": 0.5})) == ("vanilla", "lff", "diffinject-corpus", "oracle")
+    # the corpus row is measured more than 3 points ahead of the best label-free row at every ratio
+    for ratio in (0.5, 1.0, 2.0, 5.0):
+        assert run_methods(make_config(overrides={"ratio": ratio})) == ("vanilla", "lff", "diffinject-corpus", "oracle")
     label_free = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")
-    # where the label-free row is measured within 3 points of the corpus row, it is the default there too
-    assert run_methods(make_config(overrides={"ratio": 2.0})) == label_free
-    assert run_methods(make_config(overrides={"ratio": 5.0})) == label_free
     assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == label_free
     assert run_methods(make_config(overrides={"data_root": "/data"})) == label_free
     # a U-Net the run trains itself takes the measured label-free route; tests' quick preset keeps uniform batches

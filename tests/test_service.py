@@ -326,9 +326,11 @@ def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_
     with pytest.raises(ValueError, match="diffinject prepare") as e:
         InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | resnet}, root=str(tmp_path))
     assert "lacks a trained U-Net" in str(e.value) and "biased classifier" in str(e.value)
-    with pytest.raises(ValueError, match="diffinject prepare") as e:  # the quick MLP would train at start: not named
-        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"}}, root=str(tmp_path / "mlp"))
-    assert "lacks a trained U-Net" in str(e.value) and "biased classifier" not in str(e.value)
+    for arch in ("mlp", "cnn"):  # the quick MLP, or the small CNN that mines the embedded benchmarks, would train at
+        small = {"mining": {"classifier": {"arch": arch}}}  # start: not named
+        with pytest.raises(ValueError, match="diffinject prepare") as e:
+            InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | small}, root=str(tmp_path / arch))
+        assert "lacks a trained U-Net" in str(e.value) and "biased classifier" not in str(e.value)
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(url, tmp_path):
