@@ -139,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "cifar10c, bffhq, dogs_and_cats")
     r.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
     r.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    r.add_argument("--k", type=int, default=None, help="mined samples per class")
+    r.add_argument("--k", type=int, default=None,
+                   help="mined samples per class (default preset: 5 on the embedded benchmarks, 10 elsewhere)")
     r.add_argument("--misclassified-only", action=argparse.BooleanOptionalAction, default=None,
                    help="of the top K, keep those the biased model misclassifies (default: on)")
     r.add_argument("--min-loss", type=float, default=None,
-                   help="of those, keep the ones whose CE under the biased model exceeds this (default: 0, off)")
+                   help="of those, keep the ones whose CE under the biased model exceeds this (default preset: 4 on the "
+                        "embedded Colored MNIST, else 0, off)")
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
