@@ -290,7 +290,7 @@ def sources_of(methods) -> list[str]:
 
 
 def run_methods(cfg: RunConfig) -> tuple[str, ...]:
-    """The config's methods, or the default ones for its dataset and ratio."""
+    """The config's methods, or the default ones for its dataset (the corpus row's on the embedded Colored MNIST)."""
     if cfg.methods is not None:
         return cfg.methods
     return DEFAULT_METHODS_CMNIST if _embedded_cmnist(cfg) else DEFAULT_METHODS

@@ -326,8 +326,9 @@ def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_
     with pytest.raises(ValueError, match="diffinject prepare") as e:
         InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | resnet}, root=str(tmp_path))
     assert "lacks a trained U-Net" in str(e.value) and "biased classifier" in str(e.value)
-    for arch in ("mlp", "cnn"):  # the quick MLP, or the small CNN that mines the embedded benchmarks, would train at
-        small = {"mining": {"classifier": {"arch": arch}}}  # start: not named
+    # the quick MLP, or the small CNN that mines the embedded benchmarks, would train at start: not named
+    for arch in ("mlp", "cnn"):
+        small = {"mining": {"classifier": {"arch": arch}}}
         with pytest.raises(ValueError, match="diffinject prepare") as e:
             InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | small}, root=str(tmp_path / arch))
         assert "lacks a trained U-Net" in str(e.value) and "biased classifier" not in str(e.value)
