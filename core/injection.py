@@ -496,9 +496,14 @@ class Pairs:
     style: np.ndarray  # indices into the training set, of a class other than the content's
 
 
-def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: int, style_pool=None) -> Pairs:
+def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: int, style_pool=None,
+               weights=None) -> Pairs:
     """Content i cycles through a seeded shuffle of ``pool``; style i is drawn uniformly from the training
-    images (or ``style_pool``) of any other class, with a generator seeded by (seed, i). Reads task labels only."""
+    images (or ``style_pool``) of any other class, with a generator seeded by (seed, i). Reads task labels only.
+
+    With ``weights`` (one per pool entry, e.g. :attr:`Mined.weights <core.mining.Mined.weights>`) each content
+    appears in proportion to its weight instead (largest-remainder rounding, so the counts sum to ``num_samples``),
+    in a seeded shuffle."""
     labels = np.asarray(labels)
     pool = np.asarray(pool)
     styles = np.arange(len(labels)) if style_pool is None else np.asarray(style_pool)
@@ -507,13 +512,29 @@ def plan_pairs(labels: torch.Tensor, pool: np.ndarray, num_samples: int, seed: i
     for c in np.unique(labels[pool]):
         if not (labels[styles] != c).any():
             raise ValueError(f"style images must come from another class, but there is none other than class {c}")
-    order = np.random.default_rng([seed, 1]).permutation(pool)
-    content = order[np.arange(num_samples) % len(order)]
+    if weights is not None and len(weights) != len(pool):
+        raise ValueError(f"{len(weights)} content weights for a pool of {len(pool)}")
+    if weights is None:
+        order = np.random.default_rng([seed, 1]).permutation(pool)
+        content = order[np.arange(num_samples) % len(order)]
+    else:
+        content = np.random.default_rng([seed, 1]).permutation(np.repeat(pool, apportion(weights, num_samples)))
     style = np.empty(num_samples, dtype=np.int64)
     for i, c in enumerate(content):
         others = styles[labels[styles] != labels[c]]
         style[i] = others[np.random.default_rng([seed, 2, i]).integers(len(others))]
     return Pairs(content.astype(np.int64), style)
+
+
+def apportion(weights, total: int) -> np.ndarray:
+    """Integer counts summing to ``total`` in proportion to ``weights`` (largest remainder; ties by position)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("content weights must be non-negative with a positive sum")
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[:total - counts.sum()]] += 1
+    return counts
 
 
 @dataclass

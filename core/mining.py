@@ -11,6 +11,11 @@ less than ``exp(-min_loss)``. A strongly biased model is all but certain of the 
 true conflict, while its mistakes on bias-aligned digits (illegible ones, mostly) are hesitant; where conflicts are
 rare (0.5 %) those hesitant mistakes were most of the mined set. A class with no sample past the threshold then
 gives no content: its samples would be no conflicts. Only if no class has one does every class keep its top one.
+
+``loss_weight_cap`` draws each mined content in proportion to its cross entropy, capped at that many nats, instead
+of equally often: the loss is the biased model's evidence that a sample breaks the shortcut, so a hesitant mistake
+still gives samples, only fewer. Where conflicts are rare the illegible aligned mistakes then fill less of the
+synthetic set; where every content is past the cap nothing changes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class MiningConfig:
     k: int = 10  # samples kept per class (reference default)
     misclassified_only: bool = True  # of the top k, keep those the biased model predicts wrongly (paper: False)
     min_loss: float = 0.0  # of those, keep the ones whose CE exceeds this (0: off; see the module docstring)
+    loss_weight_cap: float = 0.0  # > 0: draw each content in proportion to min(CE, this); 0: all equally often
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # the biased model
 
     def __post_init__(self):
@@ -36,17 +42,21 @@ class MiningConfig:
             self.classifier = ClassifierConfig(**self.classifier)
         if self.min_loss < 0:
             raise ValueError(f"mining.min_loss must be >= 0 (a cross entropy), got {self.min_loss}")
+        if self.loss_weight_cap < 0:
+            raise ValueError(f"mining.loss_weight_cap must be >= 0 (a cross entropy), got {self.loss_weight_cap}")
 
     @property
     def filters(self) -> dict:
         """The keyword arguments :func:`mine` takes from this config (every caller mines as its run does)."""
-        return {"misclassified_only": self.misclassified_only, "min_loss": self.min_loss}
+        return {"misclassified_only": self.misclassified_only, "min_loss": self.min_loss,
+                "loss_weight_cap": self.loss_weight_cap}
 
 
 @dataclass
 class Mined:
     indices: np.ndarray  # training-set indices, grouped by class, highest loss first
     losses: np.ndarray  # per-sample CE of every training sample under the biased model
+    weights: np.ndarray | None = None  # per mined index, how often it is drawn as a content (None: equally)
 
 
 def train_biased(images, labels, num_classes: int, cfg: MiningConfig, seed: int, device="cpu", progress=True,
@@ -69,13 +79,15 @@ def top_k_per_class(losses: np.ndarray, labels: np.ndarray, k: int) -> np.ndarra
     return np.concatenate(picked)
 
 
-def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: bool, min_loss: float) -> Mined:
+def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: bool, min_loss: float,
+         loss_weight_cap: float = 0.0) -> Mined:
     """Score every training sample by plain CE under the biased ``model`` and keep the top ``k`` per class.
 
     ``misclassified_only`` and ``min_loss`` (no defaults here: callers pass their ``MiningConfig.filters``) keep, of
     each class's top ``k``, those the model predicts as another class, and those whose CE exceeds ``min_loss``.
     Without ``min_loss`` a class with none of them keeps its top one, so every class still has a content; with it,
-    such a class gives none (unless none has any). Reads task labels only.
+    such a class gives none (unless none has any). ``loss_weight_cap`` > 0 gives each kept index the weight
+    ``min(CE, loss_weight_cap)`` (floored at 1e-3, so none is never drawn). Reads task labels only.
     """
     logits = predict(model, images, device=device)
     losses = F.cross_entropy(logits, labels, reduction="none").numpy()
@@ -90,7 +102,8 @@ def mine(model, images, labels, k: int, device="cpu", *, misclassified_only: boo
         if min_loss == 0 or not any(len(g) for g in kept):
             kept = [g if len(g) else group[:1] for g, group in zip(kept, groups)]
         picked = np.concatenate(kept)
-    return Mined(picked, losses)
+    weights = np.clip(losses[picked], 1e-3, loss_weight_cap) if loss_weight_cap > 0 else None
+    return Mined(picked, losses, weights)
 
 
 def difficulty(model, images, labels, device="cpu") -> torch.Tensor:

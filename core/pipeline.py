@@ -392,16 +392,17 @@ class Synthesized:
 
 
 def synthesize(unet_dir: Path, train: ImageSet, pool: np.ndarray, cfg: InjectionConfig, seed: int, generate=None,
-               device: str = "cpu", progress: bool = True, shards: Path | None = None) -> Synthesized:
-    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair contents from ``pool`` with styles,
-    generate with ``generate`` (default :func:`generate_in_process`), keep the most consistent ``cfg.count``.
+               device: str = "cpu", progress: bool = True, shards: Path | None = None, weights=None) -> Synthesized:
+    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair contents from ``pool`` (drawn by
+    their ``weights``, see :func:`~core.injection.plan_pairs`) with styles, generate with ``generate`` (default
+    :func:`generate_in_process`), keep the most consistent ``cfg.count``.
 
     A generator returns ``(samples, evaluations)``, or ``(samples, evaluations, seconds)`` when it knows better
     than the wall clock how long its samples took (resumed from shards); ``shards`` reaches it only if it takes a
     ``shards`` argument (the Ray fan-out does not).
     """
     generate = generate or generate_in_process
-    pairs = plan_pairs(train.labels, pool, cfg.generated(len(train)), seed)
+    pairs = plan_pairs(train.labels, pool, cfg.generated(len(train)), seed, weights=weights)
     kw = {"shards": shards} if shards is not None and _takes(generate, "shards") else {}
     t0 = time.time()
     syn, evaluations, *seconds = generate(unet_dir, train.images, train.labels, pairs, cfg, seed, device, progress,
@@ -521,18 +522,29 @@ class Run:
         return model.cpu()
 
     def mined(self) -> np.ndarray:
+        """The mined contents' training-set indices (``biased/mining.json``, mined now if it is not there)."""
+        return self._mined()[0]
+
+    def content_weights(self) -> np.ndarray | None:
+        """How often each mined content is drawn (``mining.loss_weight_cap``); None: equally often."""
+        return self._mined()[1]
+
+    def _mined(self) -> tuple[np.ndarray, np.ndarray | None]:
         path = self.dir / "biased" / "mining.json"
         if path.exists():
-            return np.array(json.loads(path.read_text())["indices"])
+            saved = json.loads(path.read_text())
+            weights = saved.get("weights")  # absent in folders mined before the setting existed: equally often
+            return np.array(saved["indices"]), None if weights is None else np.array(weights)
         tr = self.ds.train
         result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k,
                       **self.cfg.mining.filters)
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
         rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
-        _save_json(path, {"indices": result.indices.tolist(), "quality": quality,
+        weights = None if result.weights is None else [round(float(w), 4) for w in result.weights]
+        _save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,
                           "seconds": self.timings.get("biased")})  # None where the biased model was trained earlier
-        return result.indices
+        return result.indices, None if weights is None else np.array(weights)
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
     def unet_dir(self, method: str = "diffinject") -> Path:
@@ -606,7 +618,8 @@ class Run:
         cfg, tr = self.cfg.injection, self.ds.train
         # each batch saved as it is made (synthetic/shards/), so an interrupted stage resumes where it stopped
         made = self._timed(f"inject {method}", lambda: synthesize(
-            unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress, shards=folder / "shards"))
+            unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress, shards=folder / "shards",
+            weights=self.content_weights()))
         syn, generated, evaluations, seconds = made.samples, made.generated, made.evaluations, made.seconds
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")

@@ -14,6 +14,7 @@ from core.injection import (
     _alpha,
     _ddim_move,
     _evaluate,
+    apportion,
     bottleneck_hook,
     count_evaluations,
     ddim_generate,
@@ -206,6 +207,26 @@ def test_plan_pairs_prefix_stable_in_num_samples():
     short, long = plan_pairs(LABELS, POOL, 10, seed=1), plan_pairs(LABELS, POOL, 20, seed=1)
     np.testing.assert_array_equal(short.content, long.content[:10])
     np.testing.assert_array_equal(short.style, long.style[:10])
+
+
+def test_plan_pairs_draws_weighted_contents_in_proportion():
+    pairs = plan_pairs(LABELS, POOL, 40, seed=0, weights=[1.0, 1.0, 2.0, 4.0])
+    assert np.bincount(pairs.content, minlength=12)[POOL].tolist() == [5, 5, 10, 20]
+    assert (LABELS.numpy()[pairs.style] != LABELS.numpy()[pairs.content]).all()
+    again = plan_pairs(LABELS, POOL, 40, seed=0, weights=[1.0, 1.0, 2.0, 4.0])
+    np.testing.assert_array_equal(pairs.content, again.content)
+    # equal weights draw every content equally often, as no weights do (in another seeded order)
+    assert np.bincount(plan_pairs(LABELS, POOL, 40, seed=0, weights=[3.0] * 4).content)[POOL].tolist() == [10] * 4
+    with pytest.raises(ValueError, match="3 content weights for a pool of 4"):
+        plan_pairs(LABELS, POOL, 40, seed=0, weights=[1.0, 1.0, 1.0])
+
+
+def test_apportion_sums_to_the_total_by_largest_remainder():
+    counts = apportion([1.0, 2.0, 3.5], 10)  # exact 1.54, 3.08, 5.38: floors 1, 3, 5, the one left to 1.54
+    assert counts.tolist() == [2, 3, 5]
+    assert apportion([20.0, 4.5, 20.0], 3000).sum() == 3000
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        apportion([0.0, 0.0], 5)
 
 
 def test_plan_pairs_empty_pool():

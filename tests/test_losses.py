@@ -202,9 +202,27 @@ def test_mine_min_loss_keeps_only_confident_mistakes_and_drops_classes_without_o
     assert mine(model, images, labels, k=2, misclassified_only=True, min_loss=50.0).indices.tolist() == [0, 3, 5]
 
 
-def test_min_loss_below_zero_is_refused():
+def test_mine_loss_weight_cap_weighs_each_content_by_its_capped_loss():
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = torch.zeros(4, 2)
+    logits[0, 1], logits[1, 1], logits[2, 0], logits[3, 0] = 30.0, 3.0, 8.0, 1.0  # all four misclassified
+    images = torch.arange(4, dtype=torch.uint8)[:, None, None, None]
+    model = _FixedLogits(logits)
+    losses = F.cross_entropy(logits, labels, reduction="none").numpy()
+
+    plain = mine(model, images, labels, k=2, misclassified_only=True, min_loss=0.0)
+    assert plain.weights is None  # off: every content drawn equally often
+    weighted = mine(model, images, labels, k=2, misclassified_only=True, min_loss=0.0, loss_weight_cap=10.0)
+    np.testing.assert_array_equal(weighted.indices, plain.indices)  # the same contents, only drawn differently
+    assert weighted.indices.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(weighted.weights, [10.0, losses[1], losses[2], losses[3]], rtol=1e-6)
+
+
+def test_negative_mining_thresholds_are_refused():
     with pytest.raises(ValueError, match="min_loss"):
         MiningConfig(min_loss=-1.0)
+    with pytest.raises(ValueError, match="loss_weight_cap"):
+        MiningConfig(loss_weight_cap=-1.0)
 
 
 def test_mining_quality_by_hand():

@@ -146,14 +146,15 @@ def test_lost_stages_are_recomputed_identically(quick_run, dataset, tmp_path):
 
 def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
     """Shuffle the training split's bias labels: every stage's output is bit-for-bit the same, for every registered
-    method, the diffusion training that oversamples the biased model's hard samples (hard_share) included."""
+    method, the diffusion training that oversamples the biased model's hard samples (hard_share) and the contents
+    drawn by their loss (loss_weight_cap) included."""
     folder, _ = quick_run
     shuffled = copy.copy(dataset)
     shuffled.train = copy.copy(dataset.train)
     shuffled.train.bias = dataset.train.bias[torch.randperm(len(dataset.train.bias), generator=torch.Generator().manual_seed(1))]
     assert not torch.equal(shuffled.train.bias, dataset.train.bias)
     every = list(REGISTRY)
-    cfg = make_config("quick", {"methods": every, "diffusion": {"hard_share": 0.5}})
+    cfg = make_config("quick", {"methods": every, "diffusion": {"hard_share": 0.5}, "mining": {"loss_weight_cap": 50.0}})
     runs = {}
     for name, data in (("true", dataset), ("shuffled", shuffled)):
         runs[name] = tmp_path / name
@@ -161,6 +162,8 @@ def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
     one, other = runs["true"], runs["shuffled"]
     mined = lambda d: json.loads((d / "biased/mining.json").read_text())["indices"]  # noqa: E731
     assert mined(one) == mined(other) == mined(folder)
+    drawn = lambda d: json.loads((d / "biased/mining.json").read_text())["weights"]  # noqa: E731
+    assert drawn(one) == drawn(other) and drawn(folder) is None and len(set(drawn(one))) > 1
     weights = lambda d: (d / "unet/diffusion_pytorch_model.safetensors").read_bytes()  # noqa: E731
     assert weights(one) == weights(other)
     assert weights(one) != weights(folder)  # the weighting changes what the U-Net learns
@@ -333,6 +336,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--synthetic-ratio", "0"], "synthetic-ratio 0.0 must be in (0, 10]"),
     (["--methods", "vanilla,magic"], "unknown method 'magic'"),
     (["--hard-share", "1.5"], "--hard-share 1.5 must be in [0, 1]"),
+    (["--loss-weight-cap", "-1"], "error: --loss-weight-cap must be >= 0"),
 ])
 def test_cli_bad_input_one_line_error(argv, words, capsys, tmp_path):
     code = main(["run", "--preset", "quick", "--out", str(tmp_path / "r"), "--no-progress", *argv])

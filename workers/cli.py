@@ -73,7 +73,7 @@ def cmd_train_diffusion(args) -> int:
 TOP_FLAGS = ("dataset", "data_root", "ratio", "seed", "data_seed", "image_size", "methods", "unet")
 NESTED_FLAGS = {
     "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
-    "min_loss": ("mining", "min_loss"),
+    "min_loss": ("mining", "min_loss"), "loss_weight_cap": ("mining", "loss_weight_cap"),
     "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
     "skip_levels": ("injection", "skip_levels"), "synthetic_ratio": ("injection", "synthetic_ratio"),
     "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-loss", type=float, default=None,
                    help="of those, keep the ones whose CE under the biased model exceeds this (default preset: 4 on the "
                         "embedded Colored MNIST, else 0, off)")
+    r.add_argument("--loss-weight-cap", type=float, default=None,
+                   help="draw each mined content in proportion to its CE under the biased model, capped at this "
+                        "(default: 0, every content equally often)")
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
@@ -263,10 +266,11 @@ def _generator(args):
 
 def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
     """Core's message with the settings it names (``data_root``) written as the flags that set them
-    (``--data-root``): the multi-word ones only, so plain words such as "steps" stay prose."""
+    (``--data-root``, ``mining.min_loss`` as ``--min-loss``): the multi-word ones only, so plain words such as
+    "steps" stay prose."""
     flags = {a.dest: a.option_strings[-1] for sub in parser.commands.choices.values() for a in sub._actions
              if a.option_strings and "_" in a.dest and a.option_strings[-1].startswith("--")}
-    return re.sub(r"\b(" + "|".join(map(re.escape, flags)) + r")\b", lambda m: flags[m.group(1)], message) \
+    return re.sub(r"\b(?:[a-z]+\.)?(" + "|".join(map(re.escape, flags)) + r")\b", lambda m: flags[m.group(1)], message) \
         if flags else message
 
 

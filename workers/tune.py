@@ -130,9 +130,9 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     base = Path(base)
     biased = load_classifier(base / "biased" / "model.pt", cfg.mining.classifier, tuple(train.images.shape[1:]),
                              num_classes)
-    pool = mine(biased, train.images, train.labels, k, DEVICE,
-                **cfg.mining.filters).indices
-    syn = synthesize(base / "unet", train, pool, cfg.injection, cfg.seed, device=DEVICE, progress=False).samples
+    mined = mine(biased, train.images, train.labels, k, DEVICE, **cfg.mining.filters)
+    syn = synthesize(base / "unet", train, mined.indices, cfg.injection, cfg.seed, device=DEVICE, progress=False,
+                     weights=mined.weights).samples
     learner = registry.get(method, cfg.hparams.get(method))
     # with vetted_by, the base run trained the vetting classifier on the real split (cmd_tune)
     syn = vetted_samples(learner, syn, base, cfg, tuple(train.images.shape[1:]), num_classes, DEVICE)
