@@ -656,15 +656,17 @@ def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
 
 def test_the_default_preset_mines_the_embedded_benchmarks_with_a_cnn_alone():
     """The miner is the MLP with K = 10 everywhere but on the embedded benchmarks under the default preset (a CNN with
-    K = 5, measured there; on Colored MNIST only its confident mistakes, and on Corrupted MNIST LfF's biased model
-    the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
+    K = 5, measured there, keeping only its confident mistakes; on Corrupted MNIST each drawn by its capped loss, and
+    LfF's biased model the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
     from core.pipeline import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
-    assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 0.0)
+    assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 4.0)
+    assert corrupted.mining.loss_weight_cap == 20.0  # contents drawn by their capped CE there alone
     assert corrupted.mining.classifier.epochs == 50 and corrupted.classifier.arch == "auto"  # merged key by key
     coloured = make_config()
     assert (coloured.mining.k, coloured.mining.classifier.arch, coloured.mining.min_loss) == (5, "cnn", 4.0)
+    assert coloured.mining.loss_weight_cap == 0.0
     assert make_config("default", {"mining": {"min_loss": 0.0}}).mining.min_loss == 0.0  # a flag or file wins
     for cfg in (make_config("default", {"dataset": "cifar10c", "data_root": "/data"}),
                 make_config("default", {"data_root": "/data"}), make_config("paper"),

@@ -145,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of the top K, keep those the biased model misclassifies (default: on)")
     r.add_argument("--min-loss", type=float, default=None,
                    help="of those, keep the ones whose CE under the biased model exceeds this (default preset: 4 on the "
-                        "embedded Colored MNIST, else 0, off)")
+                        "embedded benchmarks, else 0, off)")
     r.add_argument("--loss-weight-cap", type=float, default=None,
                    help="draw each mined content in proportion to its CE under the biased model, capped at this "
-                        "(default: 0, every content equally often)")
+                        "(default preset: 20 on the embedded Corrupted MNIST, else 0, every content equally often)")
     r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
     r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
