@@ -7,7 +7,7 @@ an overwrite.
     run/
       config.json                 the full RunConfig
       biased/model.pt             GCE-trained biased classifier
-      biased/mining.json          mined indices (top-K per class), mining precision/recall
+      biased/mining.json          mined indices (top-K per class), their draw weights, mining precision/recall
       biased/mined.png            the mined samples, one row per class
       biased/model.ckpt.pt        while it trains: its state after the last complete epoch, read back by a rerun;
                                   removed once model.pt is written (core.classifier.train_loop)
