@@ -527,13 +527,11 @@ class Run:
 
     def mined(self) -> np.ndarray:
         """The mined contents' training-set indices (``biased/mining.json``, mined now if it is not there)."""
-        return self._mined()[0]
+        return self.mined_and_weights()[0]
 
-    def content_weights(self) -> np.ndarray | None:
-        """How often each mined content is drawn (``mining.loss_weight_cap``); None: equally often."""
-        return self._mined()[1]
-
-    def _mined(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def mined_and_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mined indices and how often each is drawn as a content (``mining.loss_weight_cap``; None: equally
+        often), from one read of ``biased/mining.json``."""
         path = self.dir / "biased" / "mining.json"
         if path.exists():
             saved = json.loads(path.read_text())
@@ -545,6 +543,7 @@ class Run:
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
         rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
+        # rounded as saved, so this run and a rerun that reads them back draw the same pairs
         weights = None if result.weights is None else [round(float(w), 4) for w in result.weights]
         _save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,
                           "seconds": self.timings.get("biased")})  # None where the biased model was trained earlier
@@ -617,13 +616,13 @@ class Run:
         path = folder / "samples.pt"
         if path.exists():
             return Synthetic.load(path)
-        pool = self.mined()
+        pool, weights = self.mined_and_weights()
         unet_dir = self.unet_dir(method)
         cfg, tr = self.cfg.injection, self.ds.train
         # each batch saved as it is made (synthetic/shards/), so an interrupted stage resumes where it stopped
         made = self._timed(f"inject {method}", lambda: synthesize(
             unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress, shards=folder / "shards",
-            weights=self.content_weights()))
+            weights=weights))
         syn, generated, evaluations, seconds = made.samples, made.generated, made.evaluations, made.seconds
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
