@@ -99,9 +99,9 @@ class InjectionConfig:
     # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
     precision: str = "fp32"
     # True: the U-Net's calls go through torch.compile (inductor, its weights frozen as constants) of a copy of it,
-    # one graph per kind of call, compiled on first use: 1.14-1.23x on top of bf16 on a 2-core CPU, after a cold
-    # compile of 2.7 min (benchmarks/results/generation_bf16.md). Pays in a long-lived actor or a large run, not in
-    # the default run (its compiles took longer than its whole bf16 injection stage).
+    # padded to this batch size so that two graphs serve a run: 1.14-1.4x on top of bf16 on 2-core CPUs, after
+    # compiles of 1-1.5 min, or about 25 s when inductor's on-disk cache holds them (a later run on the machine).
+    # Off by default: a first default run pays more in compiles than it saves (benchmarks/injection_stage.py).
     compile: bool = False
 
     def count(self, train_size: int) -> int:
@@ -283,8 +283,8 @@ def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> U
     """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16");
     with ``compiled``, always a copy, whose calls in :func:`ddim_invert` and :func:`ddim_generate` go through
     ``torch.compile(unet_forward, fullgraph=True)`` with inductor's ``freezing`` (weights as constants, which lets
-    oneDNN prepack them and fuse GroupNorm and SiLU around them; graphs are compiled on first use of each kind of
-    call, then shapes become dynamic).
+    oneDNN prepack them and fuse GroupNorm and SiLU around them; one static graph per kind of call and batch shape,
+    compiled on first use; :func:`inject_batches` pads a compiled U-Net's calls to fixed shapes).
 
     The copy is kept while ``unet`` lives and its weights are unchanged (their in-place version counters), so an
     actor serving many requests casts (about 0.1 s for the shipped U-Net on a CPU) and compiles once, and a frozen
@@ -304,7 +304,10 @@ def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> U
         for hooks in _HOOK_DICTS:  # the same dicts: hooks added to or removed from unet later apply to the copy
             setattr(prepared, hooks, getattr(unet, hooks))
         if compiled:
-            _COMPILED[prepared] = torch.compile(unet_forward, fullgraph=True, options={"freezing": True})
+            # static shapes: inject_batches pads every call to its batch size, so each kind of call is one graph
+            # (a dynamic batch dimension compiled 2.5x slower and ran 1.26x slower, experiments.md 2026-12-05)
+            _COMPILED[prepared] = torch.compile(unet_forward, fullgraph=True, dynamic=False,
+                                                options={"freezing": True})
     return copies[dtype, compiled]
 
 
@@ -625,7 +628,9 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
     its rounding where a thread's share of an op ends inside a sample (SiLU switches between its vectorised and
     scalar paths there; Linear's GEMM tiles rows): measured exact with ``bucket`` and the thread count both powers
     of two, threads <= ``bucket`` (AVX2, torch 2.13; tests/test_injection.py checks 1 and 2 threads), not e.g.
-    with 3 or 6 threads at ``bucket`` 8, nor 2 threads at ``bucket`` 6.
+    with 3 or 6 threads at ``bucket`` 8, nor 2 threads at ``bucket`` 6. With ``cfg.compile`` the bucket defaults
+    to ``cfg.batch_size``: a compiled graph serves one batch shape, and each new shape costs a compile (about 45 s
+    on a 2-core CPU).
     """
     parts = [samples for _, samples in inject_batches(unet, scheduler, images, labels, pairs, cfg, seed, device,
                                                        progress, sample_ids, content_cache, joint_inversion, bucket)]
@@ -646,6 +651,8 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     """
     cfg.validate()
     unet = at_precision(unet, resolve_precision(cfg.precision, device), compiled=cfg.compile)
+    if cfg.compile and bucket is None and not joint_inversion:
+        bucket = cfg.batch_size  # fixed shapes: two compiled graphs (batch, doubled injection batch), never more
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
     problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")
