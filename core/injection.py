@@ -305,7 +305,7 @@ def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> U
             setattr(prepared, hooks, getattr(unet, hooks))
         if compiled:
             # static shapes: inject_batches pads every call to its batch size, so each kind of call is one graph
-            # (a dynamic batch dimension compiled 2.5x slower and ran 1.26x slower, experiments.md 2026-12-05)
+            # (a dynamic batch dimension compiled 2.7x slower and ran 1.26x slower, experiments.md 2026-12-05)
             _COMPILED[prepared] = torch.compile(unet_forward, fullgraph=True, dynamic=False,
                                                 options={"freezing": True})
     return copies[dtype, compiled]
