@@ -104,8 +104,9 @@ def write(args, rounds: list[dict]) -> None:
     meta = {"command": command.strip(), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
             "dataset": args.dataset, "ratio": args.ratio, "seed": args.seed}
     try:
-        meta["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
+        meta["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if "model name" in line)
+    except (OSError, StopIteration):  # not Linux: platform's name stays
         pass
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rounds": rounds, "speedup_vs_fp32": ratio},

@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the U-Net's calls in generation: fp32, bf16, or auto (the default preset's: bf16 on a CPU "
                         "with AVX-512 BF16 or AMX)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the U-Net's calls in generation: faster after minutes of compiling, so it pays "
-                        "on large runs (default: off)")
+                   help="torch.compile the U-Net's calls in generation: faster after a minute or two of compiling "
+                        "(about 25 s once inductor's cache holds the graphs), so it pays from a machine's second "
+                        "run, or on large runs (default: off)")
     r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
     r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
     r.add_argument("--hard-share", type=float, default=None,
