@@ -23,7 +23,6 @@ the ratios to fp32 are taken within a round; ``--rounds`` repeats them. Writes `
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from generation import device_name  # this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -101,17 +102,12 @@ def write(args, rounds: list[dict]) -> None:
     ratio = {name: [row["fp32"]["seconds"] / row[name]["seconds"] for row in rounds] if "fp32" in args.settings
              else None for name in args.settings}
     command = "python benchmarks/injection_stage.py " + " ".join(sys.argv[1:])
-    meta = {"command": command.strip(), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-            "dataset": args.dataset, "ratio": args.ratio, "seed": args.seed}
-    try:
-        meta["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if "model name" in line)
-    except (OSError, StopIteration):  # not Linux: platform's name stays
-        pass
+    meta = {"command": command.strip(), "cpu": device_name("cpu"), "threads": args.threads, "dataset": args.dataset,
+            "ratio": args.ratio, "seed": args.seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rounds": rounds, "speedup_vs_fp32": ratio},
                                                         indent=1))
-    lines = [f"# The default run's injection stage ({meta['cpu']}, {args.threads} threads)", "",
+    lines = [f"# The default run's injection stage ({meta['cpu']}, {args.threads} thread(s))", "",
              f"`{meta['command']}`", "",
              f"`diffinject run --dataset {args.dataset} --ratio {args.ratio:g} --seed {args.seed}`'s injection stage "
              f"({rounds[0][args.settings[0]]['samples']} samples), each setting in a fresh process on a copy of one "
