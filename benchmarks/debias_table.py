@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.data import pct_name  # noqa: E402
-from core.diagnostics import REPORT_KEYS  # noqa: E402
-from core.pipeline import (  # noqa: E402
+from diffinject.core.data import pct_name  # noqa: E402
+from diffinject.core.diagnostics import REPORT_KEYS  # noqa: E402
+from diffinject.core.pipeline import (  # noqa: E402
     METRIC_COLUMNS, METHODS, NAMES, TRAINED_HERE, Run, bias_knowledge_phrase, make_config, merge, read_settings,
     synthetic_source, trained_by,
 )

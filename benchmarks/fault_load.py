@@ -115,7 +115,7 @@ def main() -> None:
 
     from ray import serve
 
-    from service.app import Ingress, InjectorDeployment
+    from diffinject.service.app import Ingress, InjectorDeployment
 
     _, _, body = quick_request(args.runs, args.samples, args.steps)
     rows = []

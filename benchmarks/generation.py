@@ -88,11 +88,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import core.injection as injection  # noqa: E402
-from core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
-from core.injection import InjectionConfig, count_evaluations, ddim_generate, has_bf16, inject, plan_pairs  # noqa: E402
-from core.pipeline import CORPUS_UNET  # noqa: E402
-from core.reference import evaluations_per_sample, reference_inject  # noqa: E402
+import diffinject.core.injection as injection  # noqa: E402
+from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
+from diffinject.core.injection import InjectionConfig, count_evaluations, ddim_generate, has_bf16, inject, plan_pairs  # noqa: E402
+from diffinject.core.pipeline import CORPUS_UNET  # noqa: E402
+from diffinject.core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("reference", "fast", "fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled",
@@ -173,7 +173,7 @@ def load_images(contents: int, seed: int = 0):
     the same shape: the speed of generation does not depend on the pixels.
     """
     try:
-        from core.data import colored_mnist
+        from diffinject.core.data import colored_mnist
 
         train = colored_mnist(1.0, 0).train
         images, labels, source = train.images, train.labels, "embedded Colored MNIST 1 % train split"

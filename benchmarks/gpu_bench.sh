@@ -61,7 +61,7 @@ import sys
 import torch
 
 sys.path.insert(0, "benchmarks")
-import core.diffusion as diffusion  # noqa: E402
+import diffinject.core.diffusion as diffusion  # noqa: E402
 from generation import load_images  # noqa: E402
 
 try:

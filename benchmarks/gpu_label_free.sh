@@ -30,7 +30,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 from debias_table import cell_folder  # noqa: E402
 
-from core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
+from diffinject.core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
 
 dataset, ratio, runs = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 settings = read_settings(os.environ["CONFIG"]) if os.environ.get("CONFIG") else {}

@@ -42,9 +42,9 @@ def one_mode(mode: str, args) -> list[dict]:
     import torch
     from ray import serve
 
-    from core.export import png_bytes
-    from core.injection import InjectionConfig
-    from service.app import Ingress
+    from diffinject.core.export import png_bytes
+    from diffinject.core.injection import InjectionConfig
+    from diffinject.service.app import Ingress
 
     @serve.deployment(name="Injector")
     class StubInjector:

@@ -42,7 +42,7 @@ SETTINGS = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"],
 
 def run_stage(folder: Path, args, flags: list[str], env: dict) -> dict:
     """``diffinject run`` on ``folder`` in a fresh process; its ``injection.json`` and the wall seconds."""
-    cmd = [sys.executable, "-m", "workers.cli", "run", "--dataset", args.dataset, "--ratio", str(args.ratio),
+    cmd = [sys.executable, "-m", "diffinject.workers.cli", "run", "--dataset", args.dataset, "--ratio", str(args.ratio),
            "--seed", str(args.seed), "--methods", "diffinject", "--epochs", "1", "--threads", str(args.threads),
            "--no-progress", "--out", str(folder), *flags]
     start = time.time()

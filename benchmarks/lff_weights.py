@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.debias_table import command_line  # noqa: E402
-from core import methods as registry  # noqa: E402
-from core.classifier import group_metrics, predict  # noqa: E402
-from core.pipeline import Run, fit_method, recorded_params, saved_config  # noqa: E402
+from diffinject.core import methods as registry  # noqa: E402
+from diffinject.core.classifier import group_metrics, predict  # noqa: E402
+from diffinject.core.pipeline import Run, fit_method, recorded_params, saved_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")

@@ -106,7 +106,7 @@ def write_results(out: str, lines: list[str], payload: dict) -> None:
 def quick_request(runs: str, samples: int, steps: int):
     """The quick preset's run folder under ``runs`` with its U-Net trained here once (so replicas only load it),
     its mined pool, and a ``POST /inject`` body that injects ``samples`` samples at ``steps`` DDIM steps."""
-    from core.pipeline import Run, make_config
+    from diffinject.core.pipeline import Run, make_config
 
     run = Run(Path(runs) / "quick", make_config("quick"), progress=False)
     run.unet_dir()
@@ -166,8 +166,8 @@ def in_process_ceiling(run, pool: list[int], args) -> dict:
     import numpy as np
     import torch
 
-    from core.injection import plan_pairs
-    from workers.injector import Injector
+    from diffinject.core.injection import plan_pairs
+    from diffinject.workers.injector import Injector
 
     torch.set_num_threads(args.threads)
     device = "cuda" if args.gpus and torch.cuda.is_available() else "cpu"
@@ -209,7 +209,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from service.app import Ingress, InjectorDeployment
+    from diffinject.service.app import Ingress, InjectorDeployment
 
     run, pool, body = quick_request(args.runs, args.samples, args.steps)
     clients = [int(c) for c in args.clients.split(",")]

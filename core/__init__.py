@@ -1,3 +1,1 @@
-"""diffinject core: the DiffInject algorithm in plain torch + diffusers (no Ray, no HTTP)."""
-
-__version__ = "0.1.0"
+"""The DiffInject algorithm in plain torch and diffusers: no Ray, no HTTP."""

@@ -1,1 +1,1 @@
-"""Ray Serve + FastAPI ingress (``POST /inject``). Not written yet: see the Ray issue."""
+"""Ray Serve + FastAPI: the ingress (``POST /inject``) in front of batched injector replicas."""

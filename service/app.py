@@ -40,13 +40,13 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from core.export import made_by, png_bytes, synthetic_entries, zip_bytes
-from core.injection import InjectionConfig, SettingError, plan_pairs
-from core.mining import mine
-from core.classifier import MLP, SmallCNN, build_classifier
-from core.diffusion import is_unet
-from core.pipeline import SHIPPED, Run, make_config
-from workers.injector import Injector, check_job, images_id, run_isolated
+from diffinject.core.export import made_by, png_bytes, synthetic_entries, zip_bytes
+from diffinject.core.injection import InjectionConfig, SettingError, plan_pairs
+from diffinject.core.mining import mine
+from diffinject.core.classifier import MLP, SmallCNN, build_classifier
+from diffinject.core.diffusion import is_unet
+from diffinject.core.pipeline import SHIPPED, Run, make_config
+from diffinject.workers.injector import Injector, check_job, images_id, run_isolated
 
 from .schemas import DatasetInfo, ErrorResponse, InjectRequest, InjectResponse, SyntheticSample
 
@@ -561,7 +561,7 @@ class Ingress:
 
 
 def build_app(args: dict):
-    """Serve application builder (``import_path: service.app:build_app``): ``args`` come from the Serve config.
+    """Serve application builder (``import_path: diffinject.service.app:build_app``): ``args`` come from the Serve config.
 
     ``datasets``: name -> run settings (a preset plus ``RunConfig`` overrides; file settings relative, without
     ``..``); ``root``: where their run folders live; ``data_root``: the folder dataset paths resolve into;

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.injection import InjectionConfig
+from diffinject.core.injection import InjectionConfig
 
 _RANGES = InjectionConfig.RANGES  # one place for the injection settings' ranges: core's config
 

@@ -29,7 +29,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def cmnist():
     """The embedded Colored MNIST at 1 % conflicts (built once, then served from the session cache)."""
-    from core.data import colored_mnist
+    from diffinject.core.data import colored_mnist
 
     return colored_mnist(1.0, 0)
 
@@ -37,7 +37,7 @@ def cmnist():
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     """A quick-preset run folder with its tiny U-Net and biased classifier trained (shared by the Ray tests)."""
-    from core.pipeline import Run, make_config
+    from diffinject.core.pipeline import Run, make_config
 
     run = Run(tmp_path_factory.mktemp("quick-run"), make_config("quick"), progress=False)
     run.unet_dir()
@@ -61,7 +61,7 @@ def ray_cluster():
 def planted():
     """``planted(n, seed)``: a planted two-class task as an ``ImageSet``: class 1 has a bright top half on random
     noise, 28 px, 3 channels, and no bias labels (-1), for the methods' learning and resume tests."""
-    from core.data import ImageSet
+    from diffinject.core.data import ImageSet
 
     def build(n: int = 240, seed: int = 0) -> ImageSet:
         g = torch.Generator().manual_seed(seed)

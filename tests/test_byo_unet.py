@@ -13,9 +13,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 
-from core.diffusion import ddim_scheduler, from_model_space, load_unet, to_model_space
-from core.injection import InjectionConfig, Pairs, inject
-from workers.cli import main
+from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet, to_model_space
+from diffinject.core.injection import InjectionConfig, Pairs, inject
+from diffinject.workers.cli import main
 
 
 def _tiny_unet(channels: int = 3, **kw) -> UNet2DModel:
@@ -52,7 +52,7 @@ def test_a_diffusers_pipeline_folder_runs_the_pipeline_to_the_end(byo_run, pipel
 
 
 def test_export_writes_one_png_per_sample_and_a_matching_manifest(byo_run, tmp_path, capsys):
-    from core.injection import Synthetic
+    from diffinject.core.injection import Synthetic
 
     syn = Synthetic.load(byo_run / "synthetic" / "samples.pt")
     out = tmp_path / "export"
@@ -130,7 +130,7 @@ def test_grey_images_go_through_an_rgb_model_and_come_back_grey():
 
 
 def test_the_h_space_is_the_middle_block_whatever_the_depth():
-    from core.injection import bottleneck_hook
+    from diffinject.core.injection import bottleneck_hook
 
     deep = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
                        block_out_channels=(8, 16, 16, 32), down_block_types=("DownBlock2D",) * 4,
@@ -142,8 +142,8 @@ def test_the_h_space_is_the_middle_block_whatever_the_depth():
 
 
 def test_zip_of_the_same_layout(byo_run):
-    from core.export import entries, zip_bytes
-    from core.injection import Synthetic
+    from diffinject.core.export import entries, zip_bytes
+    from diffinject.core.injection import Synthetic
 
     syn = Synthetic.load(byo_run / "synthetic" / "samples.pt")
     made = {"gamma": 0.9, "t_edit": 300, "skip_levels": 0, "steps": 5, "seed": 0, "unet": "x"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import (
+from diffinject.core.data import (
     COLOUR_JITTER,
     PALETTE,
     DataError,
@@ -19,9 +19,9 @@ from core.data import (
     load_dataset,
     load_folder_dataset,
 )
-from core.corruptions import NAMES as CORRUPTIONS
-from core.diagnostics import Readers, read_colour
-from core.diffusion import from_model_space, to_model_space
+from diffinject.core.corruptions import NAMES as CORRUPTIONS
+from diffinject.core.diagnostics import Readers, read_colour
+from diffinject.core.diffusion import from_model_space, to_model_space
 
 SPLITS = ("train", "valid", "test", "corpus")
 

@@ -166,7 +166,7 @@ def test_rayservice_serve_config_is_serve_yaml(rayservice, serve_config):
 
 def test_keys_never_in_the_configs_and_from_a_secret_on_every_pod(rayservice, serve_config):
     """No key in either config (Serve prints its config); the pods read it from a Secret; file settings relative."""
-    from service.app import check_relative
+    from diffinject.service.app import check_relative
 
     v2 = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     for config in (serve_config, v2):
@@ -228,9 +228,9 @@ def test_rayjob_pins_ray_and_shuts_down(rayjob):
 
 def test_rayjob_entrypoint_is_accepted(rayjob):
     argv = shlex.split(rayjob["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "workers.job"], argv
+    assert argv[:3] == ["python", "-m", "diffinject.workers.job"], argv
     importlib.import_module(argv[2])
-    from workers.cli import build_parser
+    from diffinject.workers.cli import build_parser
 
     args = build_parser().parse_args(["run", *argv[3:]])
     assert args.workers > 0 and args.out and Path(args.out).is_absolute()
@@ -238,7 +238,7 @@ def test_rayjob_entrypoint_is_accepted(rayjob):
 
 def test_rayjob_run_folder_is_on_the_shared_volume(rayjob):
     """--out lies on a volume mounted at the same path on the head and every worker (actors read the U-Net)."""
-    from workers.cli import build_parser
+    from diffinject.workers.cli import build_parser
 
     out = Path(build_parser().parse_args(["run", *shlex.split(rayjob["spec"]["entrypoint"])[3:]]).out)
     cluster = rayjob["spec"]["rayClusterSpec"]

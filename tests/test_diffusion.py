@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from core.diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, train_diffusion
+from diffinject.core.diffusion import DiffusionConfig, ddim_scheduler, is_trained, load_unet, train_diffusion
 
 
 def tiny(**kw) -> DiffusionConfig:
@@ -111,7 +111,7 @@ def test_other_images_on_the_same_folder_are_refused(straight, images):
 
 def test_time_budget_stops_early_and_resumes_exactly(images, straight, tmp_path, monkeypatch):
     """``max_seconds`` stops between checkpoints and saves; the next call resumes to the uninterrupted model."""
-    import core.diffusion as diffusion
+    import diffinject.core.diffusion as diffusion
 
     clock = iter(range(10**6))  # a fake clock that ticks one second per reading: the stop step is deterministic
     monkeypatch.setattr(diffusion.time, "time", lambda: float(next(clock)))
@@ -128,7 +128,7 @@ def test_time_budget_stops_early_and_resumes_exactly(images, straight, tmp_path,
 
 
 def test_train_diffusion_cli_reads_a_config_file(tmp_path, capsys):
-    from workers.cli import main
+    from diffinject.workers.cli import main
 
     cfg = tmp_path / "unet.yaml"
     cfg.write_text("block_out_channels: [8, 16]\ndown_block_types: [DownBlock2D, DownBlock2D]\n"

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler
-from core.injection import InjectionConfig, Pairs, count_evaluations, ddim_generate, inject
-from core.reference import evaluations_per_sample, injection_steps, reference_inject
+from diffinject.core.diffusion import DiffusionConfig, build_unet, ddim_scheduler
+from diffinject.core.injection import InjectionConfig, Pairs, count_evaluations, ddim_generate, inject
+from diffinject.core.reference import evaluations_per_sample, injection_steps, reference_inject
 
 TINY = DiffusionConfig(image_size=16, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
@@ -213,7 +213,7 @@ def test_bf16_precision_runs_the_unet_in_bf16_and_keeps_the_rest_in_float32(mode
     Slerp on float32 h, uint8 images, the same ones on a rerun. How far they are from float32's is a property of
     the trained U-Net, measured on it (benchmarks/results/experiments.md): on this random one bf16's rounding moves
     pixels as much as gamma + 0.05 does."""
-    import core.injection as injection
+    import diffinject.core.injection as injection
 
     unet, scheduler = model
     images, labels = data
@@ -238,7 +238,7 @@ def test_bf16_precision_runs_the_unet_in_bf16_and_keeps_the_rest_in_float32(mode
 
 
 def test_a_cast_copy_is_made_once_and_again_after_the_weights_change():
-    from core.injection import at_precision
+    from diffinject.core.injection import at_precision
 
     torch.manual_seed(0)
     unet = build_unet(TINY).eval()
@@ -258,7 +258,7 @@ def test_compile_runs_every_unet_call_through_a_frozen_graph_of_a_copy_and_match
     calls would have had five shapes here; with the evaluations and the pixels of the eager run at the same bucket,
     up to float rounding (fused kernels add in another order). The copy is remade, and so recompiled, when the
     weights change, so a frozen graph never serves old weights."""
-    import core.injection as injection
+    import diffinject.core.injection as injection
 
     unet, scheduler = model
     images, labels = data
@@ -288,7 +288,7 @@ def test_compile_runs_every_unet_call_through_a_frozen_graph_of_a_copy_and_match
 
 
 def test_an_unknown_compile_value_from_a_settings_file_is_refused_naming_the_field():
-    from core.injection import SettingError
+    from diffinject.core.injection import SettingError
 
     with pytest.raises(SettingError, match="compile 'yes' must be true or false") as err:
         InjectionConfig(compile="yes").validate()
@@ -312,7 +312,7 @@ def test_evaluations_are_counted_in_bf16_on_every_call_with_the_cached_copy(mode
 
 
 def test_an_unknown_precision_is_refused_naming_the_field():
-    from core.injection import SettingError
+    from diffinject.core.injection import SettingError
 
     with pytest.raises(SettingError, match="precision 'fp16' must be one of fp32, bf16, auto") as err:
         InjectionConfig(precision="fp16").validate()
@@ -322,8 +322,8 @@ def test_an_unknown_precision_is_refused_naming_the_field():
 def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_and_the_default_preset_asks_for_it(monkeypatch):
     """The core's default stays float32; the default preset asks for "auto", which is bf16 on a CPU that has bf16
     arithmetic and float32 elsewhere (a GPU here gained 4 % from bf16: launch-bound)."""
-    import core.injection as injection
-    from core.pipeline import make_config
+    import diffinject.core.injection as injection
+    from diffinject.core.pipeline import make_config
 
     assert InjectionConfig().precision == "fp32" and make_config("quick").injection.precision == "fp32"
     assert make_config().injection.precision == "auto"
@@ -353,7 +353,7 @@ def test_the_benchmark_counts_the_flops_of_the_work_done(model):
 
 def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
     bench = _generation_benchmark()
-    import core.injection as injection
+    import diffinject.core.injection as injection
 
     before = injection.unet_forward, injection.ddim_generate
     opts = {"unet": str(bench.CORPUS_UNET), "device": "cpu", "threads": 1, "steps": 3, "batch_size": 2, "pairs": 2,
@@ -375,7 +375,7 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
 
 
 def test_the_cli_sets_precision_compile_skip_levels_and_the_sample_share_in_the_injection_settings():
-    from workers.cli import build_parser, flag_overrides
+    from diffinject.workers.cli import build_parser, flag_overrides
 
     def injection(*flags):
         return flag_overrides(build_parser().parse_args(["run", *flags])).get("injection", {})

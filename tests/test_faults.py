@@ -17,7 +17,7 @@ def two_replicas(quick_run):
     import ray
     from ray import serve
 
-    from service.app import Ingress, InjectorDeployment
+    from diffinject.service.app import Ingress, InjectorDeployment
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from core.filtering import consistency_scores, keep_consistent
-from core.injection import InjectionConfig, Synthetic
+from diffinject.core.filtering import consistency_scores, keep_consistent
+from diffinject.core.injection import InjectionConfig, Synthetic
 
 
 def _digit(shape: str, colour: tuple[int, int, int]) -> torch.Tensor:

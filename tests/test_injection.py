@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, to_model_space, train_diffusion
-from core.injection import (
+from diffinject.core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, to_model_space, train_diffusion
+from diffinject.core.injection import (
     InjectionConfig,
     Pairs,
     _alpha,
@@ -396,7 +396,7 @@ def test_bucket_makes_a_sample_independent_of_its_batch(tiny_unet, monkeypatch, 
     """With ``bucket`` the same (content, style, seed, sample id) gives bit-identical float output alone, at other
     rows of batches of other sizes and batch-mates, and with its content inversion cached or fresh; without it,
     the batch shape changes the rounding (the control)."""
-    monkeypatch.setattr("core.injection.from_model_space", lambda x, *_: x.clone())  # floats, not uint8 levels
+    monkeypatch.setattr("diffinject.core.injection.from_model_space", lambda x, *_: x.clone())  # floats, not uint8 levels
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -627,7 +627,7 @@ def test_skip_levels_share_the_down_path_between_copies(tiny_unet, unet_input):
 
 
 def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, unet_input):
-    from core.injection import SettingError
+    from diffinject.core.injection import SettingError
 
     x, t = unet_input
     with pytest.raises(ValueError, match="skip_levels 3 must be between 0 and the U-Net's 2 up blocks"):
@@ -642,7 +642,7 @@ def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, un
 def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
     """h stays at the middle block (the core, every preset) but on the embedded Corrupted MNIST under the default
     preset (its measured exception), and a flag or a settings file still wins there."""
-    from core.pipeline import make_config
+    from diffinject.core.pipeline import make_config
 
     assert InjectionConfig().skip_levels == 0 and make_config("paper").injection.skip_levels == 0
     assert make_config().injection.skip_levels == 0  # the embedded cmnist
@@ -658,7 +658,7 @@ def test_the_default_preset_mines_the_embedded_benchmarks_with_a_cnn_alone():
     """The miner is the MLP with K = 10 everywhere but on the embedded benchmarks under the default preset (a CNN with
     K = 5, measured there, keeping only its confident mistakes; on Corrupted MNIST each drawn by its capped loss, and
     LfF's biased model the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
-    from core.pipeline import make_config
+    from diffinject.core.pipeline import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
     assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 4.0)

@@ -1,4 +1,4 @@
-"""``ray job submit ... -- python -m workers.job``: the whole quick pipeline as a job on a local Ray head.
+"""``ray job submit ... -- python -m diffinject.workers.job``: the whole quick pipeline as a job on a local Ray head.
 
 The head gets its own ports and temp dir and runs in its own process group (``ray start --block``); the
 teardown kills that group and every process that names the temp dir or joins its GCS (the job's driver), by
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.injection import Synthetic
+from diffinject.core.injection import Synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 _RAY_BESIDE = Path(sys.executable).with_name("ray")  # the CLI of this Python's Ray, else the first on PATH
@@ -131,7 +131,7 @@ def test_job_submit_runs_the_pipeline(ray_head, tmp_path):
     out = tmp_path / "run"
     cmd = [RAY, "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
-           sys.executable, "-m", "workers.job", "--preset", "quick", "--methods", "vanilla,diffinject",
+           sys.executable, "-m", "diffinject.workers.job", "--preset", "quick", "--methods", "vanilla,diffinject",
            "--workers", "1", "--no-progress", "--out", str(out)]
     t0 = time.time()
     try:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.classifier import gce_loss, group_metrics
-from core.diffusion import DiffusionConfig, _step_generator, build_unet, ddpm_scheduler, p2_weights, train_diffusion
-from core.mining import MiningConfig, mine, mining_quality, top_k_per_class
+from diffinject.core.classifier import gce_loss, group_metrics
+from diffinject.core.diffusion import DiffusionConfig, _step_generator, build_unet, ddpm_scheduler, p2_weights, train_diffusion
+from diffinject.core.mining import MiningConfig, mine, mining_quality, top_k_per_class
 
 # ---------------------------------------------------------------------------------------------------------
 # P2 weighting

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core import methods as registry
-from core.classifier import ClassifierConfig, build_classifier
-from core.methods.base import LossEMA, cap_extra_weight, relative_difficulty
-from core.methods.disent import DisEntClassifier, swap_features
-from core.methods.jtt import error_set, upsampled_order
+from diffinject.core import methods as registry
+from diffinject.core.classifier import ClassifierConfig, build_classifier
+from diffinject.core.methods.base import LossEMA, cap_extra_weight, relative_difficulty
+from diffinject.core.methods.disent import DisEntClassifier, swap_features
+from diffinject.core.methods.jtt import error_set, upsampled_order
 
 
 def test_loss_ema_first_value_whole_then_decayed_and_class_normalised():
@@ -120,8 +120,8 @@ def test_every_label_free_learner_learns_a_planted_task_reproducibly(name, plant
 def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, monkeypatch):
     """fit_method marks the extra data's samples; LfF + DiffInject caps exactly those by default, plain LfF only when
     asked, DisEnt + DiffInject when asked."""
-    import core.methods.base as base
-    from core.pipeline import fit_method
+    import diffinject.core.methods.base as base
+    from diffinject.core.pipeline import fit_method
 
     train, extra, valid = planted(64), planted(32, seed=2), planted(32, seed=1)
     seen = []
@@ -141,7 +141,7 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
 
 def test_lff_biased_model_can_learn_from_the_real_samples_alone():
     """biased_on_real_only: the biased model's GCE is the mean over the real samples; by default over all of them."""
-    from core.classifier import gce_loss
+    from diffinject.core.classifier import gce_loss
 
     logits, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
     from_extra = torch.tensor([False, False, False, False, True, True])
@@ -153,8 +153,8 @@ def test_lff_biased_model_can_learn_from_the_real_samples_alone():
 
 def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, monkeypatch):
     """biased_arch: LfF builds its biased model with that architecture and its debiased model with the shared one."""
-    import core.methods.lff as lff
-    from core.pipeline import fit_method
+    import diffinject.core.methods.lff as lff
+    from diffinject.core.pipeline import fit_method
 
     built = []
     monkeypatch.setattr(lff, "build_classifier", lambda cfg, *a: built.append(cfg.arch) or build_classifier(cfg, *a))
@@ -168,7 +168,7 @@ def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, mon
             registry.get(name, {"biased_arch": "vit"})
     with pytest.raises(ValueError, match="vetted_by must name"):  # the combination keeps its own check too
         registry.get("lff+diffinject", {"vetted_by": "nothing"})
-    from core.pipeline import make_config  # the miner's and the classifiers' arch: refused when configured too
+    from diffinject.core.pipeline import make_config  # the miner's and the classifiers' arch: refused when configured too
 
     for section in ({"mining": {"classifier": {"arch": "vit"}}}, {"classifier": {"arch": "vit"}}):
         with pytest.raises(ValueError, match="classifier arch 'vit' must be one of mlp, cnn, resnet18, auto"):
@@ -195,7 +195,7 @@ def test_unknown_method_or_hyperparameter_is_a_one_line_error():
 
 
 def test_methods_flag_accepts_exactly_the_registry(capsys):
-    from workers.cli import build_parser, main
+    from diffinject.workers.cli import build_parser, main
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     methods_help = next(a.help for a in run._actions if a.dest == "methods")
@@ -207,7 +207,7 @@ def test_methods_flag_accepts_exactly_the_registry(capsys):
 
 def test_build_classifier_unchanged_by_the_encoder_split():
     """build_encoder strips the head of the same backbone the other methods train (same parameters otherwise)."""
-    from core.classifier import build_encoder
+    from diffinject.core.classifier import build_encoder
 
     cfg = ClassifierConfig(arch="mlp")
     enc, dim = build_encoder(cfg, (3, 28, 28))
@@ -222,8 +222,8 @@ def test_a_new_method_is_one_class_and_one_registry_entry(monkeypatch, tmp_path,
 
     import torch.nn.functional as F
 
-    from core.classifier import train_classifier
-    from core.pipeline import Run, make_config
+    from diffinject.core.classifier import train_classifier
+    from diffinject.core.pipeline import Run, make_config
 
     @dataclass
     class SmoothParams:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.cli import main
-from core.data import load_dataset
-from core.methods import REGISTRY
-from core.pipeline import Run, make_config
+from diffinject.workers.cli import main
+from diffinject.core.data import load_dataset
+from diffinject.core.methods import REGISTRY
+from diffinject.core.pipeline import Run, make_config
 
 ARTIFACTS = [
     "config.json", "biased/model.pt", "biased/mining.json", "biased/mined.png",
@@ -97,8 +97,8 @@ def test_synthetic_samples_are_content_labelled_images(quick_run, dataset):
 
 def test_keep_fraction_generates_more_and_keeps_the_most_consistent(quick_run, dataset, tmp_path):
     """keep_fraction 0.5: twice the pairs are generated (the first half being the unfiltered run's), half kept."""
-    from core.filtering import consistency_scores
-    from core.injection import Synthetic
+    from diffinject.core.filtering import consistency_scores
+    from diffinject.core.injection import Synthetic
 
     folder, _ = quick_run
     cfg = make_config("quick", {"methods": ["diffinject"], "unet": str(folder / "unet"),
@@ -180,7 +180,7 @@ def test_bias_labels_are_never_read(quick_run, dataset, tmp_path):
 
 def test_hard_share_oversamples_the_hard_samples():
     """A batch's hard share is drawn by weight: samples of weight 0 never appear in it, the uniform share covers all."""
-    from core.diffusion import DiffusionConfig, draw_batch
+    from diffinject.core.diffusion import DiffusionConfig, draw_batch
 
     weights = torch.zeros(100)
     weights[:5] = 1.0
@@ -190,7 +190,7 @@ def test_hard_share_oversamples_the_hard_samples():
     assert (batches[:, 20:] < 5).all()  # the weighted half: only the five hard samples
     assert (batches[:, :20] >= 5).float().mean() > 0.8  # the uniform half: mostly the others
     with pytest.raises(ValueError, match="one non-negative sample weight per image"):
-        from core.diffusion import train_diffusion
+        from diffinject.core.diffusion import train_diffusion
 
         train_diffusion(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), cfg, "/nonexistent-never-created", progress=False)
 
@@ -216,7 +216,7 @@ def test_a_finished_classifier_is_never_read_back_under_other_hyperparameters(qu
 
 def test_a_shipped_unet_is_named_one_way_at_any_ratio(dataset, tmp_path):
     """The shipped 1 % U-Net reads the same in the tables whether a 1 % run finds it or --unet names it at 5 %."""
-    from core.pipeline import PRETRAINED
+    from diffinject.core.pipeline import PRETRAINED
 
     found = Run(tmp_path / "found", make_config("quick", {"unet": "shipped"}), progress=False, dataset=dataset)
     named = Run(tmp_path / "named", make_config("quick", {"ratio": 5.0, "unet": str(PRETRAINED / "cmnist-1pct")}),
@@ -249,7 +249,7 @@ def test_corpus_row_needs_the_embedded_cmnist(capsys, tmp_path):
 
 
 def test_default_methods_name_the_corpus_row_on_cmnist_only():
-    from core.pipeline import run_methods
+    from diffinject.core.pipeline import run_methods
 
     # the corpus row is measured more than 3 points ahead of the best label-free row at every ratio
     for ratio in (0.5, 1.0, 2.0, 5.0):
@@ -391,8 +391,8 @@ def test_vetting_keeps_the_synthetic_samples_the_real_only_classifier_assigns_to
     the real split alone, puts in their labelled class; that classifier is trained first where the folder lacks it."""
     import shutil
 
-    from core.classifier import predict
-    from core.injection import Synthetic
+    from diffinject.core.classifier import predict
+    from diffinject.core.injection import Synthetic
 
     folder, _ = quick_run
     copy_dir = tmp_path / "copy"
@@ -460,7 +460,7 @@ def test_cli_bad_yaml(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "run", "--ratio", "7", "--out", str(tmp_path / "r")],
+    proc = subprocess.run([sys.executable, "-m", "diffinject.workers.cli", "run", "--ratio", "7", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "ratio 7 is not one of" in proc.stderr

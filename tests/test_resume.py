@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import methods as registry
-from core.classifier import ClassifierConfig
-from core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
-from core.injection import InjectionConfig, Pairs, inject, plan_pairs
-from workers.cli import main
-from core.pipeline import generate_in_process
+from diffinject.core import methods as registry
+from diffinject.core.classifier import ClassifierConfig
+from diffinject.core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
+from diffinject.core.injection import InjectionConfig, Pairs, inject, plan_pairs
+from diffinject.workers.cli import main
+from diffinject.core.pipeline import generate_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
     """Batches whose shard holds their planned pairs are read back, the others made again: the samples (compared
     as floats, before uint8 rounding hides a last-bit difference) and the evaluations equal an uninterrupted run's.
     Contents recur across batches, so a regenerated batch needs inversions its skipped predecessors made."""
-    monkeypatch.setattr("core.injection.from_model_space", lambda x, *_: x.clone())
+    monkeypatch.setattr("diffinject.core.injection.from_model_space", lambda x, *_: x.clone())
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
     labels = torch.arange(16) % 4
@@ -82,7 +82,7 @@ class Killed(Exception):
 def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(name, tmp_path, monkeypatch, planted):
     """Killed after its 1st and again after its 3rd checkpoint (JTT: inside its ERM phase, then inside its second
     phase), a method resumed from the file ends with the weights (and JTT's error set) of an uninterrupted run."""
-    import core.classifier
+    import diffinject.core.classifier
 
     train, valid = planted(240, 0), planted(80, 1)
     cfg = ClassifierConfig(epochs=4, batch_size=32)
@@ -134,7 +134,7 @@ def _argv(config, out):
 
 def _run_until(argv, trigger, timeout=300):
     """Run the CLI in a subprocess and SIGKILL it as soon as ``trigger()`` holds (polled every 20 ms)."""
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "diffinject.workers.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     try:
@@ -182,7 +182,7 @@ def test_killed_run_resumes_to_the_uninterrupted_artifacts(tmp_path):
     for trigger, artifact in kills:
         _run_until(_argv(config, b), trigger)
         assert not (b / artifact).exists(), f"the kill landed after {artifact} was written"
-    done = subprocess.run([sys.executable, "-m", "workers.cli", *_argv(config, b)], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "diffinject.workers.cli", *_argv(config, b)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

@@ -36,7 +36,7 @@ GAMMA_03 = "gamma-0.3"  # the quick run's U-Net registered with its own injectio
 def url(ray_cluster, quick_run, tmp_path_factory):
     from ray import serve
 
-    from service.app import Ingress, InjectorDeployment
+    from diffinject.service.app import Ingress, InjectorDeployment
 
     port = _free_port()
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
@@ -124,7 +124,7 @@ def test_inject_returns_pngs_with_content_labels_and_is_reproducible(url, quick_
 
 
 def test_inject_mines_when_no_conflict_indices_and_honours_style_pool(url, quick_run):
-    from core.mining import mine
+    from diffinject.core.mining import mine
 
     tr = quick_run.ds.train
     mined = set(mine(quick_run.biased(), tr.images, tr.labels, 2,
@@ -188,7 +188,7 @@ def test_bad_input_gets_its_status_and_names_the_field(url, quick_run, change, s
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../secrets", "data/../../x", "./.."])
 def test_dataset_file_settings_refuse_absolute_paths_and_dotdot(path):
-    from service.app import check_relative
+    from diffinject.service.app import check_relative
 
     with pytest.raises(ValueError, match="relative path without '..'"):
         check_relative(path, "unet")
@@ -196,7 +196,7 @@ def test_dataset_file_settings_refuse_absolute_paths_and_dotdot(path):
 
 
 def test_keys_never_come_from_the_serve_config():
-    from service.app import build_app
+    from diffinject.service.app import build_app
 
     with pytest.raises(ValueError, match="environment variable"):
         build_app({"datasets": {"x": {}}, "api_key": "in-clear-text"})
@@ -284,8 +284,8 @@ def test_a_datasets_own_injection_settings_reach_its_images(url, quick_run):
     in-process ``inject`` gives at gamma 0.3 (the request, then the dataset's settings, then core's defaults)."""
     from dataclasses import replace
 
-    from core.injection import plan_pairs
-    from workers.injector import Injector
+    from diffinject.core.injection import plan_pairs
+    from diffinject.workers.injector import Injector
 
     body = _body(quick_run, seed=9, dataset=GAMMA_03)
     served = _post(url, body)
@@ -320,7 +320,7 @@ def test_inject_answers_a_zip_of_the_export_layout(url, quick_run):
 
 
 def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):
-    from service.app import InjectorDeployment
+    from diffinject.service.app import InjectorDeployment
 
     resnet = {"mining": {"classifier": {"arch": "resnet18"}}}  # a biased model that takes minutes: made beforehand
     with pytest.raises(ValueError, match="diffinject prepare") as e:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from workers.cli import main
+from diffinject.workers.cli import main
 
 GAMMAS = (0.3, 0.7)
 

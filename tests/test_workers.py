@@ -5,9 +5,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from core.diffusion import ddim_scheduler, load_unet
-from core.injection import InjectionConfig, inject, plan_pairs
-from workers.injector import ContentCache, Injector, check_job, fan_out, injector_actor, run_isolated
+from diffinject.core.diffusion import ddim_scheduler, load_unet
+from diffinject.core.injection import InjectionConfig, inject, plan_pairs
+from diffinject.workers.injector import ContentCache, Injector, check_job, fan_out, injector_actor, run_isolated
 
 CFG = InjectionConfig(steps=5, num_samples=12, batch_size=16)
 

@@ -1,4 +1,1 @@
-"""Ray actors and jobs around ``core`` (batched injection actors, Tune sweeps, the pipeline as a Ray job).
-
-Not written yet: see the Ray issue. ``core`` runs without Ray.
-"""
+"""Ray around the core: batched injection actors, Tune sweeps, the pipeline as a Ray job, and the CLI."""

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from core.data import DataError, load_dataset, pct_name
-from core.diffusion import DiffusionConfig, train_diffusion
-from core.injection import PRECISION_CHOICES, InjectionConfig
-from core.pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
+from diffinject.core.data import DataError, load_dataset, pct_name
+from diffinject.core.diffusion import DiffusionConfig, train_diffusion
+from diffinject.core.injection import PRECISION_CHOICES, InjectionConfig
+from diffinject.core.pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
 
 
 def _threads(n: int | None) -> None:
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from core.export import export_run
+    from diffinject.core.export import export_run
 
     done = export_run(args.run_dir, args.to, args.with_real, "synthetic-corpus" if args.corpus else "synthetic")
     print(f"{done.synthetic} synthetic and {done.real} real images in {done.folder} (manifest.csv lists them)")
@@ -237,7 +237,7 @@ def cmd_export(args) -> int:
 def cmd_prepare(args) -> int:
     """Every registered dataset of the config's diffinject applications: its U-Net (trained, resumable, or copied
     from a shipped or given folder) and its biased classifier, in the run folder the service will read."""
-    from service.app import registered_runs
+    from diffinject.service.app import registered_runs
 
     apps = [a for a in read_settings(args.config, "Serve config").get("applications", [])
             if str(a.get("import_path", "")).startswith("service.app")]

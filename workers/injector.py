@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.diffusion import ddim_scheduler, is_unet, load_unet, weights_id
-from core.injection import InjectionConfig, Pairs, SettingError, Synthetic, count_evaluations, inject
+from diffinject.core.diffusion import ddim_scheduler, is_unet, load_unet, weights_id
+from diffinject.core.injection import InjectionConfig, Pairs, SettingError, Synthetic, count_evaluations, inject
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """The whole pipeline as a Ray job: ``diffinject run`` on a cluster, same arguments.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m workers.job --preset default --workers 2 --out /shared/runs/cmnist-1pct
+        python -m diffinject.workers.job --preset default --workers 2 --out /shared/runs/cmnist-1pct
 
 (against a local ``ray start --head``, set ``RAY_AUTH_MODE=disabled`` for both the head and ``ray job submit``;
 on Kubernetes see ``deploy/rayjob.yaml``). Inside a submitted job ``RAY_ADDRESS`` is set, so with ``--workers N``

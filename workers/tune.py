@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from core import methods as registry
-from core.classifier import group_metrics, load_classifier, predict
+from diffinject.core import methods as registry
+from diffinject.core.classifier import group_metrics, load_classifier, predict
 from .cli import flag_overrides
-from core.data import ImageSet, pct_name
-from core.injection import InjectionConfig
-from core.mining import mine
-from core.pipeline import (PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize,
+from diffinject.core.data import ImageSet, pct_name
+from diffinject.core.injection import InjectionConfig
+from diffinject.core.mining import mine
+from diffinject.core.pipeline import (PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize,
                            validate, vetted_samples)
 
 DEFAULTS = {
