@@ -396,19 +396,6 @@ def weights_id(path: str | Path) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
-def load_checkpoint_unet(checkpoint: str | Path, device: str = "cpu", ema: bool = False) -> tuple[UNet2DModel, int]:
-    """The U-Net of a training ``checkpoint.pt`` (raw weights, or the EMA's with ``ema``) and its step, for
-    experiments on a training run that has not finished."""
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
-    unet = build_unet(DiffusionConfig(**ckpt["config"])).to(device)
-    unet.load_state_dict(ckpt["unet"])
-    if ema:
-        average = EMAModel(unet.parameters())
-        average.load_state_dict(ckpt["ema"])
-        average.copy_to(unet.parameters())
-    return unet.eval(), ckpt["step"]
-
-
 def is_trained(path: str | Path) -> bool:
     """A U-Net this project trained (its ``train.json`` records how far); see :func:`is_unet` for any U-Net."""
     return (Path(path) / "diffusion_pytorch_model.safetensors").exists() and (Path(path) / "train.json").exists()

@@ -54,7 +54,6 @@ from .classifier import (ClassifierConfig, accuracy, group_metrics, load_classif
 from .data import Dataset, ImageSet, load_dataset, pct_name
 from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
                         num_parameters, train_diffusion, unet_folder)
-from .filtering import keep_consistent, vet
 from .injection import (InjectionConfig, Synthetic, check_skip_levels, count_evaluations, inject_batches, plan_pairs,
                         resolve_precision)
 from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
@@ -236,7 +235,7 @@ def _save_json(path: Path, obj) -> None:
 # config.json without them is read at these values (any other missing setting reads at its default).
 BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False, "min_loss": 0.0}}
 # The same for a method's hyperparameters in a finished classifier's record (classifiers/<method>.json).
-PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_on_real_only": False}
+PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False}
 
 
 def saved_config(run_dir: str | Path) -> RunConfig:
@@ -387,33 +386,30 @@ def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
 
 @dataclass
 class Synthesized:
-    """What :func:`synthesize` made: the kept samples, how many were generated, the U-Net evaluations and seconds."""
+    """What :func:`synthesize` made: the samples, the U-Net evaluations and the seconds they took."""
 
     samples: Synthetic
-    generated: int
     evaluations: int
     seconds: float
 
 
 def synthesize(unet_dir: Path, train: ImageSet, pool: np.ndarray, cfg: InjectionConfig, seed: int, generate=None,
                device: str = "cpu", progress: bool = True, shards: Path | None = None, weights=None) -> Synthesized:
-    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair contents from ``pool`` (drawn by
-    their ``weights``, see :func:`~core.injection.plan_pairs`) with styles, generate with ``generate`` (default
-    :func:`generate_in_process`), keep the most consistent ``cfg.count``.
+    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair ``cfg.count`` contents from ``pool``
+    (drawn by their ``weights``, see :func:`~core.injection.plan_pairs`) with styles and generate with ``generate``
+    (default :func:`generate_in_process`).
 
     A generator returns ``(samples, evaluations)``, or ``(samples, evaluations, seconds)`` when it knows better
     than the wall clock how long its samples took (resumed from shards); ``shards`` reaches it only if it takes a
     ``shards`` argument (the Ray fan-out does not).
     """
     generate = generate or generate_in_process
-    pairs = plan_pairs(train.labels, pool, cfg.generated(len(train)), seed, weights=weights)
+    pairs = plan_pairs(train.labels, pool, cfg.count(len(train)), seed, weights=weights)
     kw = {"shards": shards} if shards is not None and _takes(generate, "shards") else {}
     t0 = time.time()
     syn, evaluations, *seconds = generate(unet_dir, train.images, train.labels, pairs, cfg, seed, device, progress,
                                           **kw)
-    seconds = seconds[0] if seconds else time.time() - t0
-    generated = len(syn.labels)
-    return Synthesized(keep_consistent(syn, train.images, cfg.count(len(train))), generated, evaluations, seconds)
+    return Synthesized(syn, evaluations, seconds[0] if seconds else time.time() - t0)
 
 
 def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet, num_classes: int,
@@ -431,17 +427,6 @@ def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet,
     kw = {"checkpoint": checkpoint} if checkpoint is not None and _takes(method.fit, "checkpoint") else {}
     return method.fit(ImageSet(images, labels, torch.full_like(labels, -1), {"from_extra": from_extra}),
                       valid.blind(), num_classes, cfg, seed, device, progress, on_epoch, **kw)
-
-
-def vetted_samples(method: registry.Method, syn: Synthetic, folder: Path, cfg: RunConfig,
-                   image_shape: tuple[int, int, int], num_classes: int, device: str = "cpu") -> Synthetic:
-    """The synthetic samples ``method`` learns from, for the pipeline and every Tune trial alike: all of them, or
-    with its ``vetted_by`` those that method's classifier, saved in ``folder/classifiers/``, assigns to their label."""
-    by = getattr(method.params, "vetted_by", None)
-    if not by:
-        return syn
-    vetter = registry.get(by, cfg.hparams.get(by))
-    return vet(syn, vetter.load(folder / "classifiers" / f"{by}.pt", cfg.classifier, image_shape, num_classes), device)
 
 
 def _takes(fn, name: str) -> bool:
@@ -623,10 +608,11 @@ class Run:
         made = self._timed(f"inject {method}", lambda: synthesize(
             unet_dir, tr, pool, cfg, self.cfg.seed, self.generate, self.device, self.progress, shards=folder / "shards",
             weights=weights))
-        syn, generated, evaluations, seconds = made.samples, made.generated, made.evaluations, made.seconds
+        syn, evaluations, seconds = made.samples, made.evaluations, made.seconds
+        generated = len(syn.labels)
         folder.mkdir(exist_ok=True)
         diagnostics.injection_grid(tr.images, syn, folder / "injection_grid.png")
-        info = {"samples": len(syn.labels), "generated": generated, "seconds": round(seconds, 1),
+        info = {"samples": generated, "seconds": round(seconds, 1),
                 "images_per_second": round(generated / max(seconds, 1e-9), 2),
                 "unet_parameters": num_parameters(load_unet(unet_dir)),
                 "unet_evaluations_per_sample": round(evaluations / max(1, generated), 1),
@@ -663,20 +649,14 @@ class Run:
         folder.mkdir(exist_ok=True)
         ds = self.ds
         checkpoint = folder / f"{name}.ckpt.pt"  # epoch checkpoints: a rerun resumes after the last epoch
-        if getattr(method.params, "vetted_by", None):  # read the samples once, vetted, not once more as they are
-            kept, vetting = self.vetted(self.synthetic(method.extra), method)
-            extra = kept.images, kept.labels
-        else:
-            extra, vetting = self.extra_data(method.extra), None
-        t0 = time.time()  # the vetting classifier is timed as its own method
+        extra = self.extra_data(method.extra)
+        t0 = time.time()
         trained = fit_method(method, ds.train, extra, ds.valid, ds.num_classes,
                              self.cfg.classifier, self.cfg.seed, self.device, self.progress, checkpoint=checkpoint)
         self.timings[name] = round(time.time() - t0, 1)
         model = trained.model
         metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
                                 ds.test.bias)
-        if vetting is not None:
-            metrics["vetted"] = vetting
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
@@ -686,23 +666,6 @@ class Run:
         _save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
         checkpoint.unlink(missing_ok=True)
         return metrics
-
-    def vetted(self, syn: Synthetic, method: registry.Method) -> tuple[Synthetic, dict]:
-        """The synthetic samples that the classifier of ``method``'s ``vetted_by`` (trained here on the real training
-        split alone, label-free like every row; read back when this folder has it) assigns to their label, and what
-        was kept (:func:`vetted_samples`).
-
-        An injection that left the style image's digit, or broke the image, is a mislabelled sample; a debiased
-        classifier that recognises the content's class in another bias value keeps the ones that carry it. Off by
-        default: purer samples did not train better classifiers (benchmarks/results/experiments.md, 2026-12-04).
-        The kept samples' injection report (evaluation only) says what the vetting removed."""
-        self.method(method.params.vetted_by)
-        kept = vetted_samples(method, syn, self.dir, self.cfg, self.ds.image_shape, self.ds.num_classes, self.device)
-        info = {"by": method.params.vetted_by, "kept": len(kept.labels), "of": len(syn.labels)}
-        if self.readers is not None and len(kept.labels):
-            info["report"] = diagnostics.injection_report(kept, self.ds.train.images, self.ds.train.labels,
-                                                          self.readers, self.ds.train.bias)
-        return kept, info
 
     def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The data a method learns from beside the training split: a synthetic source's samples, or the oracle's
@@ -722,13 +685,8 @@ class Run:
         return methods
 
     def describe_source(self, method: str) -> dict:
-        """A synthetic row's ``unet_sources`` entry: its U-Net (:func:`describe_unet`) and, where the consistency
-        filter kept the samples, that its colour-free score was built on knowing that colour is the bias."""
-        src = describe_unet(self.dir / SYNTHETIC_ROWS[method][0], self.unet_origin(method))
-        if self.cfg.injection.keep_fraction < 1:
-            src |= {"origin": f"{src['origin']}; samples kept by a colour-free score (assumes colour is the bias)",
-                    "bias_knowledge": True}
-        return src
+        """A synthetic row's ``unet_sources`` entry: its U-Net (:func:`describe_unet`)."""
+        return describe_unet(self.dir / SYNTHETIC_ROWS[method][0], self.unet_origin(method))
 
     def stage_seconds(self, synthetic_rows) -> dict[str, float | None]:
         """What each of this folder's stages took when it ran, read from its artifact (so a finished run reports

@@ -95,27 +95,6 @@ def test_synthetic_samples_are_content_labelled_images(quick_run, dataset):
     assert (dataset.train.labels[syn["style"]] != syn["labels"]).all()
 
 
-def test_keep_fraction_generates_more_and_keeps_the_most_consistent(quick_run, dataset, tmp_path):
-    """keep_fraction 0.5: twice the pairs are generated (the first half being the unfiltered run's), half kept."""
-    from diffinject.core.filtering import consistency_scores
-    from diffinject.core.injection import Synthetic
-
-    folder, _ = quick_run
-    cfg = make_config("quick", {"methods": ["diffinject"], "unet": str(folder / "unet"),
-                                "injection": {"keep_fraction": 0.5}})
-    run = Run(tmp_path / "filtered", cfg, progress=False, dataset=dataset)
-    kept = run.synthetic()
-    info = json.loads((tmp_path / "filtered/synthetic/injection.json").read_text())
-    assert info["generated"] == 48 and info["samples"] == len(kept.labels) == 24
-    src = run.describe_source("diffinject")  # the colour-free score knows the bias: the row says so
-    assert src["bias_knowledge"] is True and "colour-free score" in src["origin"]
-    assert Run(folder, make_config("quick"), progress=False, dataset=dataset).describe_source("diffinject")[
-        "bias_knowledge"] is False  # unfiltered: the label-free U-Net alone
-    tr = dataset.train
-    plain = Synthetic.load(folder / "synthetic/samples.pt")
-    assert consistency_scores(kept, tr.images).mean() > consistency_scores(plain, tr.images).mean()
-
-
 def test_rerun_resumes_without_recomputing(quick_run, dataset):
     folder, metrics = quick_run
     stamps = {a: (folder / a).stat().st_mtime_ns for a in ARTIFACTS if a not in ("metrics.json", "report.md")}
@@ -383,49 +362,6 @@ def test_a_finished_folder_takes_other_methods_and_reuses_its_stages(quick_run, 
     changed = make_config("quick", {"methods": ["disent+diffinject"]})  # uncapped now: that classifier is capped
     with pytest.raises(ValueError, match=r"disent\+diffinject in .* was trained with other hyperparameters"):
         Run(copy_dir, changed, progress=False, dataset=dataset).all()
-
-
-def test_vetting_keeps_the_synthetic_samples_the_real_only_classifier_assigns_to_their_label(quick_run, dataset,
-                                                                                             tmp_path):
-    """``vetted_by``: the learner sees only the synthetic samples that the named method's classifier, trained on
-    the real split alone, puts in their labelled class; that classifier is trained first where the folder lacks it."""
-    import shutil
-
-    from diffinject.core.classifier import predict
-    from diffinject.core.injection import Synthetic
-
-    folder, _ = quick_run
-    copy_dir = tmp_path / "copy"
-    shutil.copytree(folder, copy_dir)
-    for name in ("vanilla", "diffinject"):  # trained again: vanilla to vet, diffinject on the vetted samples
-        (copy_dir / "classifiers" / f"{name}.pt").unlink()
-        (copy_dir / "classifiers" / f"{name}.json").unlink()
-    cfg = make_config("quick", {"methods": ["diffinject"], "hparams": {"diffinject": {"vetted_by": "vanilla"}}})
-    seen = {}
-    real_fit = REGISTRY["diffinject"].fit
-
-    def spy(self, train, *args, **kwargs):
-        seen["extra"] = train.images[train.extras["from_extra"]]
-        return real_fit(self, train, *args, **kwargs)
-
-    REGISTRY["diffinject"].fit = spy
-    try:
-        metrics = Run(copy_dir, cfg, progress=False, dataset=dataset).all()
-    finally:
-        REGISTRY["diffinject"].fit = real_fit
-    assert (copy_dir / "classifiers" / "vanilla.pt").exists()  # the vetting classifier, trained on real data here
-    vanilla = REGISTRY["vanilla"]().load(copy_dir / "classifiers" / "vanilla.pt", cfg.classifier, dataset.image_shape,
-                                         dataset.num_classes)
-    syn = Synthetic.load(copy_dir / "synthetic" / "samples.pt")
-    keep = predict(vanilla, syn.images).argmax(1) == syn.labels
-    vetted = metrics["methods"]["diffinject"]["vetted"]
-    assert (vetted["by"], vetted["kept"], vetted["of"]) == ("vanilla", int(keep.sum()), len(keep))
-    assert torch.equal(seen["extra"], syn.images[keep])
-    assert vetted["report"]["samples"] == vetted["kept"]  # what the kept samples show (evaluation only)
-    with pytest.raises(ValueError, match="vetted_by must name a method trained on the real split alone"):
-        Run(copy_dir, make_config("quick", {"methods": ["diffinject"],
-                                            "hparams": {"diffinject": {"vetted_by": "diffinject"}}}),
-            progress=False, dataset=dataset)
 
 
 def test_diffusion_settings_bind_a_folder_only_where_it_trains_its_unet(quick_run, dataset, tmp_path):

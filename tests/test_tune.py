@@ -13,12 +13,10 @@ GAMMAS = (0.3, 0.7)
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
     """Quick preset on the shipped label-free U-Net of cmnist 1 % (nothing to train but the biased MLP): K from the flag, gamma and the
-    U-Net from the grid file. The trials train LfF on real + synthetic: a registered method reaches Tune by name;
-    they learn from the synthetic samples Vanilla's classifier (trained once, in the base run) vets."""
+    U-Net from the grid file. The trials train LfF on real + synthetic: a registered method reaches Tune by name."""
     folder = tmp_path_factory.mktemp("tune")
     grid = folder / "grid.yaml"
-    grid.write_text(f"k: [99]\ngamma: {list(GAMMAS)}\nconfig:\n  unet: shipped\n"
-                    "  hparams: {lff+diffinject: {vetted_by: vanilla}}\n")
+    grid.write_text(f"k: [99]\ngamma: {list(GAMMAS)}\nconfig:\n  unet: shipped\n")
     out = folder / "sweep"
     code = main(["tune", "--preset", "quick", "--method", "lff+diffinject", "--grid", str(grid), "--k", "3", "--epochs", "3", "--num-samples", "8",
                  "--cpus-per-trial", "1", "--threads", "1", "--no-progress", "--out", str(out)])
@@ -40,7 +38,6 @@ def test_sweep_writes_one_row_per_trial(sweep):
     base = out / "base"
     assert (base / "biased" / "model.pt").exists() and (base / "unet" / "train.json").exists()
     assert not (base / "biased" / "mining.json").exists() and not (base / "synthetic").exists()
-    assert (base / "classifiers" / "vanilla.pt").exists()  # the vetting classifier, for every trial
 
 
 def test_sweep_chooses_best_valid_accuracy_and_reports_test_metrics(sweep):

@@ -42,7 +42,7 @@ from diffinject.core.data import ImageSet, pct_name
 from diffinject.core.injection import InjectionConfig
 from diffinject.core.mining import mine
 from diffinject.core.pipeline import (PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize,
-                           validate, vetted_samples)
+                           validate)
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
@@ -134,8 +134,6 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
     syn = synthesize(base / "unet", train, mined.indices, cfg.injection, cfg.seed, device=DEVICE, progress=False,
                      weights=mined.weights).samples
     learner = registry.get(method, cfg.hparams.get(method))
-    # with vetted_by, the base run trained the vetting classifier on the real split (cmd_tune)
-    syn = vetted_samples(learner, syn, base, cfg, tuple(train.images.shape[1:]), num_classes, DEVICE)
     best = 0.0
 
     def report(epoch: int, acc: float) -> None:
@@ -313,9 +311,6 @@ def cmd_tune(args) -> int:
         validate(trial_config(cfg, k, gammas[0]), run.ds)
     run.biased()
     run.unet_dir()
-    vetted_by = getattr(registry.get(args.method, cfg.hparams.get(args.method)).params, "vetted_by", None)
-    if vetted_by:
-        run.method(vetted_by)  # the trials' vetting classifier, on the real split, once for all of them
     with ray_session(max(os.cpu_count() or 1, args.cpus_per_trial)):
         rows = sweep(run, ks, gammas, out, args.cpus_per_trial, args.asha, verbose=0 if args.no_progress else 1,
                      method=args.method)

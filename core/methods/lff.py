@@ -17,7 +17,6 @@ from .base import LossEMA, Method, Trained, difficulty_weights
 class LfFParams:
     ema_alpha: float = 0.7  # the loss averages' decay (reference: 0.7)
     cap_extra_weight: bool = False  # extra (synthetic) samples hold at most their share of a batch's weight
-    biased_on_real_only: bool = False  # the biased model learns from the real samples only, not the extra ones
     # the biased model's architecture ("mlp", "cnn", ...) where it should differ from the debiased model's (None: the
     # same); DiffInject's mining can take a CNN on Corrupted MNIST, so LfF is measured with one too
     biased_arch: str | None = None
@@ -49,7 +48,7 @@ class LfF(Method):
             ema_b.update(F.cross_entropy(logit_b, y, reduction="none"), idx)
             ema_d.update(ce_d, idx)
             w = self.weights(ema_b, ema_d, idx, from_extra[idx]).to(device)
-            loss = (ce_d * w).mean() + self.biased_loss(logit_b, y, from_extra[idx].to(device), cfg.gce_q)
+            loss = (ce_d * w).mean() + gce_loss(logit_b, y, cfg.gce_q)
             opt_b.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             loss.backward()
@@ -64,12 +63,3 @@ class LfF(Method):
     def weights(self, ema_b: LossEMA, ema_d: LossEMA, idx: torch.Tensor, from_extra: torch.Tensor) -> torch.Tensor:
         """A batch's per-sample loss weights (``benchmarks/lff_weights.py`` wraps this to tally them)."""
         return difficulty_weights(ema_b, ema_d, idx, from_extra, self.params.cap_extra_weight)
-
-    def biased_loss(self, logit_b: torch.Tensor, y: torch.Tensor, from_extra: torch.Tensor, q: float) -> torch.Tensor:
-        """The biased model's GCE, over the batch or, when asked, over its real samples only: synthetic
-        bias-conflicting samples would teach it other than the shortcut it is there to learn."""
-        if not self.params.biased_on_real_only:
-            return gce_loss(logit_b, y, q)
-        real = (~from_extra).float()
-        return (gce_loss(logit_b, y, q, reduction="none") * real).sum() / real.sum().clamp_min(1.0)
-
