@@ -112,18 +112,31 @@ def _import_path(path: str) -> tuple[str, str]:
 def test_serve_import_paths_and_deployments_exist(serve_config):
     for app in serve_config["applications"]:
         module_name, attr = _import_path(app["import_path"])
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:
-                pytest.skip(f"{module_name} is not written yet")
-            raise
+        module = importlib.import_module(module_name)
         assert callable(getattr(module, attr, None)), f"{app['import_path']}: no such attribute"
         from ray.serve import Deployment
 
         names = {getattr(v, "name", None) for v in vars(module).values() if isinstance(v, Deployment)}
         for dep in app.get("deployments", []):
             assert dep["name"] in names, f"deployment {dep['name']!r} is not defined in {module_name} ({sorted(names)})"
+
+
+def test_prepare_reads_the_datasets_each_config_serves(serve_config, rayservice, tmp_path):
+    """``diffinject prepare`` (workers/prepare.py) finds the service's datasets in both configs without building
+    anything, and says what a fresh run folder lacks."""
+    from diffinject.workers.prepare import SERVICE_APP, missing, registered_in, served_datasets
+
+    for config in (serve_config, yaml.safe_load(rayservice["spec"]["serveConfigV2"])):
+        [app] = config["applications"]
+        assert app["import_path"] == SERVICE_APP
+        records = registered_in(config)
+        assert [(r.name, r.folder) for r in records] == [(n, Path(app["args"]["root"]) / n) for n in app["args"]["datasets"]]
+    with pytest.raises(ValueError, match=f"no application with import_path {SERVICE_APP}"):
+        registered_in({"applications": [{"import_path": "service.app:build_app", "args": {}}]})
+    [record] = served_datasets({"fresh": {"preset": "quick"}}, root=str(tmp_path)).values()
+    assert missing(record) == [f"a trained U-Net in {tmp_path / 'fresh' / 'unet'}",
+                               f"the biased classifier {tmp_path / 'fresh' / 'biased' / 'model.pt'}"]
+    assert not any(tmp_path.iterdir())  # records and checks write nothing
 
 
 # --- rayservice.yaml -------------------------------------------------------------------------------------
@@ -166,7 +179,7 @@ def test_rayservice_serve_config_is_serve_yaml(rayservice, serve_config):
 
 def test_keys_never_in_the_configs_and_from_a_secret_on_every_pod(rayservice, serve_config):
     """No key in either config (Serve prints its config); the pods read it from a Secret; file settings relative."""
-    from diffinject.service.app import check_relative
+    from diffinject.workers.prepare import check_relative
 
     v2 = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     for config in (serve_config, v2):

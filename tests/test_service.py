@@ -188,7 +188,7 @@ def test_bad_input_gets_its_status_and_names_the_field(url, quick_run, change, s
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../secrets", "data/../../x", "./.."])
 def test_dataset_file_settings_refuse_absolute_paths_and_dotdot(path):
-    from diffinject.service.app import check_relative
+    from diffinject.workers.prepare import check_relative
 
     with pytest.raises(ValueError, match="relative path without '..'"):
         check_relative(path, "unet")
@@ -235,22 +235,28 @@ def test_a_poisoned_request_fails_alone_and_pixels_do_not_depend_on_the_batch(ur
 
 
 def test_inside_the_batch_a_failing_job_fails_alone(url, quick_run):
-    """Behind the Ingress (any handle caller): jobs batched with a poisoned one still get their images."""
+    """Behind the Ingress (any handle caller): jobs batched with poisoned ones still get their images; core's
+    checks name the bad field, and a job that is not an ``InjectJob`` is refused alone too."""
+    from dataclasses import replace
+
     from ray import serve
+
+    from diffinject.core.injection import InjectionConfig
+    from diffinject.service.job import InjectJob
 
     handle = serve.get_deployment_handle("Injector", app_name="diffinject")
     name = quick_run.dir.name
-    job = {"dataset": name, "model": name, "content": np.array([1, 2]), "style": np.array([0, 0]),
-           "cfg": {"steps": STEPS, "t_edit": 300, "gamma": 0.5}}
     labels = quick_run.ds.train.labels.numpy()
-    style = np.flatnonzero(labels != labels[1])[:2]
-    good = [job | {"seed": s, "style": style} for s in range(4)]
-    bad = [job | {"seed": 2**64, "style": style}, job | {"seed": 0, "style": np.array([0, 10**6])}]
+    job = InjectJob(model=name, dataset=name, content=np.array([1, 2]), style=np.flatnonzero(labels != labels[1])[:2],
+                    seed=0, cfg=InjectionConfig(steps=STEPS, t_edit=300, gamma=0.5))
+    good = [replace(job, seed=s) for s in range(4)]
+    bad = [replace(job, seed=2**64), replace(job, style=np.array([0, 10**6])),
+           replace(job, cfg=InjectionConfig(steps=STEPS, gamma=2.0)), {"dataset": name, "model": name}]
     responses = [handle.generate.remote(j) for j in [*good[:2], *bad, *good[2:]]]
     out = [r.result() for r in responses]
-    assert [o["error"]["field"] for o in out[2:4]] == ["seed", "style"] and all(o["error"]["status"] == 400
-                                                                              for o in out[2:4])
-    assert all("error" not in o and len(o["png"]) == 2 for o in out[:2] + out[4:])
+    assert [o["error"]["field"] for o in out[2:6]] == ["seed", "style", "cfg.gamma", None]
+    assert all(o["error"]["status"] == 400 for o in out[2:6]) and "InjectJob" in out[5]["error"]["message"]
+    assert all("error" not in o and len(o["png"]) == 2 for o in out[:2] + out[6:])
     assert max(o["batch_requests"] for o in out) > 1  # they did share a batch
 
 
@@ -320,18 +326,17 @@ def test_inject_answers_a_zip_of_the_export_layout(url, quick_run):
 
 
 def test_an_unprepared_dataset_is_refused_at_start_saying_how_to_prepare_it(tmp_path):
+    """A replica reads its run folders and writes nothing: whatever the biased classifier (seconds to train, or
+    minutes), a folder without its U-Net and biased classifier is refused, naming both and the command that
+    makes them."""
     from diffinject.service.app import InjectorDeployment
 
-    resnet = {"mining": {"classifier": {"arch": "resnet18"}}}  # a biased model that takes minutes: made beforehand
-    with pytest.raises(ValueError, match="diffinject prepare") as e:
-        InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | resnet}, root=str(tmp_path))
-    assert "lacks a trained U-Net" in str(e.value) and "biased classifier" in str(e.value)
-    # the quick MLP, or the small CNN that mines the embedded benchmarks, would train at start: not named
-    for arch in ("mlp", "cnn"):
-        small = {"mining": {"classifier": {"arch": arch}}}
+    for arch in ("mlp", "resnet18"):
+        spec = {"preset": "quick", "mining": {"classifier": {"arch": arch}}}
         with pytest.raises(ValueError, match="diffinject prepare") as e:
-            InjectorDeployment.func_or_class(datasets={"fresh": {"preset": "quick"} | small}, root=str(tmp_path / arch))
-        assert "lacks a trained U-Net" in str(e.value) and "biased classifier" not in str(e.value)
+            InjectorDeployment.func_or_class(datasets={"fresh": spec}, root=str(tmp_path))
+        assert "fresh lacks a trained U-Net" in str(e.value) and "the biased classifier" in str(e.value)
+    assert not any(tmp_path.iterdir())
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(url, tmp_path):
