@@ -61,10 +61,10 @@ def one_mode(mode: str, args) -> list[dict]:
         def mine(self, name: str, k: int) -> list[int]:
             return list(range(10 * k))
 
-        async def generate(self, job: dict) -> dict:
-            n = len(job["content"])
-            return {"png": [self.png] * n, "labels": [self.labels[int(c)] for c in job["content"]],
-                    "content": job["content"].tolist(), "style": job["style"].tolist(), "inject_seconds": 0.0,
+        async def generate(self, job) -> dict:  # a diffinject.service.job.InjectJob
+            n = len(job.content)
+            return {"png": [self.png] * n, "labels": [self.labels[int(c)] for c in job.content],
+                    "content": job.content.tolist(), "style": job.style.tolist(), "inject_seconds": 0.0,
                     "unet": "stub", "evaluations_per_sample": 0.0, "batch_requests": 1}
 
     rows = []

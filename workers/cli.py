@@ -237,21 +237,11 @@ def cmd_export(args) -> int:
 def cmd_prepare(args) -> int:
     """Every registered dataset of the config's diffinject applications: its U-Net (trained, resumable, or copied
     from a shipped or given folder) and its biased classifier, in the run folder the service will read."""
-    from diffinject.service.app import registered_runs
+    from .prepare import prepare, registered_in
 
-    apps = [a for a in read_settings(args.config, "Serve config").get("applications", [])
-            if str(a.get("import_path", "")).startswith("service.app")]
-    if not apps:
-        raise ValueError(f"{args.config} has no application with import_path service.app:build_app")
-    for app in apps:
-        settings = app.get("args", {})
-        runs = registered_runs(settings.get("datasets", {}), settings.get("root", "runs/serve"),
-                               settings.get("data_root", "."))
-        for name, run in runs.items():
-            run.progress = True
-            unet = run.unet_dir()
-            run.biased()
-            print(f"{name}: U-Net {unet}, biased classifier {run.dir / 'biased' / 'model.pt'}", flush=True)
+    for record in registered_in(read_settings(args.config, "Serve config"), str(args.config)):
+        prepare(record)
+        print(f"{record.name}: U-Net {record.unet}, biased classifier {record.biased}", flush=True)
     return 0
 
 
