@@ -6,8 +6,8 @@ The public API::
     import diffinject
 
     cfg = diffinject.make_config("quick")              # a preset, plus overrides as a dict
-    run = diffinject.Run(cfg, "runs/quick")            # one run folder: resumable, one config
-    metrics = run.run()                                # mine -> U-Net -> inject -> debias, and the report
+    run = diffinject.Run("runs/quick", cfg)            # one run folder: resumable, one config
+    metrics = run.all()                                # mine -> U-Net -> inject -> debias, and the report
     diffinject.export_run("runs/quick", "synthetic/")  # the synthetic images as PNGs and a CSV manifest
 
 ``diffinject.inject`` is the injection itself (DDIM inversion and h-space Slerp) for a U-Net and a batch of
@@ -19,10 +19,11 @@ no HTTP), ``diffinject.workers`` (Ray actors, Tune, jobs and the CLI) and ``diff
 
 __version__ = "0.2.0"
 
+from .core.config import PRESETS, RunConfig, make_config
 from .core.export import export_run
 from .core.injection import InjectionConfig, inject
 from .core.methods import REGISTRY as METHODS
-from .core.pipeline import PRESETS, Run, RunConfig, make_config
+from .core.run import Run
 
 __all__ = ["__version__", "Run", "RunConfig", "InjectionConfig", "make_config", "PRESETS", "inject", "METHODS",
            "export_run"]

@@ -91,7 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffinject.core.injection as injection  # noqa: E402
 from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
 from diffinject.core.injection import InjectionConfig, count_evaluations, ddim_generate, has_bf16, inject, plan_pairs  # noqa: E402
-from diffinject.core.pipeline import CORPUS_UNET  # noqa: E402
+from diffinject.core.run import CORPUS_UNET  # noqa: E402
 from diffinject.core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.debias_table import RESULTS, add_job_options, command_line, run_jobs  # noqa: E402
 from diffinject.core.data import pct_name  # noqa: E402
 from diffinject.core.methods import get  # noqa: E402
-from diffinject.core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
+from diffinject.core.config import make_config, merge, read_settings  # noqa: E402
+from diffinject.core.run import Run  # noqa: E402
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:

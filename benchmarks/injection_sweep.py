@@ -22,7 +22,7 @@ from diffinject.core.data import load_dataset  # noqa: E402
 from diffinject.core.diagnostics import REPORT_KEYS, Readers, injection_report  # noqa: E402
 from diffinject.core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from diffinject.core.injection import InjectionConfig, inject, plan_pairs  # noqa: E402
-from diffinject.core.pipeline import CORPUS_UNET  # noqa: E402
+from diffinject.core.run import CORPUS_UNET  # noqa: E402
 
 SETTINGS = [(500, 0.5), (500, 0.9), (300, 0.5), (300, 0.9), (700, 0.9), (200, 0.9)]  # (t_edit, gamma)
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.debias_table import command_line  # noqa: E402
 from diffinject.core import methods as registry  # noqa: E402
 from diffinject.core.classifier import group_metrics, predict  # noqa: E402
-from diffinject.core.pipeline import Run, fit_method, recorded_params, saved_config  # noqa: E402
+from diffinject.core.run import Run, recorded_params, saved_config  # noqa: E402
+from diffinject.core.stages import fit_method  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")

@@ -17,7 +17,7 @@ from diffinject.core.data import load_dataset  # noqa: E402
 from diffinject.core.diagnostics import Readers  # noqa: E402
 from diffinject.core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
 from diffinject.core.injection import InjectionConfig, Pairs, inject  # noqa: E402
-from diffinject.core.pipeline import CORPUS_UNET  # noqa: E402
+from diffinject.core.run import CORPUS_UNET  # noqa: E402
 
 
 def main() -> None:

@@ -106,7 +106,8 @@ def write_results(out: str, lines: list[str], payload: dict) -> None:
 def quick_request(runs: str, samples: int, steps: int):
     """The quick preset's run folder under ``runs`` with its U-Net trained here once (so replicas only load it),
     its mined pool, and a ``POST /inject`` body that injects ``samples`` samples at ``steps`` DDIM steps."""
-    from diffinject.core.pipeline import Run, make_config
+    from diffinject.core.config import make_config
+    from diffinject.core.run import Run
 
     run = Run(Path(runs) / "quick", make_config("quick"), progress=False)
     run.unet_dir()

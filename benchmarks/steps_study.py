@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.debias_table import add_job_options, command_line, mean_std, run_jobs  # noqa: E402
 from diffinject.core.data import pct_name  # noqa: E402
-from diffinject.core.pipeline import Run, make_config, merge, read_settings  # noqa: E402
+from diffinject.core.config import make_config, merge, read_settings  # noqa: E402
+from diffinject.core.run import Run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHOD = "diffinject-corpus"  # the row the study was measured on (the corpus U-Net: benchmarks/results/steps_study.md)

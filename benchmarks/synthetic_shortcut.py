@@ -32,7 +32,8 @@ from benchmarks.debias_table import command_line  # noqa: E402
 from diffinject.core.classifier import ClassifierConfig, as_float, build_classifier, predict, train_classifier  # noqa: E402
 from diffinject.core.data import load_dataset  # noqa: E402
 from diffinject.core.injection import Synthetic  # noqa: E402
-from diffinject.core.pipeline import SYNTHETIC_ROWS, saved_config  # noqa: E402
+from diffinject.core.config import SYNTHETIC_ROWS  # noqa: E402
+from diffinject.core.run import saved_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

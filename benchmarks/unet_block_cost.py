@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffinject.core.diffusion import load_unet  # noqa: E402
-from diffinject.core.pipeline import CORPUS_UNET  # noqa: E402
+from diffinject.core.run import CORPUS_UNET  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .diffusion import weights_id
 from .injection import InjectionConfig, Synthetic
-from .pipeline import saved_config
+from .run import saved_config
 
 COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "skip_levels", "steps", "seed", "unet")
 

@@ -97,7 +97,7 @@ class InjectionConfig:
     # "bf16": the U-Net's calls in bfloat16 (a copy of its weights, cast once), the DDIM state, the Slerp and the
     # images in float32; "auto" (the default preset's): bf16 on a CPU with AVX-512 BF16 or AMX, else fp32
     # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
-    precision: str = "fp32"
+    precision: str = "auto"
     # True: the U-Net's calls go through torch.compile (inductor, its weights frozen as constants) of a copy of it,
     # padded to this batch size so that two graphs serve a run: 1.14-1.4x on top of bf16 on 2-core CPUs, after
     # compiles of 1-1.5 min, or about 25 s when inductor's on-disk cache holds them (a later run on the machine).

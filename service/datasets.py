@@ -12,7 +12,7 @@ import torch
 from diffinject.core.classifier import load_classifier
 from diffinject.core.data import ImageSet, load_dataset
 from diffinject.core.mining import mine
-from diffinject.core.pipeline import validate
+from diffinject.core.config import validate
 from diffinject.workers.prepare import ServedDataset, missing, served_datasets
 
 

@@ -37,7 +37,8 @@ def cmnist():
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     """A quick-preset run folder with its tiny U-Net and biased classifier trained (shared by the Ray tests)."""
-    from diffinject.core.pipeline import Run, make_config
+    from diffinject.core.config import make_config
+    from diffinject.core.run import Run
 
     run = Run(tmp_path_factory.mktemp("quick-run"), make_config("quick"), progress=False)
     run.unet_dir()

@@ -323,7 +323,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_and_the_default_preset_a
     """The core's default stays float32; the default preset asks for "auto", which is bf16 on a CPU that has bf16
     arithmetic and float32 elsewhere (a GPU here gained 4 % from bf16: launch-bound)."""
     import diffinject.core.injection as injection
-    from diffinject.core.pipeline import make_config
+    from diffinject.core.config import make_config
 
     assert InjectionConfig().precision == "fp32" and make_config("quick").injection.precision == "fp32"
     assert make_config().injection.precision == "auto"

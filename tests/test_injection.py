@@ -642,7 +642,7 @@ def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, un
 def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
     """h stays at the middle block (the core, every preset) but on the embedded Corrupted MNIST under the default
     preset (its measured exception), and a flag or a settings file still wins there."""
-    from diffinject.core.pipeline import make_config
+    from diffinject.core.config import make_config
 
     assert InjectionConfig().skip_levels == 0 and make_config("paper").injection.skip_levels == 0
     assert make_config().injection.skip_levels == 0  # the embedded cmnist
@@ -658,7 +658,7 @@ def test_the_default_preset_mines_the_embedded_benchmarks_with_a_cnn_alone():
     """The miner is the MLP with K = 10 everywhere but on the embedded benchmarks under the default preset (a CNN with
     K = 5, measured there, keeping only its confident mistakes; on Corrupted MNIST each drawn by its capped loss, and
     LfF's biased model the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
-    from diffinject.core.pipeline import make_config
+    from diffinject.core.config import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
     assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 4.0)

@@ -121,7 +121,7 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
     """fit_method marks the extra data's samples; LfF + DiffInject caps exactly those by default, plain LfF only when
     asked, DisEnt + DiffInject when asked."""
     import diffinject.core.methods.base as base
-    from diffinject.core.pipeline import fit_method
+    from diffinject.core.stages import fit_method
 
     train, extra, valid = planted(64), planted(32, seed=2), planted(32, seed=1)
     seen = []
@@ -142,7 +142,7 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
 def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, monkeypatch):
     """biased_arch: LfF builds its biased model with that architecture and its debiased model with the shared one."""
     import diffinject.core.methods.lff as lff
-    from diffinject.core.pipeline import fit_method
+    from diffinject.core.stages import fit_method
 
     built = []
     monkeypatch.setattr(lff, "build_classifier", lambda cfg, *a: built.append(cfg.arch) or build_classifier(cfg, *a))
@@ -154,7 +154,7 @@ def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, mon
     for name in ("lff", "lff+diffinject"):
         with pytest.raises(ValueError, match="biased_arch 'vit' must be one of mlp, cnn, resnet18, auto"):
             registry.get(name, {"biased_arch": "vit"})
-    from diffinject.core.pipeline import make_config  # the miner's and the classifiers' arch: refused when configured too
+    from diffinject.core.config import make_config
 
     for section in ({"mining": {"classifier": {"arch": "vit"}}}, {"classifier": {"arch": "vit"}}):
         with pytest.raises(ValueError, match="classifier arch 'vit' must be one of mlp, cnn, resnet18, auto"):
@@ -209,7 +209,8 @@ def test_a_new_method_is_one_class_and_one_registry_entry(monkeypatch, tmp_path,
     import torch.nn.functional as F
 
     from diffinject.core.classifier import train_classifier
-    from diffinject.core.pipeline import Run, make_config
+    from diffinject.core.config import make_config
+    from diffinject.core.run import Run
 
     @dataclass
     class SmoothParams:

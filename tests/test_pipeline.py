@@ -15,7 +15,8 @@ from PIL import Image
 from diffinject.workers.cli import main
 from diffinject.core.data import load_dataset
 from diffinject.core.methods import REGISTRY
-from diffinject.core.pipeline import Run, make_config
+from diffinject.core.config import make_config
+from diffinject.core.run import Run
 
 ARTIFACTS = [
     "config.json", "biased/model.pt", "biased/mining.json", "biased/mined.png",
@@ -195,7 +196,7 @@ def test_a_finished_classifier_is_never_read_back_under_other_hyperparameters(qu
 
 def test_a_shipped_unet_is_named_one_way_at_any_ratio(dataset, tmp_path):
     """The shipped 1 % U-Net reads the same in the tables whether a 1 % run finds it or --unet names it at 5 %."""
-    from diffinject.core.pipeline import PRETRAINED
+    from diffinject.core.run import PRETRAINED
 
     found = Run(tmp_path / "found", make_config("quick", {"unet": "shipped"}), progress=False, dataset=dataset)
     named = Run(tmp_path / "named", make_config("quick", {"ratio": 5.0, "unet": str(PRETRAINED / "cmnist-1pct")}),
@@ -227,18 +228,33 @@ def test_corpus_row_needs_the_embedded_cmnist(capsys, tmp_path):
     assert code == 2 and "diffinject-corpus needs the embedded cmnist" in capsys.readouterr().err
 
 
-def test_default_methods_name_the_corpus_row_on_cmnist_only():
-    from diffinject.core.pipeline import run_methods
+def test_defaults_come_from_one_registry(monkeypatch):
+    """The default preset is the dataclasses' defaults; a dataset's entry applies with any preset and data_root, and
+    presets and the user's settings win over it; the default rows are the label-free ones on every dataset."""
+    from diffinject.core import config
+    from diffinject.core.config import DATASET_DEFAULTS, DEFAULT_METHODS, PRESETS, RunConfig, merge, run_methods
 
-    # the corpus row is measured more than 3 points ahead of the best label-free row at every ratio
-    for ratio in (0.5, 1.0, 2.0, 5.0):
-        assert run_methods(make_config(overrides={"ratio": ratio})) == ("vanilla", "lff", "diffinject-corpus", "oracle")
-    label_free = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")
-    assert run_methods(make_config(overrides={"dataset": "corrupted_mnist"})) == label_free
-    assert run_methods(make_config(overrides={"data_root": "/data"})) == label_free
-    # a U-Net the run trains itself takes the measured label-free route; tests' quick preset keeps uniform batches
-    assert make_config(overrides={"data_root": "/data"}).diffusion.hard_share == 0.5
-    assert make_config("quick").diffusion.hard_share == 0.0
+    assert PRESETS["default"] == {}
+    assert make_config().to_dict() == merge(RunConfig().to_dict(), DATASET_DEFAULTS["cmnist"])
+    assert make_config(overrides={"dataset": "bffhq", "data_root": "/data"}).mining.k == RunConfig().mining.k == 10
+    for over in ({}, {"ratio": 0.5}, {"dataset": "corrupted_mnist"}, {"data_root": "/data"}):
+        assert run_methods(make_config(overrides=over)) == DEFAULT_METHODS
+    assert "diffinject" in DEFAULT_METHODS and "diffinject-corpus" not in DEFAULT_METHODS
+    on_folder = make_config("paper", {"data_root": "/data"})  # the dataset's entry, under another preset
+    assert (on_folder.mining.classifier.arch, on_folder.mining.min_loss, on_folder.mining.k) == ("cnn", 4.0, 10)
+    assert make_config(overrides={"mining": {"k": 7}}).mining.k == 7
+    corrupted = make_config(overrides={"dataset": "corrupted_mnist", "injection": {"skip_levels": 0}})
+    assert corrupted.injection.skip_levels == 0 and corrupted.hparams["lff"] == {"biased_arch": "cnn"}
+    # a U-Net the run trains draws half of each batch by difficulty; the quick preset keeps uniform batches
+    assert make_config().diffusion.hard_share == 0.5 and make_config("quick").diffusion.hard_share == 0.0
+    assert make_config().injection.precision == "auto"
+    # the everyday number of synthetic samples is one value; the table preset is the published tables' 1.0
+    assert make_config().injection.synthetic_ratio == config.EVERYDAY_SYNTHETIC_RATIO
+    assert make_config("table").injection.synthetic_ratio == 1.0
+    monkeypatch.setattr(config, "EVERYDAY_SYNTHETIC_RATIO", 0.5)
+    assert make_config().injection.synthetic_ratio == 0.5
+    with pytest.raises(ValueError, match="unknown preset 'fast'; presets are default, table, quick, paper"):
+        make_config("fast")
 
 
 def test_time_budget_stops_the_run_and_a_rerun_finishes_it(quick_run, capsys, tmp_path):

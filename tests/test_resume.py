@@ -18,7 +18,7 @@ from diffinject.core.classifier import ClassifierConfig
 from diffinject.core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, load_unet
 from diffinject.core.injection import InjectionConfig, Pairs, inject, plan_pairs
 from diffinject.workers.cli import main
-from diffinject.core.pipeline import generate_in_process
+from diffinject.core.stages import generate_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 

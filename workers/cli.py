@@ -20,7 +20,8 @@ import torch
 from diffinject.core.data import DataError, load_dataset, pct_name
 from diffinject.core.diffusion import DiffusionConfig, train_diffusion
 from diffinject.core.injection import PRECISION_CHOICES, InjectionConfig
-from diffinject.core.pipeline import METHODS, PRESETS, Run, StageIncomplete, make_config, merge, read_settings
+from diffinject.core.config import METHODS, PRESETS, make_config, merge, read_settings
+from diffinject.core.run import Run, StageIncomplete
 
 
 def _threads(n: int | None) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from diffinject.core.diffusion import is_unet
-from diffinject.core.pipeline import SHIPPED, Run, RunConfig, make_config
+from diffinject.core.config import RunConfig, SHIPPED, make_config
+from diffinject.core.run import Run
 
 SERVICE_APP = "diffinject.service.app:build_app"  # the import_path of the service in a Serve config
 

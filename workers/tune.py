@@ -41,8 +41,9 @@ from .cli import flag_overrides
 from diffinject.core.data import ImageSet, pct_name
 from diffinject.core.injection import InjectionConfig
 from diffinject.core.mining import mine
-from diffinject.core.pipeline import (PRESETS, Run, RunConfig, fit_method, make_config, merge, read_settings, synthesize,
-                           validate)
+from diffinject.core.config import PRESETS, RunConfig, make_config, merge, read_settings, validate
+from diffinject.core.run import Run
+from diffinject.core.stages import fit_method, synthesize
 
 DEFAULTS = {
     "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one

@@ -1,4 +1,5 @@
-"""The whole method in one run folder: mine -> diffusion -> inject -> debias, plus the peers (core/methods) beside it.
+"""A run folder (:class:`Run`): the whole method, mine -> diffusion -> inject -> debias, with the peers
+(core/methods) beside it, and where each row's U-Net came from.
 
 Each stage writes its artifacts atomically and is skipped when they already exist, so a rerun resumes where
 the last one stopped. A run folder belongs to one config: rerunning it with another config is an error, never
@@ -36,11 +37,10 @@ reported as its own row, like the oracle, never as the method. Any learner combi
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
@@ -49,19 +49,20 @@ import torch
 
 from . import diagnostics
 from . import methods as registry
-from .classifier import (ClassifierConfig, accuracy, group_metrics, load_classifier, load_saved, predict,
-                         resolve_arch, save_atomic)
-from .data import Dataset, ImageSet, load_dataset, pct_name
-from .diffusion import (DiffusionConfig, check_unet, ddim_scheduler, fetch_unet, is_trained, is_unet, load_unet,
-                        num_parameters, train_diffusion, unet_folder)
-from .injection import (InjectionConfig, Synthetic, check_skip_levels, count_evaluations, inject_batches, plan_pairs,
-                        resolve_precision)
-from .mining import MiningConfig, difficulty, mine, mining_quality, train_biased
+from .classifier import accuracy, group_metrics, load_classifier, predict, resolve_arch, save_atomic
+from .config import SHIPPED, SYNTHETIC_ROWS, RunConfig, merge, run_methods, sources_of, validate
+from .data import Dataset, load_dataset, pct_name
+from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, train_diffusion,
+                        unet_folder)
+from .hspace import check_skip_levels, resolve_precision
+from .injection import Synthetic
+from .mining import difficulty, mine, mining_quality, train_biased
+from .report import save_json, write_report
+from .stages import fit_method, generate_in_process, synthesize
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 CORPUS_UNET = PRETRAINED / "cmnist-corpus"  # pretrained on the colour-balanced corpus: uses knowledge of the bias
 TRAINED_HERE = "trained in this run on the training split"  # unet_origin of a U-Net the run trained itself
-SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
 
 
 def trained_by(run_dir: Path) -> str:
@@ -70,165 +71,8 @@ def trained_by(run_dir: Path) -> str:
     return f"trained on the training split by run {run_dir.parent.name}/{run_dir.name}"
 
 
-# The rows a run can make (core/methods: one class each), and the synthetic sources a method's ``extra`` can name:
-# source -> (U-Net folder, synthetic folder) in the run.
-METHODS = tuple(registry.REGISTRY)
-SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("unet-corpus", "synthetic-corpus")}
-# A run's methods when the config names none. On the embedded Colored MNIST the corpus row stays the default while
-# the best label-free row is more than 3 points under it (issue 13): 6.7 / 12.2 / 3.4 / 4.4 at 0.5 / 1 / 2 / 5 % since
-# the CNN miner lifted both (README, Results; benchmarks/results/debias_table.md; before it, 2.2 and 2.0 at 2 and 5 %).
-DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "lff+diffinject", "oracle")  # the label-free rows, alone and on LfF
-DEFAULT_METHODS_CMNIST = ("vanilla", "lff", "diffinject-corpus", "oracle")
-
-
 class StageIncomplete(Exception):
     """A stage stopped at its time budget with its progress saved; rerunning the same command resumes it."""
-
-
-@dataclass
-class RunConfig:
-    """Everything that decides a run's results. Defaults are the default preset's."""
-
-    dataset: str = "cmnist"
-    data_root: str | None = None  # None: the embedded Colored MNIST
-    ratio: float = 1.0  # percent of bias-conflicting training samples: 0.5, 1, 2, 5
-    data_seed: int = 0
-    image_size: int | None = None  # folder datasets: resize on load (default: native size)
-    seed: int = 0  # every stage's randomness
-    # the label-free row's U-Net: "shipped" (core/pretrained/<dataset>-<pct> where the project ships one for the
-    # embedded data, else trained here), a U-Net folder, or None: train one on the training split
-    unet: str | None = SHIPPED
-    methods: tuple[str, ...] | None = None  # None: run_methods, by dataset and ratio
-    hparams: dict = field(default_factory=dict)  # method name -> its hyperparameters over the registry's defaults
-    mining: MiningConfig = field(default_factory=MiningConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    injection: InjectionConfig = field(default_factory=InjectionConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-
-    def __post_init__(self):
-        self.methods = tuple(self.methods) if self.methods is not None else None
-        for f in fields(self):  # nested sections may arrive as dicts (YAML, JSON)
-            value = getattr(self, f.name)
-            if isinstance(value, dict) and f.name in _section_types():
-                setattr(self, f.name, _section_types()[f.name](**value))
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def _section_types():
-    return {"mining": MiningConfig, "diffusion": DiffusionConfig, "injection": InjectionConfig,
-            "classifier": ClassifierConfig}
-
-
-PRESETS: dict[str, dict] = {
-    # the default: 10-step DDIM, as many synthetic samples as training images (InjectionConfig) from misclassified
-    # contents (the measured best, benchmarks/results/experiments.md); the corpus row at embedded cmnist's 0.5 and 1 %.
-    # A U-Net trained in the run (a folder dataset, a ratio with none shipped) takes the measured label-free route:
-    # half of every batch drawn by the biased model's difficulty (task labels only), as the shipped ones were
-    # The U-Net's calls in bf16 where the CPU has bf16 arithmetic ("auto"): 1.8x faster, the same results (3 seeds).
-    # Embedded benchmarks whose measurements chose other settings: EMBEDDED_DEFAULTS
-    "default": {"diffusion": {"hard_share": 0.5}, "injection": {"precision": "auto"}},
-    # for tests and smoke runs: a tiny U-Net trained on the training split for a few steps, a few epochs; a minute
-    "quick": {
-        "unet": None,
-        "methods": ["vanilla", "lff", "diffinject", "oracle"],
-        "mining": {"k": 5, "classifier": {"epochs": 4}},
-        "diffusion": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-                      "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "steps": 30,
-                      "batch_size": 32, "checkpoint_every": 10},
-        "injection": {"steps": 5, "num_samples": 24, "batch_size": 16},
-        "classifier": {"epochs": 4},
-    },
-    # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself
-    "paper": {
-        "unet": None,
-        "mining": {"k": 10, "misclassified_only": False, "classifier": {"epochs": 50}},
-        "diffusion": {"steps": 50000, "ema_decay": 0.9999},
-        "injection": {"steps": 1000, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "dt_lambda": 0.9985,
-                      "synthetic_ratio": 0.1},
-        "classifier": {"epochs": 50},
-    },
-}
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_settings(path: str | Path, what: str = "config") -> dict:
-    """A YAML (or JSON) file of settings, as a dict; a clear error naming ``what`` it is when it is unreadable
-    or not a mapping."""
-    import yaml
-
-    try:
-        over = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(over, dict):
-        raise ValueError(f"{what} {path} must be a mapping of settings")
-    return over
-
-
-# The default preset's settings for one embedded benchmark, where the measurement chose otherwise
-# (benchmarks/results/experiments.md, 2026-12-04, eighth session; 3 seeds, 4 ratios). h widened to the coarsest up
-# block's skips (skip_levels 1) made Corrupted MNIST's classifiers 1-6 points better at every ratio; on Colored MNIST
-# the coarse skips carry the colour and the classifiers lost 2.5-3.6 points at 0.5-1 %, and a background-colour
-# folder benchmark came out level, so every other dataset keeps h at the middle block (the paper's h-space).
-# The miner there is the small CNN with K = 5 (2026-12-05, eleventh session): the MLP learns few of the ten textures,
-# so its mistakes were mostly illegible bias-aligned digits (mining precision 19 / 34 / 54 / 66 % at 0.5 / 1 / 2 / 5 %);
-# the CNN's are mostly the conflicts (40 / 71 / 85 / 100 %), and that alone gave the best label-free row +5.0 / +2.9 /
-# +4.1 / +0.3. LfF's biased model is the same CNN there, alone and under DiffInject: the strongest peer (LfF 36.0 /
-# 44.0 / 57.6 / 63.7 against 33.3 / 38.7 / 48.1 / 56.5 with its MLP) and a better combination (+2.0 to +4.9).
-# On Colored MNIST the miner is the same CNN keeping only its confident mistakes (min_loss 4 nats; fifteenth session):
-# it fails every conflict with a near-certain wrong answer, and the threshold drops most of its hesitant mistakes on
-# aligned digits. With the 0.5 / 1 / 2 % U-Nets trained by its difficulty it lifted DiffInject by 5.0 / 2.8 / 7.7 and
-# the injection report at 0.5 % from 37.4 to 60.7 %; at 5 % (that split's GPU-trained U-Net kept) it is level within
-# a standard deviation (72.8 against 73.6). LfF keeps its MLP there: the CNN was not measured as LfF's model on it.
-# On Corrupted MNIST the CNN's confident mistakes too (min_loss 4), each drawn in proportion to its CE capped at 20
-# nats (sixteenth session): the injection report at 0.5 % rises from 44.6 to 55.0 % (74.1 / 67.0 / 54.8 % at 1 / 2 /
-# 5 %), and the best label-free row moves -2.6 / +0.1 / +1.5 / +0.4, each inside the seeds' spread.
-EMBEDDED_DEFAULTS: dict[str, dict] = {
-    "cmnist": {"mining": {"k": 5, "min_loss": 4.0, "classifier": {"arch": "cnn"}}},
-    "corrupted_mnist": {"injection": {"skip_levels": 1},
-                        "mining": {"k": 5, "min_loss": 4.0, "loss_weight_cap": 20.0, "classifier": {"arch": "cnn"}},
-                        "hparams": {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}},
-}
-
-
-def make_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
-    """Preset (the default one with its embedded benchmark's ``EMBEDDED_DEFAULTS``), then ``overrides`` (from YAML
-    and the command line), nested dicts merged key by key."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    cfg = merge(RunConfig().to_dict(), PRESETS[preset])
-    asked = merge(cfg, overrides or {})
-    if preset == "default" and asked["data_root"] is None:
-        cfg = merge(cfg, EMBEDDED_DEFAULTS.get(asked["dataset"], {}))
-    cfg = merge(cfg, overrides or {})
-    known = RunConfig().to_dict()
-    _check_keys(cfg, known, "")
-    return RunConfig(**cfg)
-
-
-def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
-    for k, v in cfg.items():
-        if k not in known:
-            raise ValueError(f"unknown config key '{prefix}{k}'")
-        if isinstance(v, dict) and isinstance(known[k], dict) and k != "hparams":  # hparams: checked by validate
-            _check_keys(v, known[k], f"{prefix}{k}.")
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _save_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 # Settings added after run folders existed whose default is not what such a folder was made with: a folder's
@@ -261,54 +105,10 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def validate(cfg: RunConfig, ds: Dataset) -> None:
-    """Input checks that need the data: K against class sizes, known methods, gamma."""
-    cfg.injection.validate()
-    smallest = int(torch.bincount(ds.train.labels).min())
-    if not 1 <= cfg.mining.k <= smallest:
-        raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
-    methods = run_methods(cfg)
-    if not isinstance(cfg.hparams, dict):
-        raise ValueError(f"hparams must map method names to their hyperparameters, got {cfg.hparams!r}")
-    for name in dict.fromkeys([*methods, *cfg.hparams]):  # unknown names and hyperparameters: a one-line error
-        registry.get(name, cfg.hparams.get(name))
-    if "diffinject-corpus" in sources_of(methods) and not _embedded_cmnist(cfg):
-        raise ValueError("diffinject-corpus needs the embedded cmnist: its U-Net was pretrained on that benchmark's "
-                         "colour-balanced corpus")
-
-
-def _embedded_cmnist(cfg: RunConfig) -> bool:
-    return cfg.dataset == "cmnist" and cfg.data_root is None
-
-
-def synthetic_source(method: str) -> str | None:
-    """The synthetic source (a ``SYNTHETIC_ROWS`` key) a registered method learns from, if any."""
-    extra = registry.REGISTRY[method].extra if method in registry.REGISTRY else None
-    return extra if extra in SYNTHETIC_ROWS else None
-
-
-def sources_of(methods) -> list[str]:
-    """The synthetic sources the ``methods`` learn from, in the order first named."""
-    return list(dict.fromkeys(s for s in map(synthetic_source, methods) if s is not None))
-
-
-def run_methods(cfg: RunConfig) -> tuple[str, ...]:
-    """The config's methods, or the default ones for its dataset (the corpus row's on the embedded Colored MNIST)."""
-    if cfg.methods is not None:
-        return cfg.methods
-    return DEFAULT_METHODS_CMNIST if _embedded_cmnist(cfg) else DEFAULT_METHODS
-
-
 def shipped_unet(cfg: RunConfig) -> Path | None:
     """The label-free U-Net the project ships for the config's embedded dataset and ratio, if any."""
     path = PRETRAINED / f"{cfg.dataset}-{pct_name(cfg.ratio)}"
     return path if cfg.data_root is None and is_trained(path) else None
-
-
-def bias_knowledge_phrase(knows: bool | None) -> str:
-    """How reports and tables say whether a U-Net was built with knowledge of the bias."""
-    return {True: "built with knowledge of the bias", False: "no knowledge of the bias",
-            None: "not recorded whether it used knowledge of the bias"}[knows]
 
 
 def weights_digest(folder: Path) -> str | None:
@@ -331,107 +131,6 @@ def describe_unet(folder: Path, origin: str) -> dict:
     return {"origin": origin, "data": data, "steps": train.get("steps"),
             "bias_knowledge": data.get("bias_knowledge"),  # None: not recorded (a U-Net from elsewhere)
             "weights_sha256": weights_digest(folder)}
-
-
-def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tensor, pairs, cfg: InjectionConfig,
-                        seed: int, device: str = "cpu", progress: bool = True,
-                        shards: Path | None = None) -> tuple[Synthetic, int, float]:
-    """The generation stage in this process: the synthetic samples, the U-Net evaluations (images) and the seconds
-    they took.
-
-    With ``shards`` (a folder) each batch of ``cfg.batch_size`` pairs is saved there as it is made, with its pairs,
-    evaluations and seconds; a rerun reads back every batch whose shard holds the pairs planned for it and
-    generates the rest, to the pixels, evaluations and (summed) seconds of an uninterrupted run (see
-    :func:`~core.injection.inject_batches` for why its contents are still inverted).
-    """
-    unet = load_unet(unet_dir, device)
-    saved = {}
-    if shards is not None:
-        shards.mkdir(parents=True, exist_ok=True)
-        saved = _saved_shards(shards, pairs, cfg.batch_size)
-    made = dict(saved)
-    with count_evaluations(unet) as evals:
-        mark, t0 = 0, time.time()
-        for rows, syn in inject_batches(unet, ddim_scheduler(unet_dir), images, labels, pairs, cfg, seed, device,
-                                        progress, skip=set(saved)):
-            spent, mark = evals["images"] - mark, evals["images"]
-            if syn is not None:  # a saved batch's inversions were counted when it was made
-                made[rows.start] = {**vars(syn), "evaluations": spent, "seconds": time.time() - t0}
-                if shards is not None:
-                    save_atomic(_shard_path(shards, rows.start), made[rows.start])
-            t0 = time.time()
-    parts = [made[start] for start in sorted(made)]
-    syn = Synthetic.cat([Synthetic(**{f.name: p[f.name] for f in fields(Synthetic)}) for p in parts])
-    return syn, sum(p["evaluations"] for p in parts), sum(p["seconds"] for p in parts)
-
-
-def _shard_path(shards: Path, start: int) -> Path:
-    return shards / f"{start:07d}.pt"
-
-
-def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
-    """The shards in ``shards`` that hold the pairs planned for their batch, by the batch's first row; any other
-    (from other pairs, or unreadable) is ignored, so its batch is generated again."""
-    saved = {}
-    for start in range(0, len(pairs.content), batch_size):
-        try:
-            shard = load_saved(_shard_path(shards, start))
-        except (OSError, RuntimeError, EOFError):  # absent, or not a complete torch file
-            continue
-        rows = slice(start, start + batch_size)
-        if np.array_equal(shard["content"], pairs.content[rows]) and np.array_equal(shard["style"], pairs.style[rows]):
-            saved[start] = shard
-    return saved
-
-
-@dataclass
-class Synthesized:
-    """What :func:`synthesize` made: the samples, the U-Net evaluations and the seconds they took."""
-
-    samples: Synthetic
-    evaluations: int
-    seconds: float
-
-
-def synthesize(unet_dir: Path, train: ImageSet, pool: np.ndarray, cfg: InjectionConfig, seed: int, generate=None,
-               device: str = "cpu", progress: bool = True, shards: Path | None = None, weights=None) -> Synthesized:
-    """Stage 3 after mining, for the pipeline and every Tune trial alike: pair ``cfg.count`` contents from ``pool``
-    (drawn by their ``weights``, see :func:`~core.injection.plan_pairs`) with styles and generate with ``generate``
-    (default :func:`generate_in_process`).
-
-    A generator returns ``(samples, evaluations)``, or ``(samples, evaluations, seconds)`` when it knows better
-    than the wall clock how long its samples took (resumed from shards); ``shards`` reaches it only if it takes a
-    ``shards`` argument (the Ray fan-out does not).
-    """
-    generate = generate or generate_in_process
-    pairs = plan_pairs(train.labels, pool, cfg.count(len(train)), seed, weights=weights)
-    kw = {"shards": shards} if shards is not None and _takes(generate, "shards") else {}
-    t0 = time.time()
-    syn, evaluations, *seconds = generate(unet_dir, train.images, train.labels, pairs, cfg, seed, device, progress,
-                                          **kw)
-    return Synthesized(syn, evaluations, seconds[0] if seconds else time.time() - t0)
-
-
-def fit_method(method: registry.Method, train: ImageSet, extra, valid: ImageSet, num_classes: int,
-               cfg: ClassifierConfig, seed: int, device: str = "cpu", progress: bool = True,
-               on_epoch=None, checkpoint: Path | None = None) -> registry.Trained:
-    """Stage 4, for the pipeline and every Tune trial alike: ``method`` trained on the training split plus its
-    ``extra`` ``(images, labels)``, with every bias label blanked first, so no method can read one; the split's
-    ``extras["from_extra"]`` marks the samples that came from ``extra`` (provenance, not bias). ``checkpoint``
-    (epoch checkpoints, see :meth:`Method.fit <core.methods.base.Method.fit>`) reaches methods that take it."""
-    images, labels = train.images, train.labels
-    from_extra = torch.zeros(len(labels), dtype=torch.bool)  # provenance, not bias: which samples are the extra data
-    if extra is not None:
-        images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
-        from_extra = torch.cat([from_extra, torch.ones(len(extra[1]), dtype=torch.bool)])
-    kw = {"checkpoint": checkpoint} if checkpoint is not None and _takes(method.fit, "checkpoint") else {}
-    return method.fit(ImageSet(images, labels, torch.full_like(labels, -1), {"from_extra": from_extra}),
-                      valid.blind(), num_classes, cfg, seed, device, progress, on_epoch, **kw)
-
-
-def _takes(fn, name: str) -> bool:
-    """Whether ``fn`` has a parameter ``name`` (optional protocol arguments go only to those that take them)."""
-    return name in inspect.signature(fn).parameters
 
 
 class Run:
@@ -468,10 +167,10 @@ class Run:
                 raise ValueError(f"run folder {self.dir} was made by another config (differs in {', '.join(diff)}); "
                                  "use another run folder")
             if learners:
-                _save_json(path, self.cfg.to_dict())  # the folder's config is the last one that ran in it
+                save_json(path, self.cfg.to_dict())  # the folder's config is the last one that ran in it
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _save_json(path, self.cfg.to_dict())
+        save_json(path, self.cfg.to_dict())
 
     def _check_unets(self) -> None:
         """A synthetic row's given U-Net that cannot work (:meth:`unet_source`), or a ``skip_levels`` it cannot take
@@ -530,7 +229,7 @@ class Run:
         diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
         # rounded as saved, so this run and a rerun that reads them back draw the same pairs
         weights = None if result.weights is None else [round(float(w), 4) for w in result.weights]
-        _save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,
+        save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,
                           "seconds": self.timings.get("biased")})  # None where the biased model was trained earlier
         return result.indices, None if weights is None else np.array(weights)
 
@@ -621,7 +320,7 @@ class Run:
                 "biased_model_wrong": diagnostics.biased_disagreement(self.biased(), syn.images, syn.labels)}
         if self.readers is not None:
             info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers, tr.bias)
-        _save_json(folder / "injection.json", info)
+        save_json(folder / "injection.json", info)
         syn.save(path)  # last: its existence marks the stage done
         shutil.rmtree(folder / "shards", ignore_errors=True)
         return syn
@@ -663,7 +362,7 @@ class Run:
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
         save_atomic(folder / f"{name}.pt", model.state_dict())
-        _save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
+        save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
         checkpoint.unlink(missing_ok=True)
         return metrics
 
@@ -721,48 +420,5 @@ class Run:
             "stage_seconds_this_invocation": self.timings,
             "stage_seconds": self.stage_seconds(synthetic_rows),
         }
-        _save_json(self.dir / "metrics.json", metrics)
-        (self.dir / "report.md").write_text(render_report(metrics, self.cfg))
+        write_report(self.dir, metrics, self.cfg)
         return metrics
-
-
-METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
-NAMES = {name: method.label for name, method in registry.REGISTRY.items()}  # the tables' row labels
-
-
-def render_report(metrics: dict, cfg: RunConfig) -> str:
-    ds = metrics["dataset"]
-    lines = [f"# DiffInject run: {ds['name']} at {ds['ratio']:g} % conflicts, seed {metrics['seed']}", "",
-             "Test accuracy (%) on the unbiased test split; the checkpoint of each method was chosen on the validation split.", "",
-             "| method | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
-    for name, m in metrics["methods"].items():
-        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
-    for name, src in metrics.get("unet_sources", {}).items():
-        lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {bias_knowledge_phrase(src['bias_knowledge'])}.")
-    q = metrics["mining"]
-    lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
-              f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
-              f"of the {q['true_conflicts']} true bias-conflicting training samples (bias labels read for this line only).",
-              "", "![mined samples](biased/mined.png)"]
-    for name, inj in metrics.get("injection", {}).items():
-        lines += ["", f"## Injection, {NAMES.get(name, name)} (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
-                      f"{cfg.injection.steps} DDIM steps, labels from the {cfg.injection.label_from})", "",
-                  f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s, "
-                  f"{inj['unet_evaluations_per_sample']} U-Net evaluations per sample); "
-                  f"the biased classifier gets {inj['biased_model_wrong']:.1f} % of them wrong (label-free conflict signal)."]
-        rep = inj.get("report")
-        if rep:
-            keys = diagnostics.REPORT_KEYS
-            lines += ["", f"Injection report (\"colour\" is the bias attribute, {rep['bias_attribute']}; class reader "
-                          f"accuracy on the test split {rep['shape_reader_test_accuracy']:.1f} %, bias reader "
-                          f"{rep['colour_reader_test_accuracy']:.1f} %):", "",
-                      "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
-                      "| " + " | ".join(f"{rep[k]:.1f} %" for k in keys) + " |"]
-            if "by_content" in rep:  # bias labels read for this line only
-                lines += ["", "By content (bias labels read for this line only): " + "; ".join(
-                    f"{part['share']:.1f} % of the samples come from {name} contents, and "
-                    f"{part['content_digit_other_colour']:.1f} % of those show their class with another "
-                    f"{rep['bias_attribute']}" for name, part in rep["by_content"].items()
-                    if "content_digit_other_colour" in part) + "."]
-        lines += ["", f"![style | content | result]({SYNTHETIC_ROWS[name][1]}/injection_grid.png)"]
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,198 @@
+"""A run's settings: :class:`RunConfig`, the presets and the per-dataset defaults, in one place.
+
+A config is built in layers, each over the one before (:func:`make_config`):
+
+1. the dataclasses' defaults: the everyday run (the ``default`` preset is empty);
+2. :data:`DATASET_DEFAULTS`: what one dataset needs other than that, whenever that dataset is used;
+3. the preset (:data:`PRESETS`);
+4. the user's settings: a YAML file, then the command line's flags.
+
+``docs/results.md`` has the measurements behind each default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import methods as registry
+from .classifier import ClassifierConfig
+from .data import Dataset
+from .diffusion import DiffusionConfig
+from .injection import InjectionConfig
+from .mining import MiningConfig
+
+# Synthetic samples per training image in the everyday run. The published tables use 1.0 (the "table" preset);
+# changing this one value changes the everyday run.
+EVERYDAY_SYNTHETIC_RATIO = 0.35
+
+# The rows a run makes when the config names none, on every dataset: the baselines, the label-free method and the
+# oracle ceiling (where the bias can be undone by hand). Any other registered method joins with --methods.
+DEFAULT_METHODS = ("vanilla", "lff", "diffinject", "oracle")
+METHODS = tuple(registry.REGISTRY)  # every row a run can make (core/methods: one class each)
+
+# The synthetic sources a method's ``extra`` can name, each with its folders in a run (U-Net, samples): the label-free
+# U-Net's samples, and the corpus U-Net's (built with knowledge of the bias, so reported as its own row)
+SYNTHETIC_ROWS = {"diffinject": ("unet", "synthetic"), "diffinject-corpus": ("unet-corpus", "synthetic-corpus")}
+
+SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (embedded data), else train one
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run's results. Its defaults are the ``default`` preset's."""
+
+    dataset: str = "cmnist"
+    data_root: str | None = None  # None: the embedded data
+    ratio: float = 1.0  # percent of bias-conflicting training samples: 0.5, 1, 2, 5
+    data_seed: int = 0
+    image_size: int | None = None  # folder datasets: resize on load (default: native size)
+    seed: int = 0  # every stage's randomness
+    # the label-free row's U-Net: "shipped" (core/pretrained/<dataset>-<pct> where the project ships one for the
+    # embedded data, else trained here), a U-Net folder, or None: train one on the training split
+    unet: str | None = SHIPPED
+    methods: tuple[str, ...] | None = None  # None: DEFAULT_METHODS
+    hparams: dict = field(default_factory=dict)  # method name -> its hyperparameters over the registry's defaults
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    # a U-Net trained in a run draws half of each batch by the biased model's difficulty (task labels only);
+    # DiffusionConfig alone (train-diffusion, no biased model) draws uniformly
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(hard_share=0.5))
+    injection: InjectionConfig = field(
+        default_factory=lambda: InjectionConfig(synthetic_ratio=EVERYDAY_SYNTHETIC_RATIO))
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods) if self.methods is not None else None
+        for f in fields(self):  # nested sections may arrive as dicts (YAML, JSON)
+            value = getattr(self, f.name)
+            if isinstance(value, dict) and f.name in SECTIONS:
+                setattr(self, f.name, SECTIONS[f.name](**value))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+SECTIONS = {"mining": MiningConfig, "diffusion": DiffusionConfig, "injection": InjectionConfig,
+            "classifier": ClassifierConfig}
+
+# What a dataset needs other than the dataclasses' defaults, applied whenever the run uses that dataset; a preset
+# or the user's settings win over it.
+DATASET_DEFAULTS: dict[str, dict] = {
+    # the small CNN's confident mistakes are mostly the bias-conflicting digits; the MLP's are illegible aligned ones
+    "cmnist": {"mining": {"k": 5, "min_loss": 4.0, "classifier": {"arch": "cnn"}}},
+    # textures need the CNN (miner and LfF's biased model), and h widened to the coarsest skips carries the shape
+    "corrupted_mnist": {"injection": {"skip_levels": 1},
+                        "mining": {"k": 5, "min_loss": 4.0, "loss_weight_cap": 20.0, "classifier": {"arch": "cnn"}},
+                        "hparams": {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}},
+}
+
+PRESETS: dict[str, dict] = {
+    # the everyday run: the dataclasses' defaults
+    "default": {},
+    # the published results tables: as many synthetic samples as training images
+    "table": {"injection": {"synthetic_ratio": 1.0}},
+    # tests and smoke runs, about a minute: a tiny U-Net trained on the training split for a few steps (uniform
+    # batches), few epochs, the default models and mining (also where the dataset's entry names others)
+    "quick": {
+        "unet": None,
+        "methods": ["vanilla", "lff", "diffinject", "oracle"],
+        "hparams": {"lff": {"biased_arch": None}, "lff+diffinject": {"biased_arch": None}},
+        "mining": {"k": 5, "min_loss": 0.0, "loss_weight_cap": 0.0, "classifier": {"arch": "auto", "epochs": 4}},
+        "diffusion": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                      "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "steps": 30,
+                      "batch_size": 32, "checkpoint_every": 10, "hard_share": 0.0},
+        "injection": {"steps": 5, "num_samples": 24, "batch_size": 16},
+        "classifier": {"epochs": 4},
+    },
+    # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself
+    "paper": {
+        "unet": None,
+        "mining": {"k": 10, "misclassified_only": False, "classifier": {"epochs": 50}},
+        "diffusion": {"steps": 50000, "ema_decay": 0.9999},
+        "injection": {"steps": 1000, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "dt_lambda": 0.9985,
+                      "synthetic_ratio": 0.1},
+        "classifier": {"epochs": 50},
+    },
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_settings(path: str | Path, what: str = "config") -> dict:
+    """A YAML (or JSON) file of settings, as a dict; a clear error naming ``what`` it is when it is unreadable
+    or not a mapping."""
+    import yaml
+
+    try:
+        over = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(over, dict):
+        raise ValueError(f"{what} {path} must be a mapping of settings")
+    return over
+
+
+def make_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
+    """The dataclasses' defaults, then the dataset's :data:`DATASET_DEFAULTS`, then the preset, then ``overrides``
+    (from YAML and the command line); an unknown preset or key is a one-line error."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+    chosen = merge(PRESETS[preset], overrides or {})
+    known = RunConfig().to_dict()
+    dataset = chosen.get("dataset", known["dataset"])
+    cfg = merge(merge(known, DATASET_DEFAULTS.get(dataset, {})), chosen)
+    _check_keys(cfg, known, "")
+    return RunConfig(**cfg)
+
+
+def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
+    for k, v in cfg.items():
+        if k not in known:
+            raise ValueError(f"unknown config key '{prefix}{k}'")
+        if isinstance(v, dict) and isinstance(known[k], dict) and k != "hparams":  # hparams: checked by validate
+            _check_keys(v, known[k], f"{prefix}{k}.")
+
+
+def validate(cfg: RunConfig, ds: Dataset) -> None:
+    """Input checks that need the data: K against class sizes, known methods, gamma."""
+    cfg.injection.validate()
+    smallest = int(torch.bincount(ds.train.labels).min())
+    if not 1 <= cfg.mining.k <= smallest:
+        raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
+    methods = run_methods(cfg)
+    if not isinstance(cfg.hparams, dict):
+        raise ValueError(f"hparams must map method names to their hyperparameters, got {cfg.hparams!r}")
+    for name in dict.fromkeys([*methods, *cfg.hparams]):  # unknown names and hyperparameters: a one-line error
+        registry.get(name, cfg.hparams.get(name))
+    if "diffinject-corpus" in sources_of(methods) and not _embedded_cmnist(cfg):
+        raise ValueError("diffinject-corpus needs the embedded cmnist: its U-Net was pretrained on that benchmark's "
+                         "colour-balanced corpus")
+
+
+def _embedded_cmnist(cfg: RunConfig) -> bool:
+    return cfg.dataset == "cmnist" and cfg.data_root is None
+
+
+def synthetic_source(method: str) -> str | None:
+    """The synthetic source (a ``SYNTHETIC_ROWS`` key) a registered method learns from, if any."""
+    extra = registry.REGISTRY[method].extra if method in registry.REGISTRY else None
+    return extra if extra in SYNTHETIC_ROWS else None
+
+
+def sources_of(methods) -> list[str]:
+    """The synthetic sources the ``methods`` learn from, in the order first named."""
+    return list(dict.fromkeys(s for s in map(synthetic_source, methods) if s is not None))
+
+
+def run_methods(cfg: RunConfig) -> tuple[str, ...]:
+    """The config's methods, or :data:`DEFAULT_METHODS`."""
+    return cfg.methods if cfg.methods is not None else DEFAULT_METHODS

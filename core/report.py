@@ -1,0 +1,71 @@
+"""What a finished run writes for people and for tables: ``metrics.json`` and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import diagnostics
+from . import methods as registry
+from .config import SYNTHETIC_ROWS, RunConfig
+
+
+def save_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, written atomically (a reader never sees half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def write_report(folder: Path, metrics: dict, cfg: RunConfig) -> None:
+    """``folder/metrics.json`` and ``folder/report.md`` (:func:`render_report`)."""
+    save_json(Path(folder) / "metrics.json", metrics)
+    (Path(folder) / "report.md").write_text(render_report(metrics, cfg))
+
+
+def bias_knowledge_phrase(knows: bool | None) -> str:
+    """How reports and tables say whether a U-Net was built with knowledge of the bias."""
+    return {True: "built with knowledge of the bias", False: "no knowledge of the bias",
+            None: "not recorded whether it used knowledge of the bias"}[knows]
+
+
+METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
+NAMES = {name: method.label for name, method in registry.REGISTRY.items()}  # the tables' row labels
+
+
+def render_report(metrics: dict, cfg: RunConfig) -> str:
+    ds = metrics["dataset"]
+    lines = [f"# DiffInject run: {ds['name']} at {ds['ratio']:g} % conflicts, seed {metrics['seed']}", "",
+             "Test accuracy (%) on the unbiased test split; the checkpoint of each method was chosen on the validation split.", "",
+             "| method | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    for name, m in metrics["methods"].items():
+        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
+    for name, src in metrics.get("unet_sources", {}).items():
+        lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {bias_knowledge_phrase(src['bias_knowledge'])}.")
+    q = metrics["mining"]
+    lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
+              f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
+              f"of the {q['true_conflicts']} true bias-conflicting training samples (bias labels read for this line only).",
+              "", "![mined samples](biased/mined.png)"]
+    for name, inj in metrics.get("injection", {}).items():
+        lines += ["", f"## Injection, {NAMES.get(name, name)} (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "
+                      f"{cfg.injection.steps} DDIM steps, labels from the {cfg.injection.label_from})", "",
+                  f"{inj['samples']} synthetic samples in {inj['seconds']} s ({inj['images_per_second']} images/s, "
+                  f"{inj['unet_evaluations_per_sample']} U-Net evaluations per sample); "
+                  f"the biased classifier gets {inj['biased_model_wrong']:.1f} % of them wrong (label-free conflict signal)."]
+        rep = inj.get("report")
+        if rep:
+            keys = diagnostics.REPORT_KEYS
+            lines += ["", f"Injection report (\"colour\" is the bias attribute, {rep['bias_attribute']}; class reader "
+                          f"accuracy on the test split {rep['shape_reader_test_accuracy']:.1f} %, bias reader "
+                          f"{rep['colour_reader_test_accuracy']:.1f} %):", "",
+                      "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
+                      "| " + " | ".join(f"{rep[k]:.1f} %" for k in keys) + " |"]
+            if "by_content" in rep:  # bias labels read for this line only
+                lines += ["", "By content (bias labels read for this line only): " + "; ".join(
+                    f"{part['share']:.1f} % of the samples come from {name} contents, and "
+                    f"{part['content_digit_other_colour']:.1f} % of those show their class with another "
+                    f"{rep['bias_attribute']}" for name, part in rep["by_content"].items()
+                    if "content_digit_other_colour" in part) + "."]
+        lines += ["", f"![style | content | result]({SYNTHETIC_ROWS[name][1]}/injection_grid.png)"]
+    return "\n".join(lines) + "\n"
