@@ -195,6 +195,18 @@ def test_dataset_file_settings_refuse_absolute_paths_and_dotdot(path):
     check_relative("data/cmnist", "unet")  # a plain relative path is fine
 
 
+@pytest.mark.parametrize("bound", [0, -1, 1.5, True])
+def test_the_multiplexing_bound_must_be_a_positive_whole_number(bound):
+    from diffinject.service.injector import multiplexed
+
+    async def load(model_id: str) -> str:
+        return model_id
+
+    with pytest.raises(ValueError, match="max_models_per_replica"):
+        multiplexed(load, bound)
+    assert callable(multiplexed(load, 2))
+
+
 def test_keys_never_come_from_the_serve_config():
     from diffinject.service.app import build_app
 
