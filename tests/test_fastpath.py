@@ -375,7 +375,8 @@ def test_the_benchmark_variants_share_the_down_path_or_not_and_put_core_back():
 
 
 def test_the_cli_sets_precision_compile_skip_levels_and_the_sample_share_in_the_injection_settings():
-    from diffinject.workers.cli import build_parser, flag_overrides
+    from diffinject.workers.cli import build_parser
+    from diffinject.workers.flags import flag_overrides
 
     def injection(*flags):
         return flag_overrides(build_parser().parse_args(["run", *flags])).get("injection", {})

@@ -553,3 +553,20 @@ def test_table_says_when_a_row_used_another_ratios_unet():
     assert unet_line({"1pct": src, "2pct": src, "5pct": [own, dict(own, origin="trained by run seed0")]}) == \
         "core/pretrained/cmnist-1pct at 1pct, 2pct; trained in this run / trained by run seed0 at 5pct; " \
         "at 2pct the 1pct split's U-Net; no knowledge of the bias"
+
+
+def test_help_reads_its_defaults_from_the_registry(monkeypatch):
+    """Each run flag's help shows the config registry's default, and a dataset's own where its entry differs; every
+    command's help ends with an example."""
+    from diffinject.core import config
+    from diffinject.workers.cli import build_parser
+
+    def run_help() -> str:
+        return " ".join(build_parser().commands.choices["run"].format_help().split())
+
+    assert "synthetic samples per training image (default: 0.35)" in run_help()
+    assert "(default: 0; corrupted_mnist: 1)" in run_help()  # --skip-levels
+    monkeypatch.setattr(config, "EVERYDAY_SYNTHETIC_RATIO", 0.5)
+    assert "synthetic samples per training image (default: 0.5)" in run_help()
+    for name, command in build_parser().commands.choices.items():
+        assert f"example: diffinject {name}" in " ".join(command.format_help().split())

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from diffinject.workers.cli import main
+from diffinject.workers.tune import GRACE_PERIOD
 
 GAMMAS = (0.3, 0.7)
 
@@ -31,7 +32,10 @@ def test_sweep_writes_one_row_per_trial(sweep):
     assert [(int(r["k"]), float(r["gamma"])) for r in rows] == [(3, g) for g in GAMMAS]
     for r in rows:
         assert not r["error"] and 0 <= float(r["valid_accuracy"]) <= 100
-        assert int(r["epochs"]) == 3 or r["stopped_early"] == "True"
+        epochs = int(r["epochs"])
+        assert GRACE_PERIOD <= epochs <= 3  # ASHA stops a trial only after its grace period
+        assert r["stopped_early"] == str(epochs < 3)
+    assert max(int(r["epochs"]) for r in rows) == 3  # the best trial runs to the end
     assert sum(line.startswith("| 3 |") for line in (out / "trials.md").read_text().splitlines()) == 2
     assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the base folder holds the shared models; trials mine and inject in memory, never into it

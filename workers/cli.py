@@ -1,7 +1,6 @@
-"""The ``diffinject`` command line: ``run`` (the whole pipeline; ``--workers N`` fans its generation stage out over
-N Ray injection actors), ``train-diffusion`` (stage 2 alone), ``tune`` (a Ray Tune sweep over K and gamma),
-``prepare`` (what a Serve config's datasets need, before ``serve run``) and ``export`` (a run's synthetic samples
-as an image folder). Flags and YAML files become core's typed settings here; core's errors name settings, and
+"""The ``diffinject`` command line: ``run``, ``train-diffusion``, ``tune``, ``prepare`` and ``export``.
+
+Flags and YAML files become core's typed settings here (:mod:`workers.flags`); core's errors name settings, and
 :func:`main` prints them with the flags that set them. Ray is imported only by the commands that use it.
 """
 
@@ -13,15 +12,16 @@ import json
 import re
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
+from diffinject.core.config import PRESETS, make_config, merge, read_settings
 from diffinject.core.data import DataError, load_dataset, pct_name
 from diffinject.core.diffusion import DiffusionConfig, train_diffusion
-from diffinject.core.injection import PRECISION_CHOICES, InjectionConfig
-from diffinject.core.config import METHODS, PRESETS, make_config, merge, read_settings
 from diffinject.core.run import Run, StageIncomplete
+from .flags import RUN_FLAGS, add_run_flags, flag_overrides
 
 
 def _threads(n: int | None) -> None:
@@ -70,36 +70,6 @@ def cmd_train_diffusion(args) -> int:
     return 0
 
 
-# flag -> config key, for every command that takes run settings (``run`` here, ``tune`` in workers.tune)
-TOP_FLAGS = ("dataset", "data_root", "ratio", "seed", "data_seed", "image_size", "methods", "unet")
-NESTED_FLAGS = {
-    "k": ("mining", "k"), "misclassified_only": ("mining", "misclassified_only"),
-    "min_loss": ("mining", "min_loss"), "loss_weight_cap": ("mining", "loss_weight_cap"),
-    "gamma": ("injection", "gamma"), "t_edit": ("injection", "t_edit"), "steps": ("injection", "steps"),
-    "skip_levels": ("injection", "skip_levels"), "synthetic_ratio": ("injection", "synthetic_ratio"),
-    "num_samples": ("injection", "num_samples"), "label_from": ("injection", "label_from"),
-    "precision": ("injection", "precision"), "compile": ("injection", "compile"),
-    "diffusion_steps": ("diffusion", "steps"), "hard_share": ("diffusion", "hard_share"),
-    "epochs": ("classifier", "epochs"),
-}
-
-
-def flag_overrides(args) -> dict:
-    """RunConfig overrides from the flags a command was given (a flag the command lacks, or left unset, is skipped)."""
-    over: dict = {}
-    for name in TOP_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            over[name] = value.split(",") if name == "methods" else value
-    for name, (section, key) in NESTED_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None:
-            over.setdefault(section, {})[key] = value
-    if getattr(args, "train_unet", False):
-        over["unet"] = None
-    return over
-
-
 def _overrides(args) -> dict:
     """YAML file first, then the command-line flags that were given."""
     return merge(read_settings(args.config) if args.config else {}, flag_overrides(args))
@@ -121,108 +91,103 @@ def cmd_run(args) -> int:
     width = max(len(m) for m in metrics["methods"])
     print(f"\n{'method':<{width}}  unbiased  aligned  conflicting  worst-group")
     for name, m in metrics["methods"].items():
-        print(f"{name:<{width}}  {m['unbiased']:8.2f}  {m['aligned']:7.2f}  {m['conflicting']:11.2f}  {m['worst_group']:11.2f}")
+        print(f"{name:<{width}}  {m['unbiased']:8.2f}  {m['aligned']:7.2f}  {m['conflicting']:11.2f}  "
+              f"{m['worst_group']:11.2f}")
     for name, src in metrics["unet_sources"].items():
         print(f"{name}: U-Net {src['origin']}")
     print(f"\nrun folder: {out}  (report.md, metrics.json)")
     return 0
 
 
+MAIN_HELP = """Debias an image classifier without bias labels. A biased classifier finds the training images that
+contradict the shortcut, a diffusion model (DiffInject) makes more of them by injecting their content into other
+images' style, and the classifiers trained with them are compared with the usual baselines."""
+
+MAIN_EXAMPLES = """examples:
+  diffinject run                                  # the everyday run on the embedded Colored MNIST
+  diffinject run --dataset corrupted_mnist --ratio 0.5
+  diffinject export runs/cmnist-1pct-seed0-default --to synthetic/
+
+'diffinject COMMAND --help' shows each command's options."""
+
+PRESET_HELP = ("settings to start from: default (the everyday run), table (the published tables' settings), quick "
+               "(a one-minute smoke run), paper (the paper's settings, for a GPU)")
+
+
+def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffinject", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="diffinject", description=MAIN_HELP, epilog=MAIN_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.commands = sub
 
-    r = sub.add_parser("run", help="the whole pipeline (mine, diffusion, inject, debias) with the --methods rows beside it")
-    r.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    r.add_argument("--config", default=None, help="YAML file of settings (same keys as the run's config.json)")
-    r.add_argument("--dataset", default=None, help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, "
-                                                   "cifar10c, bffhq, dogs_and_cats")
-    r.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
-    r.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    r.add_argument("--k", type=int, default=None,
-                   help="mined samples per class (default preset: 5 on the embedded benchmarks, 10 elsewhere)")
-    r.add_argument("--misclassified-only", action=argparse.BooleanOptionalAction, default=None,
-                   help="of the top K, keep those the biased model misclassifies (default: on)")
-    r.add_argument("--min-loss", type=float, default=None,
-                   help="of those, keep the ones whose CE under the biased model exceeds this (default preset: 4 on the "
-                        "embedded benchmarks, else 0, off)")
-    r.add_argument("--loss-weight-cap", type=float, default=None,
-                   help="draw each mined content in proportion to its CE under the biased model, capped at this "
-                        "(default preset: 20 on the embedded Corrupted MNIST, else 0, every content equally often)")
-    r.add_argument("--gamma", type=float, default=None, help="injection strength in [0, 1]")
-    r.add_argument("--t-edit", type=int, default=None, help="inject at generation steps with t >= t_edit")
-    r.add_argument("--steps", type=int, default=None, help="DDIM steps for inversion and generation")
-    r.add_argument("--skip-levels", type=int, default=None,
-                   help="also inject the skip connections of the N coarsest up blocks with the bottleneck h (default: 0; "
-                        "1 on the embedded corrupted_mnist)")
-    r.add_argument("--synthetic-ratio", type=float, default=None,
-                   help="synthetic samples as a share of the training set "
-                        f"(default: {InjectionConfig.synthetic_ratio:g})")
-    r.add_argument("--num-samples", type=int, default=None, help="synthetic samples (overrides --synthetic-ratio)")
-    r.add_argument("--label-from", choices=["content", "style"], default=None)
-    r.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
-                   help="the U-Net's calls in generation: fp32, bf16, or auto (the default preset's: bf16 on a CPU "
-                        "with AVX-512 BF16 or AMX)")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the U-Net's calls in generation: faster after a minute or two of compiling "
-                        "(about 25 s once inductor's cache holds the graphs), so it pays from a machine's second "
-                        "run, or on large runs (default: off)")
-    r.add_argument("--epochs", type=int, default=None, help="epochs of every debiased classifier")
-    r.add_argument("--diffusion-steps", type=int, default=None, help="U-Net training steps when one is trained")
-    r.add_argument("--hard-share", type=float, default=None,
-                   help="U-Net training: share of each batch drawn by the biased model's difficulty (0: uniform)")
-    r.add_argument("--unet", default=None, help="the label-free row's U-Net: a trained folder, or 'shipped' (the default: "
-                                                "the project's for this embedded dataset and ratio, else train one)")
-    r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images")
+    r = _command(sub, "run", "mine, make synthetic images, train and compare the debiased classifiers",
+                 "Run the whole method in one run folder: train a biased classifier and mine the images it gets "
+                 "wrong, make synthetic images with the diffusion model, train each method's classifier and write "
+                 "report.md and metrics.json. Rerunning the same command resumes where it stopped.",
+                 "diffinject run --dataset corrupted_mnist --ratio 1 --methods vanilla,lff,diffinject")
+    r.add_argument("--preset", default="default", choices=list(PRESETS), help=PRESET_HELP)
+    r.add_argument("--config", default=None, help="YAML file of settings, with the keys of a run's config.json")
+    add_run_flags(r, RUN_FLAGS)
+    r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images here")
     r.add_argument("--max-minutes", type=float, default=None,
                    help="time budget for training the U-Net: stop and save after this long (exit 3); rerun to resume")
-    r.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: vanilla, lff, "
-                                                   "diffinject, oracle; on the embedded cmnist diffinject-corpus for "
-                                                   "diffinject)")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--data-seed", type=int, default=None)
-    r.add_argument("--image-size", type=int, default=None, help="folder datasets: resize images on load")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    r.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<pct>-seed<seed>-<preset>)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--out", default=None, help="run folder (default: runs/DATASET-PCT-seedSEED-PRESET)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--workers", type=int, default=0,
-                   help="fan the generation stage out over N Ray injection actors (0: in this process)")
-    r.add_argument("--worker-threads", type=int, default=1, help="torch CPU threads per injection actor")
+                   help="make the synthetic images on N Ray workers (default: 0, in this process)")
+    r.add_argument("--worker-threads", type=int, default=1, help="torch CPU threads per worker (default: 1)")
     r.set_defaults(func=cmd_run, make_generator=_generator)
 
-    t = sub.add_parser("train-diffusion", help="train (or resume) a DDPM U-Net with P2 weighting on a dataset's images")
-    t.add_argument("--dataset", default="cmnist", help="cmnist or corrupted_mnist (embedded), or a folder dataset")
-    t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies (default: embedded cmnist)")
-    t.add_argument("--ratio", type=float, default=1.0, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    t.add_argument("--data-seed", type=int, default=0)
-    t.add_argument("--split", default="train", choices=["train", "corpus"], help="which images to train on (never valid/test)")
-    t.add_argument("--config", default=None, help="YAML file of DiffusionConfig settings (architecture, P2, EMA, lr, ...)")
-    t.add_argument("--steps", type=int, default=None, help=f"training steps (default {DiffusionConfig.steps})")
-    t.add_argument("--batch-size", type=int, default=None, help=f"default {DiffusionConfig.batch_size}")
-    t.add_argument("--image-size", type=int, default=None, help=f"default {DiffusionConfig.image_size}")
+    t = _command(sub, "train-diffusion", "train a diffusion U-Net on a dataset's images",
+                 "Train (or resume) a DDPM U-Net on a dataset's training images, to give a run with --unet. "
+                 "Rerunning with the same --out resumes from its checkpoint.",
+                 "diffinject train-diffusion --dataset corrupted_mnist --ratio 1 --steps 2000 --out unets/cm1")
+    t.add_argument("--dataset", default="cmnist", help=f"{RUN_FLAGS['dataset'].help} (default: %(default)s)")
+    t.add_argument("--data-root", default=None, help=RUN_FLAGS["data_root"].help)
+    t.add_argument("--ratio", type=float, default=1.0, help=f"{RUN_FLAGS['ratio'].help} (default: %(default)s)")
+    t.add_argument("--data-seed", type=int, default=0, help="the embedded data's draw (default: %(default)s)")
+    t.add_argument("--split", default="train", choices=["train", "corpus"],
+                   help="which images to train on: train, or the embedded Colored MNIST's colour-balanced corpus "
+                        "(a U-Net that knows the bias) (default: %(default)s)")
+    t.add_argument("--config", default=None, help="YAML file of U-Net settings (architecture, learning rate, ...)")
+    t.add_argument("--steps", type=int, default=None, help=f"training steps (default: {DiffusionConfig.steps})")
+    t.add_argument("--batch-size", type=int, default=None, help=f"default: {DiffusionConfig.batch_size}")
+    t.add_argument("--image-size", type=int, default=None, help=f"default: {DiffusionConfig.image_size}")
     t.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: stop and save after this long; rerunning resumes towards --steps")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--out", required=True, help="model folder; rerunning resumes from its checkpoint")
+    t.add_argument("--out", required=True, help="the U-Net's folder")
     t.set_defaults(func=cmd_train_diffusion)
+
     from . import tune  # light: Ray is imported only when a sweep runs
 
-    tune.add_parser(sub)
-    prep = sub.add_parser("prepare", help="train what the datasets registered in a Serve config need (U-Net, "
-                                          "biased classifier) into their run folders, before `serve run`")
-    prep.add_argument("config", help="the Serve config, e.g. deploy/serve.yaml (run from the folder `serve run` uses)")
+    tune.add_parser(sub, _command)
+    prep = _command(sub, "prepare", "train what a Serve config's datasets need, before serving them",
+                    "Train (or copy) the U-Net and the biased classifier of every dataset registered in a Serve "
+                    "config, into the run folders the service reads. Run it from the folder 'serve run' uses.",
+                    "diffinject prepare deploy/serve.yaml")
+    prep.add_argument("config", help="the Serve config")
     prep.set_defaults(func=cmd_prepare)
-    exp = sub.add_parser("export", help="write a run's synthetic samples as an image folder "
-                                        "(DIR/{label}/{name}.png) with manifest.csv, for your own training code")
-    exp.add_argument("run_dir", help="a finished run folder (diffinject run --out)")
+    exp = _command(sub, "export", "write a run's synthetic images as an image folder",
+                   "Write a finished run's synthetic images as DIR/LABEL/NAME.png with manifest.csv, for your own "
+                   "training code.",
+                   "diffinject export runs/cmnist-1pct-seed0-default --to synthetic/ --with-real")
+    exp.add_argument("run_dir", help="a finished run folder")
     exp.add_argument("--to", required=True, help="a new (or empty) folder")
-    exp.add_argument("--with-real", action="store_true", help="add the training images: DIR is the debiased training set")
-    exp.add_argument("--corpus", action="store_true", help="the diffinject-corpus row's samples instead of the label-free ones")
+    exp.add_argument("--with-real", action="store_true",
+                     help="add the training images too: the folder is then the debiased training set")
+    exp.add_argument("--corpus", action="store_true",
+                     help="the diffinject-corpus row's images instead of the label-free ones")
     exp.set_defaults(func=cmd_export)
     return p
 

@@ -37,21 +37,16 @@ import torch
 
 from diffinject.core import methods as registry
 from diffinject.core.classifier import group_metrics, load_classifier, predict
-from .cli import flag_overrides
+from diffinject.core.config import PRESETS, RunConfig, make_config, merge, read_settings, validate
 from diffinject.core.data import ImageSet, pct_name
 from diffinject.core.injection import InjectionConfig
 from diffinject.core.mining import mine
-from diffinject.core.config import PRESETS, RunConfig, make_config, merge, read_settings, validate
 from diffinject.core.run import Run
 from diffinject.core.stages import fit_method, synthesize
+from .flags import add_run_flags, flag_overrides
 
-DEFAULTS = {
-    "k": [5, 10, 20],  # the grid when neither --k nor the grid file gives one
-    "gamma": [0.5, 0.7, 0.9],  # around the default (0.9)
-    "cpus_per_trial": 1,
-    "grace_period": 2,  # ASHA: epochs every trial runs before it can be stopped
-    "reduction_factor": 3,  # ASHA: keep the top third at each rung
-}
+GRACE_PERIOD = 2  # ASHA: epochs every trial runs before it can be stopped
+REDUCTION_FACTOR = 3  # ASHA: keep the top third at each rung
 METRIC = "valid_accuracy"  # the only metric the choice reads (best so far, in [0, 1])
 DEVICE = "cpu"
 COLUMNS = ("k", "gamma", "valid_accuracy", "epochs", "stopped_early", "error")
@@ -98,6 +93,13 @@ def check_grid(ks: list, gammas: list) -> tuple[list[int], list[float]]:
             raise ValueError(f"gamma {g!r} is not a number")
         InjectionConfig(gamma=g).validate()  # its range, written once in core
     return list(dict.fromkeys(ks)), list(dict.fromkeys(float(g) for g in gammas))
+
+
+def default_grid(cfg: RunConfig) -> dict[str, list]:
+    """The grid when neither the flags nor the grid file give one: the run's K, twice and four times it, and the
+    run's gamma with two weaker ones (0.2 apart, at least 0)."""
+    k, gamma = cfg.mining.k, cfg.injection.gamma
+    return {"k": [k, 2 * k, 4 * k], "gamma": sorted({round(max(0.0, gamma - d), 2) for d in (0.4, 0.2, 0.0)})}
 
 
 def trial_config(cfg: RunConfig, k: int, gamma: float) -> RunConfig:
@@ -186,8 +188,8 @@ def sweep(run: Run, ks: list[int], gammas: list[float], out: Path, cpus_per_tria
                                          models=str(models), train=ds.train.blind(), valid=ds.valid.blind(),
                                          num_classes=ds.num_classes, threads=cpus_per_trial)
     # stop_last_trials=False: reaching max_t is not a stop; a trial ends by returning, after saving its model
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max(epochs, DEFAULTS["grace_period"]),
-                              grace_period=DEFAULTS["grace_period"], reduction_factor=DEFAULTS["reduction_factor"],
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=max(epochs, GRACE_PERIOD),
+                              grace_period=GRACE_PERIOD, reduction_factor=REDUCTION_FACTOR,
                               stop_last_trials=False) if asha else None
     tuner = ray_tune.Tuner(
         ray_tune.with_resources(trainable, {"cpu": cpus_per_trial}),
@@ -293,10 +295,6 @@ def cmd_tune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = read_grid(args.grid) if args.grid else {}
-    ks, gammas = check_grid(parse_list(args.grid_k, int, "--k") if args.grid_k is not None
-                            else grid.get("k", DEFAULTS["k"]),
-                            parse_list(args.grid_gamma, float, "--gamma") if args.grid_gamma is not None
-                            else grid.get("gamma", DEFAULTS["gamma"]))
     if args.cpus_per_trial < 1:
         raise ValueError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     registry.get(args.method)  # an unknown name: a one-line error
@@ -304,6 +302,11 @@ def cmd_tune(args) -> int:
         raise ValueError(f"--method {args.method!r} does not learn from the label-free synthetic samples, so K and "
                          f"gamma do not reach it; choose one of {', '.join(synthetic_methods())}")
     cfg = make_config(args.preset, merge(grid.get("config") or {}, flag_overrides(args)))
+    default = default_grid(cfg)
+    ks, gammas = check_grid(parse_list(args.grid_k, int, "--k") if args.grid_k is not None
+                            else grid.get("k", default["k"]),
+                            parse_list(args.grid_gamma, float, "--gamma") if args.grid_gamma is not None
+                            else grid.get("gamma", default["gamma"]))
     if cfg.classifier.epochs < 1:
         raise ValueError(f"epochs {cfg.classifier.epochs} must be at least 1")
     out = Path(args.out or f"runs/tune-{cfg.dataset}-{pct_name(cfg.ratio)}-{args.preset}").resolve()
@@ -334,33 +337,31 @@ def synthetic_methods() -> list[str]:
     return [name for name, m in registry.REGISTRY.items() if m.extra == "diffinject"]
 
 
-def _csv(values: list) -> str:
-    return ",".join(f"{v:g}" for v in values)
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``diffinject tune`` on the subparsers object ``sub``."""
-    t = sub.add_parser("tune", help="Ray Tune sweep over K and gamma on one shared biased classifier and U-Net")
-    t.add_argument("--preset", default="default", choices=sorted(PRESETS))
+def add_parser(sub, command) -> argparse.ArgumentParser:
+    """Register ``diffinject tune`` on the subparsers object ``sub``; ``command`` makes a subcommand's parser with
+    its summary, description and example (workers.cli)."""
+    t = command(sub, "tune", "choose K and gamma by validation accuracy with a Ray Tune sweep",
+                "Sweep K (mined images per class) and gamma (injection strength) with Ray Tune: the biased "
+                "classifier and the U-Net are trained once, each trial mines, makes its synthetic images and trains "
+                "--method, and the best validation accuracy chooses. Only the chosen model is tested.",
+                "diffinject tune --dataset cmnist --ratio 1 --k 5,10 --gamma 0.5,0.9")
+    t.add_argument("--preset", default="default", choices=list(PRESETS), help="the settings to start from (see run)")
     t.add_argument("--method", default="diffinject",
-                   help=f"the debiased classifier each trial trains: {', '.join(synthetic_methods())}")
-    t.add_argument("--dataset", default=None,
-                   help="cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
-    t.add_argument("--data-root", default=None, help="folder holding the released benchmark copies")
-    t.add_argument("--ratio", type=float, default=None, help="bias-conflict percent: 0.5, 1, 2 or 5")
-    # dest grid_*: lists for the sweep, not the single run settings workers.cli.flag_overrides reads as k and gamma
-    t.add_argument("--k", dest="grid_k", default=None, help=f"comma list of K (mined samples per class); default {_csv(DEFAULTS['k'])}")
-    t.add_argument("--gamma", dest="grid_gamma", default=None, help=f"comma list of gamma in [0, 1]; default {_csv(DEFAULTS['gamma'])}")
-    t.add_argument("--grid", default=None, help="YAML file: k: [...], gamma: [...], config: {RunConfig overrides}")
-    t.add_argument("--epochs", type=int, default=None, help="epochs of each trial's debiased classifier")
-    t.add_argument("--num-samples", type=int, default=None, help="synthetic samples per trial (default: the preset's)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--cpus-per-trial", type=int, default=DEFAULTS["cpus_per_trial"],
-                   help="CPUs (and torch threads) per trial")
+                   help=f"the classifier each trial trains: {', '.join(synthetic_methods())} (default: %(default)s)")
+    add_run_flags(t, ("dataset", "data_root", "ratio"))
+    # dest grid_*: lists for the sweep, not the single run settings flag_overrides reads as k and gamma
+    t.add_argument("--k", dest="grid_k", default=None,
+                   help="comma list of K, mined images per class (default: the run's K, twice and four times it)")
+    t.add_argument("--gamma", dest="grid_gamma", default=None,
+                   help="comma list of gamma in [0, 1] (default: the run's gamma and two weaker ones, 0.2 apart)")
+    t.add_argument("--grid", default=None, help="YAML file: k: [...], gamma: [...], config: {run settings}")
+    add_run_flags(t, ("epochs", "num_samples", "seed"))
+    t.add_argument("--cpus-per-trial", type=int, default=1,
+                   help="CPUs (and torch threads) per trial (default: %(default)s)")
     t.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"stop weak trials early (ASHA, grace period {DEFAULTS['grace_period']} epochs)")
-    t.add_argument("--out", default=None, help="sweep folder (default: runs/tune-<dataset>-<pct>-<preset>)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads of the driver (base training)")
-    t.add_argument("--no-progress", action="store_true")
+                   help=f"stop weak trials early (ASHA, after {GRACE_PERIOD} epochs) (default: on)")
+    t.add_argument("--out", default=None, help="sweep folder (default: runs/tune-DATASET-PCT-PRESET)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads of the driver")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
     return t
