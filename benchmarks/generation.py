@@ -3,7 +3,7 @@
     python benchmarks/generation.py                                  # CPU: shipped U-Net, default steps, batch 64
     python benchmarks/generation.py --device cuda --bf16 --compile   # on a GPU, each switch off and on
     python benchmarks/generation.py --steps 5 --pairs 16 --reference-pairs 2 --out /tmp/generation  # smoke check
-    python benchmarks/generation.py --variants reference fast fast-unshared fast-compiled ddim   # + compiled row
+    python benchmarks/generation.py --variants reference fast fast-compiled ddim   # + compiled row
 
 Variants on the same U-Net, DDIM steps and batch size:
 
@@ -12,16 +12,14 @@ Variants on the same U-Net, DDIM steps and batch size:
 - ``fast``: ``core.injection.inject`` on ``--pairs`` pairs planned by ``plan_pairs`` over a pool of ``--contents``
   distinct content images (the true bias-conflict samples of the embedded Colored MNIST 1 % train split first,
   30 of them, then other training images: the size of the mined pool, K = 10 per class), no cache.
-- ``fast-unshared``: ``fast`` with ``ddim_generate(..., share_down=False)``: an injection step runs the whole U-Net
-  on both halves of the doubled batch (what the hook path did) instead of the down path and middle block once.
 - ``fast-compiled`` and ``fast-bf16-compiled`` (not run unless named in ``--variants``: compiling takes minutes on a
   CPU): ``fast`` and ``fast-bf16`` with ``InjectionConfig(compile=True)``: the U-Net's calls through
-  ``torch.compile(unet_forward, fullgraph=True)`` with inductor's weight freezing (``core.injection.at_precision``).
+  ``torch.compile(forward, fullgraph=True)`` with inductor's weight freezing (``core.hspace.HSpace``).
   Their warm-up is a whole untimed run of the variant (every graph compiled before the timing; ``compiles_timed``
   counts graphs compiled during the timing anyway), so their peak memory is not reported on CPU (the compiler's
   would be in the process's peak).
 - ``fast-cudagraphs`` and ``ddim-cudagraphs`` (named in ``--variants`` only): ``fast`` and ``ddim`` with
-  ``unet_forward`` compiled by ``cuda_graphed``: ``torch.compile(fullgraph=True, mode="reduce-overhead")``, which on
+  ``core.hspace.forward`` compiled by ``cuda_graphed``: ``torch.compile(fullgraph=True, mode="reduce-overhead")``, which on
   CUDA records each batch shape's graph once (in the untimed warm-up run) and replays it, so a U-Net call costs one
   graph launch instead of hundreds of kernel launches. On a CPU it is plain compiling.
 - ``fast-bf16``: ``fast`` with ``InjectionConfig(precision="bf16")``: the U-Net's calls in bfloat16 (its weights
@@ -37,7 +35,7 @@ Every ``fast-...`` and ``ddim-...`` variant also reports how far its images are 
 machine's drift between two variants run one after the other, so the run also times one injection step's U-Net call
 both ways, alternately (``--step-reps``; ``injection_step`` in the JSON).
 
-For each: images/s, U-Net evaluations per image (counted with ``count_evaluations``, and the formula of
+For each: images/s, U-Net evaluations per image (counted with ``Evaluations``, and the formula of
 ``core.reference.evaluations_per_sample``), and peak memory. Memory on CUDA: ``torch.cuda.max_memory_allocated``
 during the variant minus what was allocated before it (the model). On CPU every variant runs in a fresh process
 (multiprocessing 'spawn') and the number is the peak RSS (``resource.getrusage(...).ru_maxrss``) minus the RSS
@@ -50,10 +48,10 @@ speed there (the fast path inverts styles and new contents in the same calls on 
 only.
 
 Roofline: the FLOPs of one U-Net evaluation (one image) come from ``torch.utils.flop_counter.FlopCounterMode``
-on ``unet_forward`` (matmuls, convolutions, attention's products; not norms or activations), and those of its time
+on ``core.hspace.forward`` (matmuls, convolutions, attention's products; not norms or activations), and those of its time
 embedding, down path and middle block alone from the same counter on a doubled batch whose down path runs once.
 A variant's FLOPs are evaluations x the first, less the second for every image whose down path was shared
-(``count_evaluations``' ``shared``); divided by its seconds, its achieved GFLOP/s (``rows[i].gflops``). The same run
+(``Evaluations.shared``); divided by its seconds, its achieved GFLOP/s (``rows[i].gflops``). The same run
 measures the machine's GEMM rate (``torch.mm`` on ``--gemm-size`` square matrices, fp32 and, where the device has
 it (CUDA, or a CPU with avx512_bf16 or amx_bf16), bf16, at the same thread count, median of ``--gemm-reps``; top
 level ``gemm_gflops``; measured before the variants and again after them, and the higher median kept: the
@@ -69,7 +67,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import json
 import multiprocessing
 import os
@@ -88,22 +85,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import diffinject.core.injection as injection  # noqa: E402
+from diffinject.core import hspace  # noqa: E402
 from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
-from diffinject.core.injection import InjectionConfig, count_evaluations, ddim_generate, has_bf16, inject, plan_pairs  # noqa: E402
+from diffinject.core.hspace import Evaluations, HSpace, has_bf16  # noqa: E402
+from diffinject.core.injection import InjectionConfig, ddim_generate, inject, plan_pairs, slerp  # noqa: E402
 from diffinject.core.run import CORPUS_UNET  # noqa: E402
 from diffinject.core.reference import evaluations_per_sample, reference_inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("reference", "fast", "fast-bf16", "fast-unshared", "fast-channels-last", "fast-compiled",
+VARIANTS = ("reference", "fast", "fast-bf16", "fast-channels-last", "fast-compiled",
             "fast-bf16-compiled", "fast-cudagraphs", "ddim", "ddim-cudagraphs")
 # warmed up by a whole untimed run; they report their graphs
 COMPILED = ("fast-compiled", "fast-bf16-compiled", "fast-cudagraphs", "ddim-cudagraphs")
-DEFAULT_VARIANTS = ("reference", "fast", "fast-unshared", "ddim")
+DEFAULT_VARIANTS = ("reference", "fast", "ddim")
 # the ratios of images/s a run reports: (JSON key, numerator variant, denominator variant, column header)
 RATIOS = (("fast_over_reference", "fast", "reference", "fast / reference (images/s)"),
           ("fast_over_ddim", "fast", "ddim", "fast / plain DDIM (images/s)"),
-          ("fast_over_unshared", "fast", "fast-unshared", "fast / fast-unshared (shared down path)"),
           ("channels_last_over_fast", "fast-channels-last", "fast", "fast-channels-last / fast"),
           ("compiled_over_fast", "fast-compiled", "fast", "fast-compiled / fast"),
           ("bf16_over_fast", "fast-bf16", "fast", "fast-bf16 / fast"),
@@ -134,10 +131,9 @@ def unet_autocast(device: str, bf16: bool = False, force: bool = False):
 def compile_unet(unet) -> None:
     """``torch.compile`` the U-Net's blocks in place, leaving the two places where hooks sit eager.
 
-    ``core.reference`` hooks ``unet.mid_block`` (``bottleneck_hook``) with a new closure at every injection step, and
-    ``count_evaluations`` hooks ``unet`` itself; compiling either would recompile on every hook change. So the
-    down and up blocks and the mid block's inner layers are compiled, and the top level and ``mid_block`` stay as
-    they are.
+    ``core.reference`` hooks ``unet.mid_block`` (``bottleneck_hook``) with a new closure at every injection step;
+    compiling it would recompile on every hook change. So the down and up blocks and the mid block's inner layers
+    are compiled, and the top level and ``mid_block`` stay as they are.
     """
     for block in [*unet.down_blocks, *unet.up_blocks, *unet.mid_block.resnets,
                   *[a for a in unet.mid_block.attentions if a is not None]]:
@@ -145,7 +141,7 @@ def compile_unet(unet) -> None:
 
 
 def cuda_graphed(forward):
-    """``forward`` (``unet_forward``) compiled whole with CUDA graphs: ``mode="reduce-overhead"``, one graph per
+    """``forward`` (``core.hspace.forward``) compiled whole with CUDA graphs: ``mode="reduce-overhead"``, one graph per
     batch shape (``dynamic=False``: the fast path's few shapes are each recorded once, in the warm-up).
 
     A replay writes its outputs into the same memory as the last one, and the fast path keeps the h of every
@@ -158,6 +154,14 @@ def cuda_graphed(forward):
         return tuple(t.clone() for t in compiled(*args, **kwargs))
 
     return call
+
+
+class CudaGraphed(HSpace):
+    """An :class:`HSpace` whose forward calls go through :func:`cuda_graphed`."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self._forward = cuda_graphed(hspace.forward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,9 +198,9 @@ def _chunks(n: int, size: int) -> list[int]:
 
 def flops_per_evaluation(unet, device: str) -> dict:
     """FLOPs of one U-Net evaluation (one image, any timestep), and of its time embedding, down path and middle
-    block alone (what a shared down path saves per image), from torch's FLOP counter on ``unet_forward``. Attention
-    runs in its plain-math form here: the counter has no formula for the CPU's fused attention kernel and would miss
-    its two products (the same FLOPs either way)."""
+    block alone (what a shared down path saves per image), from torch's FLOP counter on ``core.hspace.forward``.
+    Attention runs in its plain-math form here: the counter has no formula for the CPU's fused attention kernel and
+    would miss its two products (the same FLOPs either way)."""
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     x = torch.randn((1, unet.config.in_channels, size, size), device=device)
@@ -205,25 +209,13 @@ def flops_per_evaluation(unet, device: str) -> dict:
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
         for sample, mid, copies in ((x, None, 1), (torch.cat([x, x]), lambda h: torch.cat([h, h]), 2)):
             with FlopCounterMode(display=False) as counter:
-                injection.unet_forward(unet, sample, t, mid, copies)
+                hspace.forward(unet, sample, t, mid, copies)
             counts.append(counter.get_total_flops())
     return {"total": counts[0], "down_and_middle": 2 * counts[0] - counts[1]}
 
 
 def measure(variant: str, opts: dict) -> dict:
-    """Run one variant once (after a warm-up) and return its numbers (and, under ``_images``, its images).
-
-    The variants swap ``core.injection``'s ``unet_forward`` and ``ddim_generate`` (which ``inject`` looks up at
-    every call); they are put back afterwards.
-    """
-    saved = injection.unet_forward, injection.ddim_generate
-    try:
-        return _measure(variant, opts)
-    finally:
-        injection.unet_forward, injection.ddim_generate = saved
-
-
-def _measure(variant: str, opts: dict) -> dict:
+    """Run one variant once (after a warm-up) and return its numbers (and, under ``_images``, its images)."""
     torch.set_num_threads(opts["threads"])
     device, bs = opts["device"], opts["batch_size"]
     cuda = torch.device(device).type == "cuda"
@@ -232,16 +224,17 @@ def _measure(variant: str, opts: dict) -> dict:
     flops = flops_per_evaluation(unet, device)  # eager, before anything is compiled
     if opts["compile"]:
         compile_unet(unet)
-    if variant.endswith("-cudagraphs"):
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x steps
-        injection.unet_forward = cuda_graphed(injection.unet_forward)  # inject looks it up at every call
     if variant == "fast-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
-    if variant == "fast-unshared":
-        injection.ddim_generate = functools.partial(injection.ddim_generate, share_down=False)  # inject's lookup
+    model = unet  # what inject and ddim_generate run
+    if variant.endswith("-cudagraphs"):
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x steps
+        model = CudaGraphed(unet)
     images, labels, pool, source = load_images(opts["contents"], opts["seed"])
     cfg = InjectionConfig(steps=opts["steps"], batch_size=bs, precision="bf16" if "bf16" in variant else "fp32",
                           compile=variant.endswith("-compiled"))
+    if cfg.compile or cfg.precision != "fp32":  # one HSpace for the warm-up and the timing: cast and compiled once
+        model = HSpace(unet, cfg.precision, cfg.compile)
     n = opts["reference_pairs"] if variant == "reference" else opts["pairs"]
     pairs = plan_pairs(labels, pool, n, opts["seed"])
     distinct = len(np.unique(pairs.content))
@@ -256,16 +249,19 @@ def _measure(variant: str, opts: dict) -> dict:
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
 
-    def run():
+    def run(evals=None):
         if variant == "reference":
-            return reference_inject(unet, scheduler, images, labels, pairs, cfg, opts["seed"], device).images
+            return reference_inject(unet, scheduler, images, labels, pairs, cfg, opts["seed"], device,
+                                    evaluations=evals).images
         if variant.startswith("fast"):
-            return inject(unet, scheduler, images, labels, pairs, cfg, opts["seed"], device, progress=False).images
+            return inject(model, scheduler, images, labels, pairs, cfg, opts["seed"], device, progress=False,
+                          evaluations=evals).images
         plain = InjectionConfig(steps=cfg.steps, t_boost=-1, batch_size=bs)
         g = torch.Generator().manual_seed(opts["seed"])
         x_T = torch.randn((n, unet.config.in_channels, size, size), generator=g)
-        return torch.cat([from_model_space(ddim_generate(unet, scheduler, x_T[s : s + bs].to(device), plain).cpu(),
-                                           images.shape[-1]) for s in range(0, n, bs)])
+        return torch.cat([from_model_space(ddim_generate(model, scheduler, x_T[s : s + bs].to(device), plain,
+                                                         evaluations=evals).cpu(), images.shape[-1])
+                          for s in range(0, n, bs)])
 
     warm = time.perf_counter()
     with unet_autocast(device, opts["bf16"]):
@@ -283,23 +279,24 @@ def _measure(variant: str, opts: dict) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    with unet_autocast(device, opts["bf16"]), count_evaluations(unet) as evals:
+    evals = Evaluations()
+    with unet_autocast(device, opts["bf16"]):
         t0 = time.perf_counter()
-        out = run()
+        out = run(evals)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if cuda else _maxrss_bytes()) - before
     assert len(out) == n
-    executed = evals["images"] * flops["total"] - evals["shared"] * flops["down_and_middle"]
+    executed = evals.images * flops["total"] - evals.shared * flops["down_and_middle"]
     row = {"variant": variant, "bf16": opts["bf16"], "compile": opts["compile"], "images": n,
            "distinct_contents": None if variant.startswith("ddim") else distinct, "seconds": round(seconds, 3),
-           "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals["images"] / n, 3),
-           "unet_calls": evals["calls"],
+           "images_per_s": round(n / seconds, 3), "evals_per_image": round(evals.images / n, 3),
+           "unet_calls": evals.calls,
            "evals_formula": round(expected, 3),
            "peak_mib": None if variant in COMPILED and not cuda else round(max(peak, 0) / 2**20, 1),
            "data": source,
-           "shared_down_images": evals["shared"], "gflop": round(executed / 1e9, 2),
+           "shared_down_images": evals.shared, "gflop": round(executed / 1e9, 2),
            "gflops": round(executed / 1e9 / seconds, 2), "flops_per_evaluation": flops,
            "_images": out}
     if variant in COMPILED:
@@ -349,10 +346,10 @@ def injection_step(_, opts: dict) -> dict:
     x = torch.randn((n, unet.config.in_channels, size, size), generator=g).to(device)
     t = torch.tensor([500], device=device)
     with torch.inference_mode():
-        h_c = injection.unet_forward(unet, x.flip(0), t)[1]
+        h_c = hspace.forward(unet, x.flip(0), t).h
 
         def mix(h):
-            return torch.cat([h[:n], injection.slerp(h[-n:], h_c, 0.9)])
+            return torch.cat([h[:n], slerp(h[-n:], h_c, 0.9)])
 
         arms = {"shared": (unet, 2), "unshared": (unet, 1),
                 "channels_last": (copy.deepcopy(unet).to(memory_format=torch.channels_last), 2)}
@@ -362,7 +359,7 @@ def injection_step(_, opts: dict) -> dict:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                injection.unet_forward(model, torch.cat([x, x]), t, mix, copies)
+                hspace.forward(model, torch.cat([x, x]), t, mix, copies)
                 if cuda:
                     torch.cuda.synchronize()
                 if rep:

@@ -2,29 +2,25 @@
 
 For each synthetic sample a *content* image (from the mined bias-conflict pool) and a *style* image (any
 training image of another class) are inverted with deterministic DDIM. While the content image is inverted,
-the U-Net's bottleneck output h (the output of ``unet.mid_block``) is recorded at every timestep. The style
-image is then regenerated from its inverted x_T; at every step with t >= t_edit the running bottleneck h_s is
-replaced by ``slerp(h_s, h_c, gamma)``. Skip connections stay those of the style trajectory, so the style keeps
-its low-level appearance while the content supplies the semantics.
+the U-Net's h (:mod:`core.hspace`: the middle block's output) is recorded at every timestep. The style image is
+then regenerated from its inverted x_T; at every step with t >= t_edit the running h_s is replaced by
+``slerp(h_s, h_c, gamma)``. Skip connections stay those of the style trajectory, so the style keeps its
+low-level appearance while the content supplies the semantics. Every U-Net call goes through
+:class:`~core.hspace.HSpace`, which hands h out and takes its replacement in.
 
 Timesteps. With n DDIM steps the generation visits t_n > ... > t_1 (e.g. 950, 900, ..., 0 for n = 20) and
 ends at alpha = 1. Inversion walks the same grid upwards: x_0 is taken as the state at t_1, and n - 1
 deterministic steps reach x_{t_n}. The content's h at t_n comes from one more U-Net call on x_{t_n}.
 
 Update (Asyrp form) at an injection step: the predicted x0 uses the *injected* epsilon, the direction term the
-*non-injected* one; both come from one U-Net call on the doubled batch ``[x, x]`` whose second half is injected.
-For t <= t_boost the steps are stochastic (eta = 1, "quality boost"); the noise of sample i comes from its own
-generator seeded by (seed, i), so a sample's pixels do not depend on the batch it was generated in.
+*non-injected* one; both come from one U-Net call on the doubled batch ``[x, x]`` whose second half is injected
+(its down path runs once, :func:`core.hspace.forward`'s ``copies``). For t <= t_boost the steps are stochastic
+(eta = 1, "quality boost"); the noise of sample i comes from its own generator seeded by (seed, i), so a
+sample's pixels do not depend on the batch it was generated in.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import math
-import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -36,81 +32,41 @@ from tqdm.auto import tqdm
 
 from .classifier import load_saved
 from .diffusion import from_model_space, to_model_space, unet_problem
-
-
-class SettingError(ValueError):
-    """A setting outside its range; ``field`` names it (the CLI prints the message, the service answers 400 naming
-    the field)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PRECISION_CHOICES = (*PRECISIONS, "auto")
-
-
-def has_bf16(device: str) -> bool:
-    """Whether the device has bf16 arithmetic: CUDA, or a CPU with avx512_bf16 or amx_bf16 (Linux's flags)."""
-    if torch.device(device).type == "cuda":
-        return True
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``"auto"``: bf16 on a CPU with bf16 arithmetic (1.8x faster generation there, the same results over 3 seeds:
-    benchmarks/results/experiments.md), fp32 elsewhere (on a GPU the U-Net's calls are bound by launches, and bf16
-    gained 4 %); any other value as it is."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.device(device).type == "cpu" and has_bf16(device) else "fp32"
+from .hspace import PRECISION_CHOICES, Evaluations, HSpace, SettingError, resolve_precision
 
 
 @dataclass
 class InjectionConfig:
+    """The injection stage's settings: DDIM, where and how strongly h is injected, how many samples, how the
+    U-Net runs. :meth:`validate` names the first one out of range."""
+
     # Each bounded setting's inclusive range, written once: validate() checks it, the service's schema states it.
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "steps": (2, 1000), "t_edit": (0, 999), "gamma": (0.0, 1.0), "t_boost": (-1, 999), "skip_levels": (0, 8)}
 
-    steps: int = 10  # DDIM steps for inversion and generation (reference: 1000; benchmarks/steps_study.py)
-    # measured best with the shipped U-Net (benchmarks/results/experiments.md); the paper's are t_edit 500, gamma 0.5
-    t_edit: int = 300  # inject h at every generation step with t >= t_edit
-    gamma: float = 0.9  # Slerp strength: 0 = no injection, 1 = the (norm-matched) content h
+    steps: int = 10  # DDIM steps for inversion and generation (the reference code's: 1000)
+    t_edit: int = 300  # inject h at every generation step with t >= t_edit (the paper's: 500)
+    gamma: float = 0.9  # Slerp strength: 0 = no injection, 1 = the (norm-matched) content h (the paper's: 0.5)
     # 0: h is the middle block's output alone (the paper's h-space); N: h also holds the skip connections that the N
-    # coarsest up blocks read, which carry much of the style's shape (unet_forward; benchmarks/results/experiments.md)
+    # coarsest up blocks read, which carry much of the style's shape (core.hspace)
     skip_levels: int = 0
     t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
     dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
-    # number of synthetic samples = ratio * |train| (the paper's: 0.1); 1.0 raised or held the best label-free row at
-    # every ratio of both embedded benchmarks and on a folder benchmark, against 0.6 and 0.3 before it
-    # (benchmarks/results/experiments.md, 2026-12-04 ninth session and 2026-12-05 tenth session) ...
-    synthetic_ratio: float = 1.0
+    synthetic_ratio: float = 1.0  # synthetic samples = ratio * |train| (a run: core.config.EVERYDAY_SYNTHETIC_RATIO) ...
     num_samples: int | None = None  # ... unless given here
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
-    keep_fraction: float = 1.0  # < 1: generate count / keep_fraction, keep the count most content-consistent
     batch_size: int = 64
     # "bf16": the U-Net's calls in bfloat16 (a copy of its weights, cast once), the DDIM state, the Slerp and the
-    # images in float32; "auto" (the default preset's): bf16 on a CPU with AVX-512 BF16 or AMX, else fp32
-    # (resolve_precision; benchmarks/results/experiments.md has its speed and its effect on the results)
+    # images in float32; "auto": bf16 on a CPU with AVX-512 BF16 or AMX, else fp32 (core.hspace.resolve_precision)
     precision: str = "auto"
     # True: the U-Net's calls go through torch.compile (inductor, its weights frozen as constants) of a copy of it,
-    # padded to this batch size so that two graphs serve a run: 1.14-1.4x on top of bf16 on 2-core CPUs, after
-    # compiles of 1-1.5 min, or about 25 s when inductor's on-disk cache holds them (a later run on the machine).
-    # Off by default: a first default run pays more in compiles than it saves (benchmarks/injection_stage.py).
+    # padded to this batch size so that two graphs serve a run. Each graph compiles for a minute or so on a CPU
+    # (less when inductor's on-disk cache holds it), more than a first default run saves.
     compile: bool = False
 
     def count(self, train_size: int) -> int:
-        """Synthetic samples kept for a training set of ``train_size`` images."""
+        """Synthetic samples for a training set of ``train_size`` images."""
         return self.num_samples if self.num_samples is not None else int(round(self.synthetic_ratio * train_size))
-
-    def generated(self, train_size: int) -> int:
-        """Synthetic samples generated before ``keep_fraction`` filters them down to :meth:`count`."""
-        return int(math.ceil(self.count(train_size) / self.keep_fraction))
 
     def validate(self) -> "InjectionConfig":
         """Raises :class:`SettingError` naming the first setting out of its range."""
@@ -129,13 +85,11 @@ class InjectionConfig:
             raise SettingError("compile", f"compile {self.compile!r} must be true or false")
         if not 0.0 < self.synthetic_ratio <= 10.0:
             raise SettingError("synthetic_ratio", f"synthetic_ratio {self.synthetic_ratio} must be in (0, 10]")
-        if not 0.0 < self.keep_fraction <= 1.0:
-            raise SettingError("keep_fraction", f"keep_fraction {self.keep_fraction} must be in (0, 1]")
         return self
 
 
 # ---------------------------------------------------------------------------------------------------------
-# h-space
+# Slerp
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -157,230 +111,6 @@ def slerp(h_s: torch.Tensor, h_c: torch.Tensor, gamma: float) -> torch.Tensor:
     w_c = torch.where(safe, torch.sin(gamma * theta) / torch.where(safe, sin, 1.0), torch.full_like(sin, gamma))
     return (w_s * flat_s + w_c * flat_c).view_as(h_s)
 
-
-@contextlib.contextmanager
-def bottleneck_hook(unet: UNet2DModel, fn):
-    """Route the middle block's output through ``fn(h) -> h'`` while the context is open; removed afterwards."""
-    handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: fn(output))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _rows(value, rows: int, copies: int):
-    """A per-row tensor of a batch of ``copies`` equal copies cut to the first copy; anything else unchanged."""
-    if copies > 1 and torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows * copies:
-        return value[:rows]
-    return value
-
-
-def check_skip_levels(skip_levels: int, up_blocks: int) -> None:
-    """:class:`SettingError` when ``skip_levels`` exceeds a U-Net's ``up_blocks``: a setting this U-Net cannot take
-    (the range in ``InjectionConfig.RANGES`` knows no U-Net)."""
-    if not 0 <= skip_levels <= up_blocks:
-        raise SettingError("skip_levels", f"skip_levels {skip_levels} must be between 0 and the U-Net's "
-                                          f"{up_blocks} up blocks")
-
-
-def unet_forward(unet: UNet2DModel, sample: torch.Tensor, timestep, mid=None, copies: int = 1, class_labels=None,
-                 skip_levels: int = 0):
-    """``UNet2DModel.forward`` (diffusers 0.42) step by step, with the bottleneck h passed out and in: no hooks.
-
-    Returns ``(eps, h)``: the U-Net's output and h as the middle block made it. ``mid`` replaces h on the way up:
-    a tensor, or a function ``h -> h'``; None keeps it. ``skip_levels`` N > 0 widens h to the middle block's output
-    and the skip connections the N coarsest up blocks read, each flattened per image and concatenated, ``(B, D)``;
-    a replacement then replaces all of them (an h-space that also holds the coarse layout the skips carry past the
-    bottleneck). ``copies`` > 1 says ``sample`` (and a per-row ``timestep`` or ``class_labels``) is that many
-    equal copies of one batch, ``torch.cat([x] * copies)``: the time embedding, the down path and the middle
-    block then run once, on the first copy (h has its rows), and the up path runs on all of them, with the skip
-    connections and the embedding repeated, so ``mid`` must return ``copies`` times h's rows. Taking h and putting
-    h' back in is how ``ddim_invert`` and ``ddim_generate`` inject, and this function, free of hooks and module
-    state, is what ``torch.compile`` can take whole.
-    """
-    cfg = unet.config
-    n = sample.shape[0] // copies
-    x = sample[:n] if copies > 1 else sample
-    if cfg.center_input_sample:
-        x = 2 * x - 1.0
-    # 1. time (and class) embedding
-    timesteps = _rows(timestep, n, copies)
-    if not torch.is_tensor(timesteps):
-        timesteps = torch.tensor([timesteps], dtype=torch.long, device=x.device)
-    elif timesteps.dim() == 0:
-        timesteps = timesteps[None].to(x.device)
-    timesteps = timesteps * torch.ones(n, dtype=timesteps.dtype, device=timesteps.device)
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
-    class_labels = _rows(class_labels, n, copies)
-    if unet.class_embedding is not None:
-        if class_labels is None:
-            raise ValueError("class_labels should be provided when doing class conditioning")
-        if cfg.class_embed_type == "timestep":
-            class_labels = unet.time_proj(class_labels)
-        emb = emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
-    elif class_labels is not None:
-        raise ValueError("class_embedding needs to be initialized in order to use class conditioning")
-    # 2. in, 3. down, 4. middle: once
-    skip = x
-    x = unet.conv_in(x)
-    res = (x,)
-    for block in unet.down_blocks:
-        if hasattr(block, "skip_conv"):
-            x, block_res, skip = block(hidden_states=x, temb=emb, skip_sample=skip)
-        else:
-            x, block_res = block(hidden_states=x, temb=emb)
-        res += block_res
-    h = unet.mid_block(x, emb) if unet.mid_block is not None else x
-    check_skip_levels(skip_levels, len(unet.up_blocks))
-    k = sum(len(block.resnets) for block in unet.up_blocks[:skip_levels])  # the skips those up blocks read
-    parts = (h, *res[len(res) - k :])
-    h = _flat(parts) if k else h
-    # 5. up: on every copy
-    if copies > 1:
-        emb = torch.cat([emb] * copies)
-        res = tuple(torch.cat([r] * copies) for r in res)
-        timesteps = torch.cat([timesteps] * copies)
-    if mid is None:
-        x = torch.cat([parts[0]] * copies) if copies > 1 else parts[0]
-    else:
-        new = mid if torch.is_tensor(mid) else mid(h)
-        x, *skips = _unflat(new, parts) if k else (new,)
-        res = res[: len(res) - k] + tuple(skips)
-    skip = None
-    for block in unet.up_blocks:
-        block_res, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
-        if hasattr(block, "skip_conv"):
-            x, skip = block(x, block_res, emb, skip)
-        else:
-            x = block(x, block_res, emb)
-    # 6. out
-    x = unet.conv_out(unet.conv_act(unet.conv_norm_out(x)))
-    if skip is not None:
-        x += skip
-    if cfg.time_embedding_type == "fourier":
-        x = x / timesteps.reshape((x.shape[0], *([1] * len(x.shape[1:]))))
-    return x, h
-
-
-def _flat(parts) -> torch.Tensor:
-    """Tensors of equal rows as one ``(rows, D)`` tensor: each flattened per row, concatenated."""
-    return torch.cat([p.flatten(1) for p in parts], dim=1)
-
-
-def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
-    """:func:`_flat` undone: ``flat``'s columns cut into tensors shaped as ``like``'s (any number of rows)."""
-    sizes = [p[0].numel() for p in like]
-    return [c.reshape(len(flat), *p.shape[1:]) for c, p in zip(flat.split(sizes, dim=1), like)]
-
-
-_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # U-Net -> (weights' versions, key -> copy)
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compiled copy -> its compiled unet_forward
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
-
-
-def at_precision(unet: UNet2DModel, precision: str, compiled: bool = False) -> UNet2DModel:
-    """``unet`` itself in its own precision, else a copy with its weights cast to ``precision`` ("fp32" or "bf16");
-    with ``compiled``, always a copy, whose calls in :func:`ddim_invert` and :func:`ddim_generate` go through
-    ``torch.compile(unet_forward, fullgraph=True)`` with inductor's ``freezing`` (weights as constants, which lets
-    oneDNN prepack them and fuse GroupNorm and SiLU around them; one static graph per kind of call and batch shape,
-    compiled on first use; :func:`inject_batches` pads a compiled U-Net's calls to fixed shapes).
-
-    The copy is kept while ``unet`` lives and its weights are unchanged (their in-place version counters), so an
-    actor serving many requests casts (about 0.1 s for the shipped U-Net on a CPU) and compiles once, and a frozen
-    graph never serves changed weights. It shares ``unet``'s own forward hooks, so :func:`count_evaluations` on
-    ``unet`` counts the copy's calls too."""
-    dtype = PRECISIONS[precision]
-    if unet.dtype == dtype and not compiled:
-        return unet
-    versions = tuple(p._version for p in unet.parameters())
-    seen, copies = _PREPARED.get(unet, (None, {}))
-    if seen != versions:
-        copies = {}
-        _PREPARED[unet] = (versions, copies)
-    if (dtype, compiled) not in copies:
-        # nn.Module.to: diffusers' own `to` warns about modules to keep in float32, which this U-Net has none of
-        prepared = copies[dtype, compiled] = torch.nn.Module.to(copy.deepcopy(unet), dtype)
-        for hooks in _HOOK_DICTS:  # the same dicts: hooks added to or removed from unet later apply to the copy
-            setattr(prepared, hooks, getattr(unet, hooks))
-        if compiled:
-            # static shapes: inject_batches pads every call to its batch size, so each kind of call is one graph
-            # (a dynamic batch dimension compiled 2.7x slower and ran 1.26x slower, experiments.md 2026-12-05)
-            _COMPILED[prepared] = torch.compile(unet_forward, fullgraph=True, dynamic=False,
-                                                options={"freezing": True})
-    return copies[dtype, compiled]
-
-
-def _evaluate(unet: UNet2DModel, sample: torch.Tensor, t: int, mid=None, copies: int = 1, skip_levels: int = 0):
-    """:func:`unet_forward` (looked up at every call, or the compiled one of a compiled copy: :func:`at_precision`)
-    through ``unet``'s own call, so hooks on the U-Net itself (``count_evaluations``: ``sample``'s rows, all copies,
-    and ``copies``) see it; ``(eps, h)`` in ``sample``'s dtype.
-
-    A U-Net in a lower precision (:func:`at_precision`) gets ``sample`` and an injected h cast to its dtype, and a
-    ``mid`` function sees h in ``sample``'s dtype: the Slerp stays in float32."""
-    timestep = torch.tensor([t], dtype=torch.long, device=sample.device)  # a tensor: one compiled graph for every t
-    dtype = sample.dtype
-    if unet.dtype != dtype:
-        sample = sample.to(unet.dtype)
-        if torch.is_tensor(mid):
-            mid = mid.to(unet.dtype)
-        elif mid is not None:
-            mid = functools.partial(_mid_in, mid, dtype)
-    forward, quiet = _COMPILED.get(unet), contextlib.nullcontext()
-    if forward is None:
-        forward = unet_forward
-    else:
-        if not sample.is_inference() and torch.is_inference_mode_enabled():
-            sample = sample.clone()  # an inference tensor, as every later call's: one graph for both
-        quiet = _quiet_compiler()
-    own = unet.__dict__.get("forward")
-    unet.forward = lambda sample, timestep, copies: forward(unet, sample, timestep, mid, copies,
-                                                            skip_levels=skip_levels)
-    try:
-        with quiet:
-            eps, h = unet(sample, timestep, copies=copies)
-        return eps.to(dtype), h.to(dtype)
-    finally:
-        if own is None:
-            del unet.forward
-        else:
-            unet.forward = own
-
-
-@contextlib.contextmanager
-def _quiet_compiler():
-    """Without the compiler's notes on diffusers' code (a screenful per graph, about its own version checks)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-        yield
-
-
-def _mid_in(fn, dtype, h):
-    return fn(h.to(dtype)).to(h.dtype)
-
-
-@contextlib.contextmanager
-def count_evaluations(unet: UNet2DModel):
-    """Count U-Net evaluations, one per image per call (a doubled injection batch counts twice), and calls.
-
-    Yields a dict whose ``"images"`` and ``"calls"`` entries grow while the context is open. Images are what a
-    CPU pays for; calls are what a GPU pays for at small batch sizes (each call launches the same kernels).
-    ``"shared"`` counts the images of calls on ``copies`` of a batch whose time embedding, down path and middle
-    block another copy's ran (:func:`unet_forward`): an evaluation costs them only the up path.
-    """
-    counter = {"images": 0, "calls": 0, "shared": 0}
-
-    def count(module, args, kwargs):
-        rows = int((args[0] if args else kwargs["sample"]).shape[0])
-        counter["images"] += rows
-        counter["shared"] += rows - rows // kwargs.get("copies", 1)
-        counter["calls"] += 1
-
-    handle = unet.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        yield counter
-    finally:
-        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,15 +143,17 @@ class Inversion:
 
 
 @torch.inference_mode()
-def ddim_invert(unet: UNet2DModel, scheduler: DDIMScheduler, x0: torch.Tensor, steps: int,
-                record_h_from: int | None = None, h_rows: int | None = None, skip_levels: int = 0) -> Inversion:
+def ddim_invert(unet: UNet2DModel | HSpace, scheduler: DDIMScheduler, x0: torch.Tensor, steps: int,
+                record_h_from: int | None = None, h_rows: int | None = None, skip_levels: int = 0,
+                evaluations: Evaluations | None = None) -> Inversion:
     """Deterministic DDIM inversion of a batch ``x0`` (model space, [-1, 1]).
 
-    If ``record_h_from`` is given, the bottleneck h is recorded for every grid timestep t >= record_h_from,
-    including the top one (one extra U-Net call on x_T). ``h_rows`` limits the recording, and that extra call,
-    to the first ``h_rows`` images of the batch: contents and styles are inverted in one U-Net call per step,
-    and only the contents need their h. ``skip_levels``: the h recorded (:func:`unet_forward`).
+    If ``record_h_from`` is given, h is recorded for every grid timestep t >= record_h_from, including the top one
+    (one extra U-Net call on x_T). ``h_rows`` limits the recording, and that extra call, to the first ``h_rows``
+    images of the batch: contents and styles are inverted in one U-Net call per step, and only the contents need
+    their h. ``skip_levels``: which h (:mod:`core.hspace`). The U-Net's calls are counted into ``evaluations``.
     """
+    hspace = HSpace.of(unet)
     grid = ddim_timesteps(scheduler, steps)[::-1]  # ascending
     rows = slice(None) if h_rows is None else slice(0, h_rows)
     x, hs = x0, {}
@@ -429,9 +161,9 @@ def ddim_invert(unet: UNet2DModel, scheduler: DDIMScheduler, x0: torch.Tensor, s
         record = record_h_from is not None and t >= record_h_from and h_rows != 0
         if i == len(grid) - 1:
             if record:
-                hs[t] = _evaluate(unet, x[rows], t, skip_levels=skip_levels)[1]
+                hs[t] = hspace(x[rows], t, skip_levels=skip_levels, evaluations=evaluations).h
             break
-        eps, h = _evaluate(unet, x, t, skip_levels=skip_levels)
+        eps, h = hspace(x, t, skip_levels=skip_levels, evaluations=evaluations)
         if record:
             hs[t] = h[rows]
         x = _ddim_move(x, eps, eps, _alpha(scheduler, t), _alpha(scheduler, grid[i + 1]))
@@ -453,33 +185,33 @@ def sample_generators(seed, sample_ids) -> list[torch.Generator]:
 
 
 @torch.inference_mode()
-def ddim_generate(unet: UNet2DModel, scheduler: DDIMScheduler, x_T: torch.Tensor, cfg: InjectionConfig,
+def ddim_generate(unet: UNet2DModel | HSpace, scheduler: DDIMScheduler, x_T: torch.Tensor, cfg: InjectionConfig,
                   h_content: dict[int, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None,
-                  share_down: bool = True):
+                  evaluations: Evaluations | None = None) -> torch.Tensor:
     """Generate from ``x_T``; inject ``h_content[t]`` with Slerp(gamma) at steps t >= cfg.t_edit. ``h_content`` is
     recorded at ``cfg.skip_levels`` (``ddim_invert``): one Slerp over the middle block's output and those skips.
 
     Without ``h_content`` (or with gamma = 0) this is plain DDIM (with the quality-boost steps if t_boost >= 0).
     An injection step evaluates the doubled batch ``[x, x]``, its second half with the content's h; both halves
-    have the same input, so with ``share_down`` the down path and the middle block run once for both
-    (``unet_forward``'s ``copies``); False runs the whole U-Net on both halves (for the benchmark's comparison).
-    ``count_evaluations`` counts the doubled batch twice either way.
+    have the same input, so the down path and the middle block run once for both (``copies`` 2). ``evaluations``
+    counts the doubled batch twice, and its second half as ``shared``.
     """
+    hspace = HSpace.of(unet)
     grid = ddim_timesteps(scheduler, cfg.steps)
     x, n = x_T, len(x_T)
     inject = h_content is not None and cfg.gamma > 0
     for i, t in enumerate(grid):
         a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, grid[i + 1] if i + 1 < len(grid) else -1)
         if inject and t >= cfg.t_edit:
-            h_c, copies = h_content[t], 2 if share_down else 1
 
-            def mix(h, h_c=h_c):  # second half of the doubled batch gets the content's h
+            def mix(h, h_c=h_content[t]):  # the second half of the doubled batch gets the content's h
                 return torch.cat([h[:n], slerp(h[-n:], h_c, cfg.gamma)])
 
-            eps, eps_inj = _evaluate(unet, torch.cat([x, x]), t, mix, copies, cfg.skip_levels)[0].chunk(2)
+            out = hspace(torch.cat([x, x]), t, mix, copies=2, skip_levels=cfg.skip_levels, evaluations=evaluations)
+            eps, eps_inj = out.eps.chunk(2)
             x = _ddim_move(x, eps_inj, eps, a_t, a_prev, cfg.dt_lambda if t >= 950 else 1.0)
             continue
-        eps = _evaluate(unet, x, t)[0]
+        eps = hspace(x, t, evaluations=evaluations).eps
         if t <= cfg.t_boost and i + 1 < len(grid):  # the last step (to alpha = 1) adds no noise anyway
             noise = _noise(generators or [None] * n, x.shape[1:], x.device)
             x = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
@@ -603,13 +335,15 @@ def _padded(index: np.ndarray, size: int | None) -> np.ndarray:
     return np.concatenate([index, np.repeat(index[-1:], size - len(index))])
 
 
-def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor, pairs: Pairs,
-           cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
+def inject(unet: UNet2DModel | HSpace, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor,
+           pairs: Pairs, cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
            sample_ids=None, content_cache=None, joint_inversion: bool | None = None,
-           bucket: int | None = None) -> Synthetic:
+           bucket: int | None = None, evaluations: Evaluations | None = None) -> Synthetic:
     """Generate one synthetic sample per pair: the style image regenerated with the content's h injected.
 
-    ``images``/``labels`` are the training set (uint8, task labels); bias labels are never passed in.
+    ``unet``: a U-Net, or an :class:`~core.hspace.HSpace` of one at ``cfg``'s precision and compile (an actor
+    serving many requests keeps one, so it casts and compiles once). ``images``/``labels`` are the training set
+    (uint8, task labels); bias labels are never passed in. The U-Net's calls are counted into ``evaluations``.
     ``sample_ids`` (default 0..n-1) seed each sample's noise, so any split of the pairs over batches or
     workers gives the same pixels up to float rounding of other batch shapes (exactly, with ``bucket``);
     ``seed`` may also be one per pair. Each distinct content is inverted once, with the first batch of styles
@@ -626,21 +360,21 @@ def inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, la
     batch-mates, the request order, or whether its content was cached, at the price of the padding's evaluations.
     On CPU that holds at one torch thread for any ``bucket``; with more threads a sample's row can still change
     its rounding where a thread's share of an op ends inside a sample (SiLU switches between its vectorised and
-    scalar paths there; Linear's GEMM tiles rows): measured exact with ``bucket`` and the thread count both powers
-    of two, threads <= ``bucket`` (AVX2, torch 2.13; tests/test_injection.py checks 1 and 2 threads), not e.g.
-    with 3 or 6 threads at ``bucket`` 8, nor 2 threads at ``bucket`` 6. With ``cfg.compile`` the bucket defaults
-    to ``cfg.batch_size``: a compiled graph serves one batch shape, and each new shape costs a compile (about 45 s
-    on a 2-core CPU).
+    scalar paths there; Linear's GEMM tiles rows), so it holds with ``bucket`` and the thread count both powers of
+    two, threads <= ``bucket`` (tests/test_injection.py checks 1 and 2 threads). With ``cfg.compile`` the bucket
+    defaults to ``cfg.batch_size``: a compiled graph serves one batch shape, and each new shape costs a compile.
     """
     parts = [samples for _, samples in inject_batches(unet, scheduler, images, labels, pairs, cfg, seed, device,
-                                                       progress, sample_ids, content_cache, joint_inversion, bucket)]
+                                                       progress, sample_ids, content_cache, joint_inversion, bucket,
+                                                       evaluations=evaluations)]
     return Synthetic.cat(parts)
 
 
-def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor,
+def inject_batches(unet: UNet2DModel | HSpace, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor,
                    pairs: Pairs, cfg: InjectionConfig, seed=0, device: str = "cpu", progress: bool = True,
                    sample_ids=None, content_cache=None, joint_inversion: bool | None = None,
-                   bucket: int | None = None, skip=frozenset()) -> Iterator[tuple[slice, Synthetic | None]]:
+                   bucket: int | None = None, skip=frozenset(),
+                   evaluations: Evaluations | None = None) -> Iterator[tuple[slice, Synthetic | None]]:
     """:func:`inject` one batch at a time: yields ``(rows, samples)`` per batch, ``rows`` its slice of the pairs.
 
     A batch whose first row is in ``skip`` (its samples made earlier, e.g. saved by an interrupted run) yields
@@ -650,7 +384,8 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     the last generated one inverts nothing.
     """
     cfg.validate()
-    unet = at_precision(unet, resolve_precision(cfg.precision, device), compiled=cfg.compile)
+    hspace = _hspace(unet, cfg, device)
+    unet = hspace.unet
     if cfg.compile and bucket is None and not joint_inversion:
         bucket = cfg.batch_size  # fixed shapes: two compiled graphs (batch, doubled injection batch), never more
     if bucket is not None and (bucket < 1 or joint_inversion):
@@ -670,8 +405,8 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
     last = max((start for start in range(0, n, step) if start not in skip), default=-1)
 
     def invert(index, **kw):
-        return ddim_invert(unet, scheduler, to_model_space(images[torch.as_tensor(index)], size, channels).to(device),
-                           cfg.steps, skip_levels=cfg.skip_levels, **kw)
+        return ddim_invert(hspace, scheduler, to_model_space(images[torch.as_tensor(index)], size, channels).to(device),
+                           cfg.steps, skip_levels=cfg.skip_levels, evaluations=evaluations, **kw)
 
     def invert_contents(new):  # in one call, or in padded chunks of ``bucket``
         for i in range(0, len(new), bucket or max(1, len(new))):
@@ -689,7 +424,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
         return invert(s_idx).x_T if styles else None
 
     bar = tqdm(total=n, desc="inject", disable=not progress, dynamic_ncols=True)
-    if unet in _COMPILED:  # the first batches wait on the compiler, which prints nothing
+    if hspace.compiled:  # the first batches wait on the compiler, which prints nothing
         bar.set_postfix_str("compiling the U-Net's calls (minutes on a CPU) ...")
     try:
         for start in range(0, n, step):
@@ -701,7 +436,7 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
                 x_T = styles_x_T(c_idx, s_idx, styles=start not in skip)
                 if start not in skip:
                     h = contents.h(c_idx) if cfg.gamma > 0 else None
-                    x = ddim_generate(unet, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids))
+                    x = ddim_generate(hspace, scheduler, x_T, cfg, h, sample_generators(batch_seeds, ids), evaluations)
                     real = rows.stop - start  # the rest is padding
                     samples = Synthetic(from_model_space(x[:real].cpu(), images.shape[-1], images.shape[1]),
                                         labels[torch.as_tensor(source[rows])],
@@ -711,3 +446,17 @@ def inject_batches(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Te
             yield rows, samples
     finally:
         bar.close()
+
+
+def _hspace(unet: UNet2DModel | HSpace, cfg: InjectionConfig, device: str) -> HSpace:
+    """The :class:`~core.hspace.HSpace` that ``cfg`` asks for on ``device``: ``unet`` if it is one (checked), else
+    one made of it here."""
+    precision = resolve_precision(cfg.precision, device)
+    if not isinstance(unet, HSpace):
+        return HSpace(unet, precision, cfg.compile)
+    if (unet.precision, unet.compiled) != (precision, cfg.compile):
+        raise ValueError(f"an HSpace at {unet.precision}, compile {unet.compiled}, for settings that ask for "
+                         f"{precision}, compile {cfg.compile}")
+    if unet.stale():
+        raise ValueError("the U-Net's weights changed after its HSpace was made: make a new HSpace")
+    return unet

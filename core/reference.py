@@ -5,8 +5,9 @@ pairings (and can keep the inversions in a cache), inverts the style images in b
 non-injected and injected predictions of an injection step in one U-Net call on the doubled batch ``[x, x]``.
 :func:`reference_inject` is the same algorithm as the reference code runs it: for every pair, with a batch of
 one, invert the content image (recording its h), invert the style image, then regenerate the style with two
-separate U-Net calls per injection step. It is slow on purpose, and it is here to be read and to be compared
-against: ``tests/test_fastpath.py`` checks that both give the same pixels for the same seed, and
+separate calls of diffusers' own U-Net forward per injection step, h replaced by a forward hook on the middle
+block (:func:`bottleneck_hook`). It is slow on purpose, and it is here to be read and to be compared against:
+``tests/test_fastpath.py`` checks that both give the same pixels for the same seed, and
 ``benchmarks/generation.py`` measures how much faster the fast path is.
 
 Per generation step t (grid t_n > ... > t_1 = 0, ``a_t`` the cumulative alpha, ``a_prev`` the next one):
@@ -29,18 +30,20 @@ U-Net evaluations per synthetic sample (:func:`evaluations_per_sample`), with n 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from .diffusion import ddim_scheduler, from_model_space, to_model_space
+from .hspace import Evaluations
 from .injection import (
     InjectionConfig,
     Pairs,
     Synthetic,
     _alpha,
     _ddim_move,
-    bottleneck_hook,
     ddim_invert,
     ddim_timesteps,
     sample_generators,
@@ -48,14 +51,25 @@ from .injection import (
 )
 
 
+@contextlib.contextmanager
+def bottleneck_hook(unet: UNet2DModel, fn):
+    """Route the middle block's output through ``fn(h) -> h'`` while the context is open; removed afterwards."""
+    handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: fn(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def reference_inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.Tensor, labels: torch.Tensor,
-                     pairs: Pairs, cfg: InjectionConfig, seed=0, device: str = "cpu") -> Synthetic:
+                     pairs: Pairs, cfg: InjectionConfig, seed=0, device: str = "cpu",
+                     evaluations: Evaluations | None = None) -> Synthetic:
     """One synthetic sample per pair, computed pair by pair with a batch of one; same result as ``inject``.
 
     ``images``/``labels``: the training set (uint8, task labels). ``seed``: one int, or one per pair; sample i's
     quality-boost noise comes from ``sample_generators(seed, [i])``, as in the fast path with default sample ids.
-    ``cfg.batch_size`` is ignored.
+    ``cfg.batch_size`` is ignored. The U-Net's calls are counted into ``evaluations``.
     """
     cfg.validate()
     size = unet.config.sample_size
@@ -63,6 +77,13 @@ def reference_inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.
     grid = ddim_timesteps(scheduler, cfg.steps)  # descending: t_n, ..., t_1
     seeds = np.broadcast_to(np.asarray(seed), (len(pairs.content),))
     results = []
+
+    def eps_of(x, t, h_fn=None):  # diffusers' forward, h replaced by ``h_fn`` when given
+        if evaluations is not None:
+            evaluations.add(len(x))
+        with bottleneck_hook(unet, h_fn) if h_fn else contextlib.nullcontext():
+            return unet(x, t).sample
+
     for i, (content, style) in enumerate(zip(pairs.content, pairs.style)):
         generator = sample_generators(seeds[i], [i])[0]
 
@@ -70,11 +91,11 @@ def reference_inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.
         h_content = {}
         if cfg.gamma > 0:
             x0 = to_model_space(images[int(content)][None], size).to(device)
-            h_content = ddim_invert(unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit).h
+            h_content = ddim_invert(unet, scheduler, x0, cfg.steps, record_h_from=cfg.t_edit, evaluations=evaluations).h
 
         # 2. invert the style image: the generation starts from its x_T
         x0 = to_model_space(images[int(style)][None], size).to(device)
-        x = ddim_invert(unet, scheduler, x0, cfg.steps).x_T
+        x = ddim_invert(unet, scheduler, x0, cfg.steps, evaluations=evaluations).x_T
 
         # 3. regenerate the style, injecting the content's h at t >= t_edit
         for step, t in enumerate(grid):
@@ -82,16 +103,15 @@ def reference_inject(unet: UNet2DModel, scheduler: DDIMScheduler, images: torch.
             a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, -1 if last else grid[step + 1])
             dir_scale = cfg.dt_lambda if t >= 950 else 1.0
             if cfg.gamma > 0 and t >= cfg.t_edit:
-                eps = unet(x, t).sample  # the style's own prediction: the direction term
-                with bottleneck_hook(unet, lambda h, h_c=h_content[t]: slerp(h, h_c, cfg.gamma)):
-                    eps_injected = unet(x, t).sample  # with the content's h: the predicted x0
+                eps = eps_of(x, t)  # the style's own prediction: the direction term
+                eps_injected = eps_of(x, t, lambda h, h_c=h_content[t]: slerp(h, h_c, cfg.gamma))  # the predicted x0
                 x = _ddim_move(x, eps_injected, eps, a_t, a_prev, dir_scale)
             elif t <= cfg.t_boost and not last:  # quality boost: stochastic DDIM (eta = 1)
-                eps = unet(x, t).sample
+                eps = eps_of(x, t)
                 noise = torch.randn(x.shape, generator=generator).to(device)
                 x = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
             else:
-                eps = unet(x, t).sample
+                eps = eps_of(x, t)
                 x = _ddim_move(x, eps, eps, a_t, a_prev, dir_scale)
         results.append(from_model_space(x.cpu(), images.shape[-1]))
 
@@ -109,7 +129,7 @@ def injection_steps(cfg: InjectionConfig, scheduler: DDIMScheduler | None = None
 
 def evaluations_per_sample(cfg: InjectionConfig, reference: bool, contents_per_sample: float = 1.0,
                            scheduler: DDIMScheduler | None = None) -> float:
-    """U-Net evaluations (images through the U-Net) per synthetic sample, as ``count_evaluations`` counts them.
+    """U-Net evaluations (images through the U-Net) per synthetic sample, as :class:`Evaluations` counts them.
 
     With n = ``cfg.steps`` and k = :func:`injection_steps`:
     ``c * (n - 1 + [k > 0]) * [gamma > 0]  +  (n - 1)  +  (n + k)``

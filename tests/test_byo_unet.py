@@ -130,7 +130,7 @@ def test_grey_images_go_through_an_rgb_model_and_come_back_grey():
 
 
 def test_the_h_space_is_the_middle_block_whatever_the_depth():
-    from diffinject.core.injection import bottleneck_hook
+    from diffinject.core.reference import bottleneck_hook
 
     deep = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
                        block_out_channels=(8, 16, 16, 32), down_block_types=("DownBlock2D",) * 4,

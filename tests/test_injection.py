@@ -1,4 +1,4 @@
-"""Stage 3: normalized Slerp, the bottleneck hook, pair planning, DDIM inversion and the injection stage."""
+"""Stage 3: normalized Slerp, the h-space forward, pair planning, DDIM inversion and the injection stage."""
 
 import math
 from dataclasses import replace
@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from diffinject.core import hspace
 from diffinject.core.diffusion import DiffusionConfig, build_unet, ddim_scheduler, to_model_space, train_diffusion
+from diffinject.core.hspace import Evaluations, HSpace
 from diffinject.core.injection import (
     InjectionConfig,
     Pairs,
     _alpha,
     _ddim_move,
-    _evaluate,
     apportion,
-    bottleneck_hook,
-    count_evaluations,
     ddim_generate,
     ddim_invert,
     ddim_timesteps,
@@ -24,8 +23,8 @@ from diffinject.core.injection import (
     plan_pairs,
     sample_generators,
     slerp,
-    unet_forward,
 )
+from diffinject.core.reference import bottleneck_hook
 
 
 def tiny_config(**kw) -> DiffusionConfig:
@@ -326,7 +325,8 @@ def _inject(unet, cfg, seed=0, pairs=None):
 
 
 def _cfg(**kw):
-    return InjectionConfig(**({"steps": 10, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "batch_size": 4} | kw))
+    return InjectionConfig(**({"steps": 10, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "batch_size": 4,
+                               "precision": "fp32"} | kw))
 
 
 def test_inject_is_deterministic_and_batch_independent(trained_unet):
@@ -436,7 +436,7 @@ def test_bucket_is_checked(tiny_unet):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the hook-free forward: unet_forward against diffusers' forward and the former hook path
+# the hook-free forward: hspace.forward against diffusers' forward and the former hook path
 # ---------------------------------------------------------------------------------------------------------
 
 ARCHITECTURES = {
@@ -458,7 +458,7 @@ def any_unet(request):
 
 
 def _hook_invert(unet, scheduler, x0, steps, record_h_from=None, h_rows=None):
-    """``ddim_invert`` as it was, recording h with ``bottleneck_hook``: the oracle."""
+    """``ddim_invert`` on diffusers' own forward, h recorded by ``bottleneck_hook``: the oracle."""
     grid = ddim_timesteps(scheduler, steps)[::-1]
     rows = slice(None) if h_rows is None else slice(0, h_rows)
     x, hs, captured = x0, {}, {}
@@ -483,7 +483,8 @@ def _hook_invert(unet, scheduler, x0, steps, record_h_from=None, h_rows=None):
 
 
 def _hook_generate(unet, scheduler, x_T, cfg, h_content, generators):
-    """``ddim_generate`` as it was, injecting with ``bottleneck_hook`` on the doubled batch: the oracle."""
+    """``ddim_generate`` on diffusers' own forward, injecting by ``bottleneck_hook`` on the doubled batch: the
+    oracle."""
     grid = ddim_timesteps(scheduler, cfg.steps)
     x, n = x_T, len(x_T)
     with torch.inference_mode():
@@ -507,7 +508,7 @@ def _hook_generate(unet, scheduler, x_T, cfg, h_content, generators):
 
 
 @torch.inference_mode()
-def test_unet_forward_is_diffusers_forward(any_unet):
+def test_hspace_forward_is_diffusers_forward(any_unet):
     unet, _, size = any_unet
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 3, size, size, generator=g)
@@ -515,13 +516,13 @@ def test_unet_forward_is_diffusers_forward(any_unet):
     with bottleneck_hook(unet, lambda h: seen.append(h) or h):
         expected = unet(x, 700).sample
     for t in (700, torch.tensor(700), torch.tensor([700]), torch.tensor([700, 700, 700])):
-        eps, h = unet_forward(unet, x, t)
+        eps, h = hspace.forward(unet, x, t)
         assert torch.equal(eps, expected) and torch.equal(h, seen[0])
 
 
 @pytest.mark.parametrize("variant", ["fourier-centred", "skip-blocks"])
 @torch.inference_mode()
-def test_unet_forward_follows_diffusers_rarer_options(variant):
+def test_hspace_forward_follows_diffusers_rarer_options(variant):
     """The Fourier time embedding (its 1/t output scaling), input centring, and the skip blocks' extra path."""
     from diffusers import UNet2DModel
 
@@ -537,19 +538,20 @@ def test_unet_forward_follows_diffusers_rarer_options(variant):
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([0.3, 0.3]) if variant == "fourier-centred" else 400
     expected = unet(x, t).sample
-    assert torch.equal(unet_forward(unet, x, t)[0], expected)
-    torch.testing.assert_close(unet_forward(unet, torch.cat([x, x]), t, copies=2)[0], torch.cat([expected, expected]))
+    assert torch.equal(hspace.forward(unet, x, t)[0], expected)
+    torch.testing.assert_close(hspace.forward(unet, torch.cat([x, x]), t, copies=2)[0],
+                               torch.cat([expected, expected]))
 
 
 @torch.inference_mode()
-def test_unet_forward_replaces_h_by_a_tensor_or_a_function(tiny_unet, unet_input):
+def test_hspace_forward_replaces_h_by_a_tensor_or_a_function(tiny_unet, unet_input):
     x, t = unet_input
     zeroed = torch.zeros(2, 32, 8, 8)
     with bottleneck_hook(tiny_unet, torch.zeros_like):
         expected = tiny_unet(x, t).sample
-    eps, h = unet_forward(tiny_unet, x, t, mid=zeroed)
+    eps, h = hspace.forward(tiny_unet, x, t, h_replace=zeroed)
     assert torch.equal(eps, expected) and h.abs().max() > 0  # h is the middle block's, not the replacement
-    assert torch.equal(unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0], expected)
+    assert torch.equal(hspace.forward(tiny_unet, x, t, h_replace=torch.zeros_like)[0], expected)
 
 
 @torch.inference_mode()
@@ -559,14 +561,15 @@ def test_copies_run_the_down_path_once_and_the_up_path_on_every_copy(tiny_unet, 
     rows = []
     handle = tiny_unet.mid_block.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     try:
-        eps, h = unet_forward(tiny_unet, torch.cat([x, x]), t.repeat(2), lambda h: torch.cat([h, torch.zeros_like(h)]),
-                              copies=2)
+        eps, h = hspace.forward(tiny_unet, torch.cat([x, x]), t.repeat(2),
+                                lambda h: torch.cat([h, torch.zeros_like(h)]), copies=2)
     finally:
         handle.remove()
     assert rows == [2] and h.shape == (2, 32, 8, 8) and eps.shape == (4, 3, 16, 16)
     # against batches of other shapes: equal up to float rounding
     torch.testing.assert_close(eps[:2], tiny_unet(x, t).sample, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(eps[2:], unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eps[2:], hspace.forward(tiny_unet, x, t, h_replace=torch.zeros_like)[0], rtol=1e-5,
+                               atol=1e-6)
 
 
 def _skips_of_first_up_blocks(unet, levels: int) -> int:
@@ -596,11 +599,11 @@ def test_skip_levels_widen_h_to_the_skips_the_coarsest_up_blocks_read(any_unet, 
     # the skips in the down path's order: the coarsest block reads the last ones
     parts = [seen["h"][0], *[r for skips in reversed(seen["skips"]) for r in skips]]
     assert len(parts) == 1 + k
-    eps, h = unet_forward(unet, x, t, skip_levels=levels)
+    eps, h = hspace.forward(unet, x, t, skip_levels=levels)
     assert torch.equal(eps, plain) and h.shape == (2, sum(p[0].numel() for p in parts))
     assert torch.equal(h, torch.cat([p.flatten(1) for p in parts], dim=1))
     # h put back as it came out: the same values, in another memory layout (attention's output is strided)
-    torch.testing.assert_close(unet_forward(unet, x, t, mid=lambda h: h, skip_levels=levels)[0], plain)
+    torch.testing.assert_close(hspace.forward(unet, x, t, h_replace=lambda h: h, skip_levels=levels)[0], plain)
     # zero the first skip of h (the first one the last injected up block reads): as a hook zeroing it in diffusers
     zeroed = h.clone()
     zeroed[:, parts[0][0].numel() : sum(p[0].numel() for p in parts[:2])] = 0
@@ -610,28 +613,29 @@ def test_skip_levels_widen_h_to_the_skips_the_coarsest_up_blocks_read(any_unet, 
         expected = unet(x, t).sample
     finally:
         handle.remove()
-    torch.testing.assert_close(unet_forward(unet, x, t, mid=zeroed, skip_levels=levels)[0], expected)
+    torch.testing.assert_close(hspace.forward(unet, x, t, h_replace=zeroed, skip_levels=levels)[0], expected)
     assert (expected - plain).abs().max() > 1e-4  # the zeroed skip mattered
 
 
 @torch.inference_mode()
 def test_skip_levels_share_the_down_path_between_copies(tiny_unet, unet_input):
     x, t = unet_input
-    eps, h = unet_forward(tiny_unet, torch.cat([x, x]), t.repeat(2), lambda h: torch.cat([h, torch.zeros_like(h)]),
-                          copies=2, skip_levels=1)
+    eps, h = hspace.forward(tiny_unet, torch.cat([x, x]), t.repeat(2), lambda h: torch.cat([h, torch.zeros_like(h)]),
+                            copies=2, skip_levels=1)
     assert h.shape[0] == 2
     torch.testing.assert_close(eps[:2], tiny_unet(x, t).sample, rtol=1e-5, atol=1e-6)
-    alone = unet_forward(tiny_unet, x, t, mid=torch.zeros_like, skip_levels=1)[0]
+    alone = hspace.forward(tiny_unet, x, t, h_replace=torch.zeros_like, skip_levels=1)[0]
     torch.testing.assert_close(eps[2:], alone, rtol=1e-5, atol=1e-6)
-    assert (alone - unet_forward(tiny_unet, x, t, mid=torch.zeros_like)[0]).abs().max() > 1e-4  # skips zeroed too
+    bottleneck_only = hspace.forward(tiny_unet, x, t, h_replace=torch.zeros_like)[0]
+    assert (alone - bottleneck_only).abs().max() > 1e-4  # the skips zeroed too
 
 
 def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, unet_input):
-    from diffinject.core.injection import SettingError
+    from diffinject.core.hspace import SettingError
 
     x, t = unet_input
     with pytest.raises(ValueError, match="skip_levels 3 must be between 0 and the U-Net's 2 up blocks"):
-        unet_forward(tiny_unet, x, t, skip_levels=3)
+        hspace.forward(tiny_unet, x, t, skip_levels=3)
     for value, message in ((9, "skip_levels 9 is outside"), (1.5, "skip_levels 1.5 must be a whole number"),
                            (True, "skip_levels True must be a whole number")):
         with pytest.raises(SettingError, match=message) as err:
@@ -701,13 +705,16 @@ def test_injection_with_skip_levels_records_the_wider_h_and_moves_the_samples(ti
     assert torch.equal(again.images, wide.images)
 
 
-def test_the_forward_swap_is_undone_even_on_error(tiny_unet, unet_input):
+def test_an_hspace_call_leaves_the_unet_as_it_was_even_on_error(tiny_unet, unet_input):
+    """No forward swapped in, no hook left: the U-Net answers as diffusers' own afterwards, and counts stay explicit."""
     x, t = unet_input
+    evals = Evaluations()
     with pytest.raises(RuntimeError, match="boom"):
-        _evaluate(tiny_unet, x, 500, mid=lambda h: (_ for _ in ()).throw(RuntimeError("boom")))
-    assert "forward" not in tiny_unet.__dict__
+        HSpace(tiny_unet)(x, 500, h_replace=lambda h: (_ for _ in ()).throw(RuntimeError("boom")), evaluations=evals)
+    assert "forward" not in tiny_unet.__dict__ and not tiny_unet._forward_pre_hooks
+    assert not tiny_unet.mid_block._forward_hooks and evals == Evaluations(images=2, calls=1, shared=0)
     with torch.inference_mode():
-        assert torch.equal(_evaluate(tiny_unet, x, 500)[0], tiny_unet(x, 500).sample)
+        assert torch.equal(HSpace(tiny_unet)(x, 500).eps, tiny_unet(x, 500).sample)
 
 
 @pytest.mark.parametrize("h_rows", [None, 3, 0])
@@ -723,11 +730,9 @@ def test_inversion_equals_the_hook_path(any_unet, h_rows):
         assert torch.equal(inv.h[t], hs[t])
 
 
-@pytest.mark.parametrize("share_down", [True, False], ids=["shared-down-path", "unshared"])
-def test_generation_equals_the_hook_path(any_unet, share_down):
-    """Injection, the boost's noise and dt_lambda (20 steps: t = 950) all against the former hook path: exactly
-    without sharing (the same operations on the same shapes); with it, the down path runs on half the rows, which
-    may round differently, so within float tolerance (measured equal on this CPU)."""
+def test_generation_equals_the_hook_path(any_unet):
+    """Injection, the boost's noise and dt_lambda (20 steps: t = 950) all against the hook path on diffusers' own
+    forward: the down path runs on half the rows, which may round differently, so within float tolerance."""
     unet, scheduler, size = any_unet
     g = torch.Generator().manual_seed(4)
     x_T = torch.randn(4, 3, size, size, generator=g)
@@ -735,11 +740,8 @@ def test_generation_equals_the_hook_path(any_unet, share_down):
                             record_h_from=500).h
     cfg = InjectionConfig(steps=20, t_edit=500, gamma=0.8, t_boost=200, dt_lambda=0.9)
     expected = _hook_generate(unet, scheduler, x_T, cfg, h_content, sample_generators(5, range(4)))
-    out = ddim_generate(unet, scheduler, x_T, cfg, h_content, sample_generators(5, range(4)), share_down=share_down)
-    if share_down:
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    else:
-        assert torch.equal(out, expected)
+    out = ddim_generate(unet, scheduler, x_T, cfg, h_content, sample_generators(5, range(4)))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     plain = ddim_generate(unet, scheduler, x_T, cfg, None, sample_generators(5, range(4)))
     assert (plain - out).abs().max() > 1e-2  # the injection did something
 
@@ -749,14 +751,12 @@ def test_an_injection_step_runs_the_middle_block_on_one_copy_and_counts_two(tiny
     cfg = InjectionConfig(steps=8, t_edit=500, t_boost=-1)  # injection at 875, 750, 625, 500
     x_T = torch.randn(3, 3, 16, 16)
     h_content = ddim_invert(tiny_unet, scheduler, x_T, 8, record_h_from=500).h
-    for share_down, rows in ((True, [3] * 8), (False, [6] * 4 + [3] * 4)):
-        seen = []
-        handle = tiny_unet.mid_block.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
-        try:
-            with count_evaluations(tiny_unet) as evals:
-                ddim_generate(tiny_unet, scheduler, x_T, cfg, h_content, share_down=share_down)
-        finally:
-            handle.remove()
-        assert seen == rows
-        # the doubled batch counts twice either way; its second copy's down path is shared only with share_down
-        assert evals == {"images": 3 * (8 + 4), "calls": 8, "shared": 3 * 4 if share_down else 0}
+    seen, evals = [], Evaluations()
+    handle = tiny_unet.mid_block.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        ddim_generate(tiny_unet, scheduler, x_T, cfg, h_content, evaluations=evals)
+    finally:
+        handle.remove()
+    assert seen == [3] * 8
+    # the doubled batch counts twice, its second copy's down path as shared
+    assert evals == Evaluations(images=3 * (8 + 4), calls=8, shared=3 * 4)

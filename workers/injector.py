@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from diffinject.core.diffusion import ddim_scheduler, is_unet, load_unet, weights_id
-from diffinject.core.injection import InjectionConfig, Pairs, SettingError, Synthetic, count_evaluations, inject
+from diffinject.core.hspace import Evaluations, HSpace, resolve_precision
+from diffinject.core.injection import InjectionConfig, Pairs, SettingError, Synthetic, inject
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -84,7 +85,9 @@ class InjectResult:
 
 
 class Injector:
-    """One U-Net, loaded once, with its content cache. ``threads``: torch CPU threads (Ray gives actors one);
+    """One U-Net, loaded once, with its content cache and its :class:`~core.hspace.HSpace` per precision and compile
+    (a cast copy, a compiled graph: made on the first request that asks, kept for the next). ``threads``: torch CPU
+    threads (Ray gives actors one);
     ``bucket``: U-Net batches of exactly this many images, so a sample's pixels never depend on its batch-mates
     (``core.injection.inject``); None: batches as they come, faster for odd sizes, equal up to float rounding."""
 
@@ -99,6 +102,7 @@ class Injector:
         self.model_id = weights_id(self.model_dir)
         self.cache = ContentCache(cache_size)
         self.bucket = bucket
+        self.hspaces: dict[tuple[str, bool], HSpace] = {}
 
     def inject(self, images: torch.Tensor, labels: torch.Tensor, content, style, cfg: InjectionConfig | dict,
                seed=0, sample_ids=None, images_key: str | None = None) -> InjectResult:
@@ -112,11 +116,17 @@ class Injector:
         pairs = Pairs(np.array(content, dtype=np.int64), np.array(style, dtype=np.int64))
         scope = self.cache.scope(self.model_id, images_key or images_id(images), cfg.steps, cfg.t_edit,
                                  cfg.skip_levels, cfg.precision, cfg.compile)  # what an inversion's pixels depend on
-        t0 = time.time()
-        with count_evaluations(self.unet) as evals:
-            syn = inject(self.unet, self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
-                         sample_ids=sample_ids, content_cache=scope, bucket=self.bucket)
-        return InjectResult(syn, evals["images"], time.time() - t0, self.cache.stats())
+        t0, evals = time.time(), Evaluations()
+        syn = inject(self.hspace(cfg), self.scheduler, images, labels, pairs, cfg, seed, self.device, progress=False,
+                     sample_ids=sample_ids, content_cache=scope, bucket=self.bucket, evaluations=evals)
+        return InjectResult(syn, evals.images, time.time() - t0, self.cache.stats())
+
+    def hspace(self, cfg: InjectionConfig) -> HSpace:
+        """The U-Net at ``cfg``'s precision and compile, made once."""
+        key = (resolve_precision(cfg.validate().precision, self.device), cfg.compile)
+        if key not in self.hspaces:
+            self.hspaces[key] = HSpace(self.unet, *key)
+        return self.hspaces[key]
 
     def info(self) -> dict:
         return {"model": str(self.model_dir), "model_id": self.model_id, "device": self.device,
