@@ -1,8 +1,8 @@
 """The HTTP edge's request and response models (pydantic).
 
 Every range the service accepts is stated here, so the OpenAPI document carries it; a value outside its range
-answers 400 naming the field (app.py turns pydantic's range errors into 400), a value of the wrong type 422.
-The per-deployment maxima (``max_samples``, ``max_steps``) are checked in app.py and patched into the document.
+answers 400 naming the field (ingress.py turns pydantic's range errors into 400), a value of the wrong type 422.
+The per-deployment maxima (``max_samples``, ``max_steps``) are checked in ingress.py and patched into the document.
 The injection settings' ranges are core's (``InjectionConfig.RANGES``), written once.
 """
 
