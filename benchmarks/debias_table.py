@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffinject.core.data import pct_name  # noqa: E402
-from diffinject.core.diagnostics import REPORT_KEYS  # noqa: E402
-from diffinject.core.config import METHODS, make_config, merge, read_settings, synthetic_source  # noqa: E402
-from diffinject.core.run import Run, TRAINED_HERE, trained_by  # noqa: E402
-from diffinject.core.report import METRIC_COLUMNS, NAMES, bias_knowledge_phrase  # noqa: E402
+from diffinject.core.data import pct_name
+from diffinject.core.diagnostics import REPORT_KEYS
+from diffinject.core.config import METHODS, make_config, merge, read_settings, synthetic_source
+from diffinject.core.run import Run, TRAINED_HERE, trained_by
+from diffinject.core.report import METRIC_COLUMNS, NAMES, bias_knowledge_phrase
 
 RESULTS = Path(__file__).parent / "results"
 

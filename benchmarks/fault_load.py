@@ -22,15 +22,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import (add_service_options, driver_handle, local_serve, quick_request,  # noqa: E402
+from service_load import (add_service_options, driver_handle, local_serve, quick_request,
                           use_serve_mode, write_results)
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/generation.py                                  # CPU: shipped U-Net, default steps, batch 64
     python benchmarks/generation.py --device cuda --bf16 --compile   # on a GPU, each switch off and on
-    python benchmarks/generation.py --steps 5 --pairs 16 --reference-pairs 2 --out /tmp/generation  # smoke check
+    python benchmarks/generation.py --steps 5 --pairs 16 --reference-pairs 2 --out runs/generation  # smoke check
     python benchmarks/generation.py --variants reference fast fast-compiled ddim   # + compiled row
 
 Variants on the same U-Net, DDIM steps and batch size:
@@ -83,14 +83,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffinject.core import hspace  # noqa: E402
-from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet  # noqa: E402
-from diffinject.core.hspace import Evaluations, HSpace, has_bf16  # noqa: E402
-from diffinject.core.injection import InjectionConfig, ddim_generate, inject, plan_pairs, slerp  # noqa: E402
-from diffinject.core.run import CORPUS_UNET  # noqa: E402
-from diffinject.core.reference import evaluations_per_sample, reference_inject  # noqa: E402
+from diffinject.core import hspace
+from diffinject.core.diffusion import ddim_scheduler, from_model_space, load_unet
+from diffinject.core.hspace import Evaluations, HSpace, has_bf16
+from diffinject.core.injection import InjectionConfig, ddim_generate, inject, plan_pairs, slerp
+from diffinject.core.run import CORPUS_UNET
+from diffinject.core.reference import evaluations_per_sample, reference_inject
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("reference", "fast", "fast-bf16", "fast-channels-last", "fast-compiled",

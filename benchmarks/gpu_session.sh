@@ -8,7 +8,7 @@
 #
 # .whl/ holds the wheels the machine lacks (gpu_bench.sh lists them; Ray stripped of jars, rllib, llm, data,
 # train, tune and the dashboard's web build, 40 MB) and caches.tar.xz, the embedded datasets' cache files
-# (~/.cache/diffinject/*.npz) the U-Nets learn from. Environment: UNETS and CONFIG (gpu_label_free.sh), TRAIN_SECONDS
+# (the *.npz files of the dataset cache) the U-Nets learn from. Environment: UNETS and CONFIG (gpu_label_free.sh), TRAIN_SECONDS
 # (each U-Net's time budget, default 200), TRAIN_TIMEOUT, GEN_ARGS, SERVE_ARGS, GEN_TIMEOUT, SERVE_TIMEOUT (gpu_bench.sh).
 set -u
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled

@@ -17,13 +17,12 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import RESULTS, add_job_options, command_line, run_jobs  # noqa: E402
-from diffinject.core.data import pct_name  # noqa: E402
-from diffinject.core.methods import get  # noqa: E402
-from diffinject.core.config import make_config, merge, read_settings  # noqa: E402
-from diffinject.core.run import Run  # noqa: E402
+from debias_table import RESULTS, add_job_options, command_line, run_jobs  # sibling script (its folder is on sys.path)
+from diffinject.core.data import pct_name
+from diffinject.core.methods import get
+from diffinject.core.config import make_config, merge, read_settings
+from diffinject.core.run import Run
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:

@@ -26,11 +26,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from service_load import SERVE_MODES, drive, local_serve, use_serve_mode, write_results  # noqa: E402
+from service_load import SERVE_MODES, drive, local_serve, use_serve_mode, write_results
 
 RESULTS = Path(__file__).parent / "results"
 NO_RAY = "no Ray"

@@ -2,7 +2,7 @@
 
     python benchmarks/injection_stage.py                       # cmnist 1 %, seed 0: every setting, one round
     python benchmarks/injection_stage.py --settings fp32 bf16 --rounds 2
-    python benchmarks/injection_stage.py --from ~/.cache/diffinject/runs/bench/default-1pct-seed0
+    python benchmarks/injection_stage.py --from runs/bench/default-1pct-seed0
 
 ``benchmarks/generation.py`` times the fast path on 128 pairs; this times the stage a user waits for: every sample
 of the default run (3,000 on the embedded benchmarks), with its content inversions, padding and compiles. Each

@@ -3,26 +3,20 @@ samples (bias labels pick the pool: an experiment instrument, not a method), 64 
 
     python benchmarks/injection_sweep.py                 # the corpus U-Net (EMA weights)
     python benchmarks/injection_sweep.py --unet DIR --dataset corrupted_mnist --ratio 1  # any U-Net, benchmark
-    python benchmarks/injection_sweep.py --checkpoint F  # raw weights of a training checkpoint.pt
-    python benchmarks/injection_sweep.py --checkpoint F --ema  # its EMA weights
     python benchmarks/injection_sweep.py --pairs 256 --skip-levels 1  # more pairs, h widened to the coarsest skips
 """
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffinject.core.data import load_dataset  # noqa: E402
-from diffinject.core.diagnostics import REPORT_KEYS, Readers, injection_report  # noqa: E402
-from diffinject.core.diffusion import ddim_scheduler, load_checkpoint_unet, load_unet  # noqa: E402
-from diffinject.core.injection import InjectionConfig, inject, plan_pairs  # noqa: E402
-from diffinject.core.run import CORPUS_UNET  # noqa: E402
+from diffinject.core.data import load_dataset
+from diffinject.core.diagnostics import REPORT_KEYS, Readers, injection_report
+from diffinject.core.diffusion import ddim_scheduler, load_unet
+from diffinject.core.injection import InjectionConfig, inject, plan_pairs
+from diffinject.core.run import CORPUS_UNET
 
 SETTINGS = [(500, 0.5), (500, 0.9), (300, 0.5), (300, 0.9), (700, 0.9), (200, 0.9)]  # (t_edit, gamma)
 
@@ -30,8 +24,6 @@ SETTINGS = [(500, 0.5), (500, 0.9), (300, 0.5), (300, 0.9), (700, 0.9), (200, 0.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", default=str(CORPUS_UNET))
-    p.add_argument("--checkpoint", default=None, help="use the raw weights of this training checkpoint instead")
-    p.add_argument("--ema", action="store_true", help="with --checkpoint: the EMA weights, not the raw ones")
     p.add_argument("--dataset", default="cmnist", help="an embedded benchmark: cmnist or corrupted_mnist")
     p.add_argument("--ratio", type=float, default=1.0, help="its bias-conflict percent")
     p.add_argument("--settings", nargs="+", default=None, metavar="T_EDIT:GAMMA",
@@ -42,12 +34,8 @@ def main() -> None:
     args = p.parse_args()
     settings = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in args.settings] if args.settings else SETTINGS
     torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        unet, step = load_checkpoint_unet(args.checkpoint, ema=args.ema)
-        print(f"{'EMA' if args.ema else 'raw'} weights of {args.checkpoint} at step {step}", flush=True)
-    else:
-        unet = load_unet(args.unet)
-        print(f"EMA model {args.unet}", flush=True)
+    unet = load_unet(args.unet)
+    print(f"EMA model {args.unet}", flush=True)
 
     ds = load_dataset(args.dataset, args.ratio)
     tr, readers, scheduler = ds.train, Readers(ds), ddim_scheduler(args.unet)

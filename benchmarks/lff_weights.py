@@ -9,7 +9,7 @@ records per epoch the mean weight and the share of all weight that falls on thre
 bias-conflicting samples and real bias-aligned samples. The groups are told apart with the bias labels, read
 here for the tally only: the training itself sees them blanked, as in the pipeline.
 
-    python benchmarks/lff_weights.py ~/.cache/diffinject/runs/bench-lf-shared/default-5pct-seed0
+    python benchmarks/lff_weights.py runs/bench-lf-shared/default-5pct-seed0
 
 Writes ``benchmarks/results/lff_weights.{md,json}``: per (run, method) the last epoch's tally, every epoch's, and
 the retrained model's unbiased test accuracy beside the one the run recorded.
@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import command_line  # noqa: E402
-from diffinject.core import methods as registry  # noqa: E402
-from diffinject.core.classifier import group_metrics, predict  # noqa: E402
-from diffinject.core.run import Run, recorded_params, saved_config  # noqa: E402
-from diffinject.core.stages import fit_method  # noqa: E402
+from debias_table import command_line  # sibling script (its folder is on sys.path)
+from diffinject.core import methods as registry
+from diffinject.core.classifier import group_metrics, predict
+from diffinject.core.run import Run, recorded_params, saved_config
+from diffinject.core.stages import fit_method
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("synthetic", "real_conflicting", "real_aligned")

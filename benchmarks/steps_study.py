@@ -1,7 +1,7 @@
 """Step-count study: DDIM steps for inversion and generation against cost and final debiased accuracy.
 
     python benchmarks/steps_study.py                                    # 1000/200/100/50/20/10 steps, seeds 0 1 2, 1 %
-    python benchmarks/steps_study.py --steps 20 10 --seeds 0 --runs /tmp/steps   # one quick slice
+    python benchmarks/steps_study.py --steps 20 10 --seeds 0 --runs runs/steps   # one quick slice
 
 Each (steps, seed) is an ordinary DiffInject-only run folder under --runs (resumable), on the default preset
 and the settings of --config otherwise. Step counts of --big-steps or more (default 500) use --big-budget synthetic
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import add_job_options, command_line, mean_std, run_jobs  # noqa: E402
-from diffinject.core.data import pct_name  # noqa: E402
-from diffinject.core.config import make_config, merge, read_settings  # noqa: E402
-from diffinject.core.run import Run  # noqa: E402
+from debias_table import add_job_options, command_line, mean_std, run_jobs  # sibling script (its folder is on sys.path)
+from diffinject.core.data import pct_name
+from diffinject.core.config import make_config, merge, read_settings
+from diffinject.core.run import Run
 
 RESULTS = Path(__file__).parent / "results"
 METHOD = "diffinject-corpus"  # the row the study was measured on (the corpus U-Net: benchmarks/results/steps_study.md)

@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.debias_table import command_line  # noqa: E402
-from diffinject.core.classifier import ClassifierConfig, as_float, build_classifier, predict, train_classifier  # noqa: E402
-from diffinject.core.data import load_dataset  # noqa: E402
-from diffinject.core.injection import Synthetic  # noqa: E402
-from diffinject.core.config import SYNTHETIC_ROWS  # noqa: E402
-from diffinject.core.run import saved_config  # noqa: E402
+from debias_table import command_line  # sibling script (its folder is on sys.path)
+from diffinject.core.classifier import ClassifierConfig, as_float, build_classifier, predict, train_classifier
+from diffinject.core.data import load_dataset
+from diffinject.core.injection import Synthetic
+from diffinject.core.config import SYNTHETIC_ROWS
+from diffinject.core.run import saved_config
 
 RESULTS = Path(__file__).parent / "results"
 

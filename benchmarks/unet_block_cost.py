@@ -6,16 +6,13 @@ Tells what running the down path once for both halves of an injection step could
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffinject.core.diffusion import load_unet  # noqa: E402
-from diffinject.core.run import CORPUS_UNET  # noqa: E402
+from diffinject.core.diffusion import load_unet
+from diffinject.core.run import CORPUS_UNET
 
 
 def main() -> None:
