@@ -2,12 +2,13 @@
 
 * :func:`injection_report` (the embedded benchmarks): :class:`Readers` read every synthetic sample's class and
   bias value (Colored MNIST: an MLP on colour-free digits and the nearest palette colour; Corrupted MNIST: an
-  MLP and a small CNN trained on an unbiased corrupted copy). It reports the share with the content's digit, with the style's
-  bias value, with both, with the reverse (the style's digit with the content's bias), with neither, and with
-  the content's digit under any bias other than the content's class's own (a true bias conflict).
+  MLP and a small CNN trained on an unbiased corrupted copy). It reports the share with the content's digit, with
+  the style's bias value, with both, with the reverse (the style's digit with the content's bias), with neither,
+  and with the content's digit under any bias other than the content's class's own (a true bias conflict).
 * :func:`biased_disagreement`: the label-free signal for any dataset, the share of synthetic samples the
   biased classifier gets wrong (they conflict with the shortcut it learned).
-* :func:`save_grid`: PNG grids (mined samples per class; style | content | result rows).
+* :func:`save_grid`: PNG grids, with row and column labels; :func:`mined_grid` (the mined samples, a row per
+  class) and :func:`injection_grid` (style | content | result triples under column headers) use it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .classifier import ClassifierConfig, predict, train_classifier
 from .data import EMBEDDED, PALETTE, Dataset
@@ -143,29 +144,69 @@ def injection_report(synthetic, train_images: torch.Tensor, train_labels: torch.
     return report
 
 
-def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 3, pad: int = 2) -> None:
-    """Save rows of uint8 images (each row (n_i, C, H, W)) as one PNG, upscaled ``scale`` times, on grey."""
-    rows = [r for r in rows if len(r)]
-    if not rows:
+def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 3, pad: int = 2,
+              row_labels: list[str] | None = None, column_labels: list[str] | None = None, group: int = 0) -> None:
+    """Save rows of uint8 images (each row (n_i, C, H, W)) as one PNG, upscaled ``scale`` times, on grey.
+
+    ``row_labels`` (one per row) are written in a margin at the left, and then an empty row keeps its place;
+    ``column_labels`` (one per column) in a band above. Without labels, empty rows are left out. ``group`` > 0
+    widens the gap after every ``group`` columns, so that groups of columns read apart."""
+    if row_labels is None:
+        rows = [r for r in rows if len(r)]
+    elif len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
+    if not any(len(r) for r in rows):
         return
-    c, h, w = rows[0].shape[1:]
+    c, h, w = next(r for r in rows if len(r)).shape[1:]
     cols = max(len(r) for r in rows)
     H, W = h * scale + pad, w * scale + pad
-    canvas = np.full((len(rows) * H + pad, cols * W + pad, 3), 96, dtype=np.uint8)
+    font, draw = _font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = lambda text: draw.textbbox((0, 0), text, font=font)[2:]  # noqa: E731 - (right, bottom) of the text
+    left = max(size(label)[0] for label in row_labels) + 3 * pad if row_labels else 0
+    top = max(size(label)[1] for label in column_labels) + 2 * pad if column_labels else 0
+    gap = 4 * pad if group else 0
+    x_of = [left + pad + j * W + (j // group * gap if group else 0) for j in range(cols)]  # each column's left edge
+    canvas = np.full((top + len(rows) * H + pad, x_of[-1] + W, 3), 96, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             a = img.numpy().transpose(1, 2, 0)
             a = np.repeat(a, 3, axis=2) if c == 1 else a
             a = a.repeat(scale, 0).repeat(scale, 1)
-            canvas[pad + i * H : pad + i * H + h * scale, pad + j * W : pad + j * W + w * scale] = a
-    Image.fromarray(canvas).save(path)
+            y, x = top + pad + i * H, x_of[j]
+            canvas[y : y + h * scale, x : x + w * scale] = a
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for i, label in enumerate(row_labels or []):  # centred on its row
+        draw.text((pad, top + pad + i * H + (h * scale - size(label)[1]) // 2), label, fill=(255, 255, 255), font=font)
+    for j, label in enumerate(column_labels or []):  # centred over its column
+        draw.text((x_of[j] + (w * scale - size(label)[0]) // 2, pad), label, fill=(255, 255, 255), font=font)
+    image.save(path)
+
+
+def _font() -> ImageFont.ImageFont:
+    """PIL's own font, no font file needed: its scalable one where PIL has FreeType, else its bitmap one."""
+    try:
+        return ImageFont.load_default(size=14)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def mined_grid(images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, num_classes: int,
+               path: str | Path) -> None:
+    """The mined samples, one row per class, each labelled with its class (a class none was mined from stays
+    empty)."""
+    rows = [images[indices[labels[indices] == c]] for c in range(num_classes)]
+    save_grid(rows, path, row_labels=[f"class {c}" for c in range(num_classes)])
+
+
+TRIPLE = ("style", "content", "result")
 
 
 def injection_grid(train_images: torch.Tensor, synthetic, path: str | Path, rows: int = 12) -> None:
-    """style | content | result, one pair per row (several rows side by side)."""
+    """style | content | result, one pair per triple, two triples side by side per row, under column headers."""
     n = min(rows * 2, len(synthetic.images))
     triplets = [torch.stack([train_images[synthetic.style[i]], train_images[synthetic.content[i]], synthetic.images[i]])
                 for i in range(n)]
     half = (n + 1) // 2
     grid = [torch.cat([triplets[i]] + ([triplets[i + half]] if i + half < n else [])) for i in range(half)]
-    save_grid(grid, path)
+    save_grid(grid, path, column_labels=list(TRIPLE) * (2 if n > 1 else 1), group=len(TRIPLE))

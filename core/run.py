@@ -225,8 +225,8 @@ class Run:
         result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k,
                       **self.cfg.mining.filters)
         quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
-        rows = [tr.images[result.indices[tr.labels[result.indices] == c]] for c in range(self.ds.num_classes)]
-        diagnostics.save_grid(rows, self.dir / "biased" / "mined.png")
+        diagnostics.mined_grid(tr.images, tr.labels, result.indices, self.ds.num_classes,
+                               self.dir / "biased" / "mined.png")
         # rounded as saved, so this run and a rerun that reads them back draw the same pairs
         weights = None if result.weights is None else [round(float(w), 4) for w in result.weights]
         save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,

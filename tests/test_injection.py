@@ -760,3 +760,56 @@ def test_an_injection_step_runs_the_middle_block_on_one_copy_and_counts_two(tiny
     assert seen == [3] * 8
     # the doubled batch counts twice, its second copy's down path as shared
     assert evals == Evaluations(images=3 * (8 + 4), calls=8, shared=3 * 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pictures: read without a caption
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tiles(n: int) -> torch.Tensor:
+    return torch.randint(0, 200, (n, 3, 16, 16), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+
+
+def _has_text(region: np.ndarray) -> bool:
+    """White pixels: the labels are drawn in white, the tiles here stay below 200."""
+    return int((region == 255).all(axis=-1).sum()) > 5
+
+
+def test_the_injection_grid_has_a_header_over_each_column_of_its_two_triples(tmp_path):
+    from PIL import Image
+
+    from diffinject.core.diagnostics import injection_grid, save_grid
+    from diffinject.core.injection import Synthetic
+
+    images = _tiles(8)
+    syn = Synthetic(images[4:], torch.zeros(4, dtype=torch.long), torch.arange(4), torch.arange(4, 8))
+    injection_grid(images, syn, tmp_path / "grid.png")
+    rows = [torch.stack([images[4 + i], images[i], images[4 + i], images[6 + i], images[2 + i], images[6 + i]])
+            for i in range(2)]  # style | content | result, twice: what the grid shows under its header
+    save_grid(rows, tmp_path / "plain.png")
+    grid, plain = np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(Image.open(tmp_path / "plain.png"))
+    band, W = grid.shape[0] - plain.shape[0], 16 * 3 + 2  # a tile upscaled 3 times and its gap
+    assert band >= 10 and not _has_text(plain)
+    assert np.array_equal(grid[band:, : 3 * W + 2], plain[:, : 3 * W + 2])  # the first triple as without labels
+    lefts = [2 + j * W + (8 if j >= 3 else 0) for j in range(6)]  # the second triple a wider gap to the right
+    headers = [grid[:band, x : x + W - 2] for x in lefts]
+    assert all(_has_text(h) for h in headers)
+    assert not np.array_equal(headers[0], headers[1]) and np.array_equal(headers[0], headers[3])  # style ... style
+
+
+def test_the_mined_grid_labels_every_class_row_even_an_empty_one(tmp_path):
+    from PIL import Image
+
+    from diffinject.core.diagnostics import mined_grid, save_grid
+
+    images, labels = _tiles(6), torch.tensor([0, 0, 1, 1, 2, 2])
+    mined_grid(images, labels, np.array([0, 1, 3]), 3, tmp_path / "mined.png")  # none mined from class 2
+    save_grid([images[[0, 1]], images[[3]]], tmp_path / "plain.png")
+    grid, plain = np.asarray(Image.open(tmp_path / "mined.png")), np.asarray(Image.open(tmp_path / "plain.png"))
+    H, margin = 16 * 3 + 2, grid.shape[1] - plain.shape[1]
+    assert grid.shape[0] == 3 * H + 2 and margin >= 20  # three rows, the empty one kept
+    assert np.array_equal(grid[: 2 * H + 2, margin:], plain)  # the tiles as without labels
+    labels_drawn = [grid[2 + i * H : 2 + i * H + H - 2, :margin] for i in range(3)]
+    assert all(_has_text(label) for label in labels_drawn)
+    assert not np.array_equal(labels_drawn[0], labels_drawn[1])  # "class 0", "class 1"
