@@ -9,7 +9,7 @@ The finished model is the EMA copy, written with ``save_pretrained`` (safetensor
 ``hard_share`` > 0 draws that share of every batch in proportion to per-sample weights instead of uniformly: the
 pipeline passes the biased classifier's relative difficulty (:func:`core.mining.difficulty`, task labels only), so
 the U-Net sees the rare samples that break the shortcut far more often and learns that a class can wear other
-biases (benchmarks/results/experiments.md measures the effect).
+biases (docs/experiments.md measures the effect).
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from tqdm.auto import tqdm
 @dataclass
 class DiffusionConfig:
     image_size: int = 32  # images are zero-padded (or resized) to this; 28 px digits pad to 32
-    # four levels, attention at 8x8 and 4x4, the bottleneck h at 4x4 (4.5M parameters at 32 px): the first
-    # architecture whose h carried the digit apart from its colour (benchmarks/results/experiments.md); the
-    # former default, 32/64/64 with h at 8x8, is benchmarks/configs/unet-small.yaml
+    # four levels, attention at 8x8 and 4x4, the bottleneck h at 4x4 (4.5M parameters at 32 px): an h that carries
+    # the digit apart from its colour (docs/experiments.md)
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")

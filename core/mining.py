@@ -4,7 +4,7 @@ A classifier trained with GCE (q = 0.7) latches onto the easy, bias-aligned shor
 it still gets wrong (highest plain cross entropy) are, mostly, the bias-conflicting ones. We keep the K
 highest-loss samples of each class. With ``misclassified_only`` we keep, of those, only the ones the biased model
 also predicts wrongly (a class with none keeps its single highest-loss sample): a sample the shortcut gets right
-is bias-aligned, whatever its loss (benchmarks/results/experiments.md measured precision and the effect).
+is bias-aligned, whatever its loss (docs/experiments.md measured precision and the effect).
 
 ``min_loss`` keeps, further, only the samples whose loss exceeds it, i.e. to whose own label the biased model gives
 less than ``exp(-min_loss)``. A strongly biased model is all but certain of the class its shortcut points at on a

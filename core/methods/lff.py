@@ -18,7 +18,7 @@ class LfFParams:
     ema_alpha: float = 0.7  # the loss averages' decay (reference: 0.7)
     cap_extra_weight: bool = False  # extra (synthetic) samples hold at most their share of a batch's weight
     # the biased model's architecture ("mlp", "cnn", ...) where it should differ from the debiased model's (None: the
-    # same); DiffInject's mining can take a CNN on Corrupted MNIST, so LfF is measured with one too
+    # same): a texture bias needs the CNN to learn the shortcut (core.config.DATASET_DEFAULTS)
     biased_arch: str | None = None
 
     def __post_init__(self):  # refused when the run is configured, before any stage
