@@ -211,7 +211,7 @@ class HSpace:
     def __init__(self, unet: UNet2DModel, precision: str | None = None, compile: bool = False):
         dtype = unet.dtype if precision is None else PRECISIONS[precision]
         self.unet, self.compiled = unet, compile
-        self.precision = next(name for name, d in PRECISIONS.items() if d == dtype)
+        self.precision = {d: name for name, d in PRECISIONS.items()}.get(dtype, str(dtype))
         if dtype == unet.dtype and not compile:
             self.model, self._versions = unet, None
         else:

@@ -288,10 +288,6 @@ class Synthetic:
     def load(cls, path) -> "Synthetic":
         return cls(**load_saved(path))
 
-    def take(self, keep: torch.Tensor) -> "Synthetic":
-        """The samples ``keep`` selects (a boolean mask or indices), in their order."""
-        return Synthetic(*(getattr(self, f.name)[keep] for f in fields(self)))
-
     @classmethod
     def cat(cls, parts: list["Synthetic"]) -> "Synthetic":
         """The samples of ``parts``, in order."""
@@ -319,7 +315,8 @@ class _ContentInversions:
     def add(self, index: np.ndarray, inv: Inversion) -> None:
         for j, c in enumerate(index):
             # copies, so a cached content does not pin the whole batch's tensors in memory
-            self.done[int(c)] = Inversion(inv.x_T[j : j + 1].clone(), {t: h[j : j + 1].clone() for t, h in inv.h.items()})
+            h = {t: h_t[j : j + 1].clone() for t, h_t in inv.h.items()}
+            self.done[int(c)] = Inversion(inv.x_T[j : j + 1].clone(), h)
             if self.cache is not None:
                 self.cache[int(c)] = self.done[int(c)]
 
@@ -385,17 +382,16 @@ def inject_batches(unet: UNet2DModel | HSpace, scheduler: DDIMScheduler, images:
     """
     cfg.validate()
     hspace = _hspace(unet, cfg, device)
-    unet = hspace.unet
+    config = hspace.unet.config
     if cfg.compile and bucket is None and not joint_inversion:
         bucket = cfg.batch_size  # fixed shapes: two compiled graphs (batch, doubled injection batch), never more
     if bucket is not None and (bucket < 1 or joint_inversion):
         raise ValueError(f"bucket {bucket} must be a positive batch size, and cannot be combined with joint_inversion")
-    problem = unet_problem(dict(unet.config), images.shape[1], "the U-Net")
+    problem = unet_problem(dict(config), images.shape[1], "the U-Net")
     if problem:
         raise ValueError(problem)
-    size = unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    channels = unet.config.in_channels  # grey images go into an RGB model and come back grey
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    channels = config.in_channels  # grey images go into an RGB model and come back grey
     n, step = len(pairs.content), bucket or cfg.batch_size
     sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
     seeds = np.broadcast_to(np.asarray(seed), (n,))

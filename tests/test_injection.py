@@ -643,39 +643,39 @@ def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, un
         assert err.value.field == "skip_levels"
 
 
-def test_the_default_preset_widens_h_on_the_embedded_corrupted_mnist_alone():
-    """h stays at the middle block (the core, every preset) but on the embedded Corrupted MNIST under the default
-    preset (its measured exception), and a flag or a settings file still wins there."""
+def test_corrupted_mnist_widens_h_under_every_preset_and_a_setting_still_wins():
+    """h stays at the middle block (the core's default) but on Corrupted MNIST, whose entry in the per-dataset
+    defaults widens it whatever the preset, and a flag or a settings file still wins there."""
     from diffinject.core.config import make_config
 
     assert InjectionConfig().skip_levels == 0 and make_config("paper").injection.skip_levels == 0
     assert make_config().injection.skip_levels == 0  # the embedded cmnist
     assert make_config("default", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
-    assert make_config("paper", {"dataset": "corrupted_mnist"}).injection.skip_levels == 0
+    assert make_config("paper", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
     folder = {"dataset": "cifar10c", "data_root": "/data"}
     assert make_config("default", folder).injection.skip_levels == 0
     assert make_config("default", {"dataset": "corrupted_mnist", "injection": {"skip_levels": 0}}).injection.skip_levels == 0
     assert make_config("default", folder | {"injection": {"skip_levels": 1}}).injection.skip_levels == 1
 
 
-def test_the_default_preset_mines_the_embedded_benchmarks_with_a_cnn_alone():
-    """The miner is the MLP with K = 10 everywhere but on the embedded benchmarks under the default preset (a CNN with
-    K = 5, measured there, keeping only its confident mistakes; on Corrupted MNIST each drawn by its capped loss, and
-    LfF's biased model the same CNN); the debiased classifiers keep the shared architecture, and a file still wins."""
+def test_the_embedded_benchmarks_mine_with_a_cnn_and_a_preset_or_a_file_still_wins():
+    """The miner is the MLP with K = 10 by default but on the two embedded benchmarks (a CNN with K = 5, keeping
+    only its confident mistakes; on Corrupted MNIST each drawn by its capped loss, and LfF's biased model the same
+    CNN), also read from a folder; the debiased classifiers keep the shared architecture, and a preset's or a
+    file's setting wins key by key."""
     from diffinject.core.config import make_config
 
     corrupted = make_config("default", {"dataset": "corrupted_mnist"})
     assert (corrupted.mining.k, corrupted.mining.classifier.arch, corrupted.mining.min_loss) == (5, "cnn", 4.0)
     assert corrupted.mining.loss_weight_cap == 20.0  # contents drawn by their capped CE there alone
     assert corrupted.mining.classifier.epochs == 50 and corrupted.classifier.arch == "auto"  # merged key by key
-    coloured = make_config()
-    assert (coloured.mining.k, coloured.mining.classifier.arch, coloured.mining.min_loss) == (5, "cnn", 4.0)
-    assert coloured.mining.loss_weight_cap == 0.0
+    for coloured in (make_config(), make_config("default", {"data_root": "/data"})):
+        assert (coloured.mining.k, coloured.mining.classifier.arch, coloured.mining.min_loss) == (5, "cnn", 4.0)
+        assert coloured.mining.loss_weight_cap == 0.0
     assert make_config("default", {"mining": {"min_loss": 0.0}}).mining.min_loss == 0.0  # a flag or file wins
-    for cfg in (make_config("default", {"dataset": "cifar10c", "data_root": "/data"}),
-                make_config("default", {"data_root": "/data"}), make_config("paper"),
-                make_config("paper", {"dataset": "corrupted_mnist"})):
-        assert (cfg.mining.k, cfg.mining.classifier.arch, cfg.mining.min_loss) == (10, "auto", 0.0)
+    assert make_config("paper").mining.k == 10  # a preset wins over the dataset's entry
+    other = make_config("default", {"dataset": "cifar10c", "data_root": "/data"})
+    assert (other.mining.k, other.mining.classifier.arch, other.mining.min_loss) == (10, "auto", 0.0)
     mlp = make_config("default", {"dataset": "corrupted_mnist", "mining": {"classifier": {"arch": "mlp"}}})
     assert (mlp.mining.k, mlp.mining.classifier.arch) == (5, "mlp")
     assert corrupted.hparams == {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}  # LfF's too
