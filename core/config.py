@@ -107,13 +107,16 @@ PRESETS: dict[str, dict] = {
         "injection": {"steps": 5, "num_samples": 24, "batch_size": 16},
         "classifier": {"epochs": 4},
     },
-    # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself
+    # the paper's reference settings (for a GPU): 1000-step DDIM, U-Net trained on the dataset itself, the plain
+    # top K per class and h at the middle block (over any dataset's own entry)
     "paper": {
         "unet": None,
-        "mining": {"k": 10, "misclassified_only": False, "classifier": {"epochs": 50}},
+        "hparams": {"lff": {"biased_arch": None}, "lff+diffinject": {"biased_arch": None}},
+        "mining": {"k": 10, "misclassified_only": False, "min_loss": 0.0, "loss_weight_cap": 0.0,
+                   "classifier": {"arch": "auto", "epochs": 50}},
         "diffusion": {"steps": 50000, "ema_decay": 0.9999},
         "injection": {"steps": 1000, "t_edit": 500, "gamma": 0.5, "t_boost": 200, "dt_lambda": 0.9985,
-                      "synthetic_ratio": 0.1},
+                      "synthetic_ratio": 0.1, "skip_levels": 0},
         "classifier": {"epochs": 50},
     },
 }

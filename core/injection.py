@@ -52,7 +52,8 @@ class InjectionConfig:
     skip_levels: int = 0
     t_boost: int = 200  # stochastic eta = 1 steps for t <= t_boost ("quality boost"); -1 turns it off
     dt_lambda: float = 0.9985  # scale on the noise direction for t >= 950 (reference setting)
-    synthetic_ratio: float = 1.0  # synthetic samples = ratio * |train| (a run: core.config.EVERYDAY_SYNTHETIC_RATIO) ...
+    # synthetic samples = ratio * |train| (a run's default: core.config.EVERYDAY_SYNTHETIC_RATIO) ...
+    synthetic_ratio: float = 1.0
     num_samples: int | None = None  # ... unless given here
     label_from: str = "content"  # which image's label a synthetic sample takes: "content" or "style"
     batch_size: int = 64

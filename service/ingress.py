@@ -18,6 +18,7 @@ import io
 import os
 import time
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,6 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from diffinject import __version__
 from diffinject.core.export import made_by, synthetic_entries, zip_bytes
 from diffinject.core.injection import InjectionConfig, SettingError, plan_pairs
 from diffinject.workers.injector import images_id
@@ -42,7 +42,7 @@ from .job import InjectJob
 from .schemas import DatasetInfo, ErrorResponse, InjectRequest, InjectResponse, SyntheticSample
 
 # FastAPI's own docs routes are off: the Ingress serves /docs, /redoc and /openapi.json itself, behind the key.
-api = FastAPI(title="diffinject", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+api = FastAPI(title="diffinject", version=version("diffinject"), docs_url=None, redoc_url=None, openapi_url=None,
               description="Synthetic bias-conflict images by diffusion h-space injection (DiffInject).")
 
 _STATUS = {400: "a value out of its range or inconsistent with the dataset; `detail.field` names it",
