@@ -564,9 +564,9 @@ def test_help_reads_its_defaults_from_the_registry(monkeypatch):
     def run_help() -> str:
         return " ".join(build_parser().commands.choices["run"].format_help().split())
 
-    assert "synthetic samples per training image (default: 0.35)" in run_help()
+    assert f"synthetic samples per training image (default: {config.EVERYDAY_SYNTHETIC_RATIO:g})" in run_help()
     assert "(default: 0; corrupted_mnist: 1)" in run_help()  # --skip-levels
-    monkeypatch.setattr(config, "EVERYDAY_SYNTHETIC_RATIO", 0.5)
-    assert "synthetic samples per training image (default: 0.5)" in run_help()
+    monkeypatch.setattr(config, "EVERYDAY_SYNTHETIC_RATIO", 0.55)
+    assert "synthetic samples per training image (default: 0.55)" in run_help()
     for name, command in build_parser().commands.choices.items():
         assert f"example: diffinject {name}" in " ".join(command.format_help().split())
