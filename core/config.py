@@ -153,16 +153,17 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> RunCo
     known = RunConfig().to_dict()
     dataset = chosen.get("dataset", known["dataset"])
     cfg = merge(merge(known, DATASET_DEFAULTS.get(dataset, {})), chosen)
-    _check_keys(cfg, known, "")
+    check_keys(cfg, known, "")
     return RunConfig(**cfg)
 
 
-def _check_keys(cfg: dict, known: dict, prefix: str) -> None:
+def check_keys(cfg: dict, known: dict, prefix: str = "") -> None:
+    """A one-line ``ValueError`` naming the first key of ``cfg`` that ``known`` (a config as a dict) lacks."""
     for k, v in cfg.items():
         if k not in known:
             raise ValueError(f"unknown config key '{prefix}{k}'")
         if isinstance(v, dict) and isinstance(known[k], dict) and k != "hparams":  # hparams: checked by validate
-            _check_keys(v, known[k], f"{prefix}{k}.")
+            check_keys(v, known[k], f"{prefix}{k}.")
 
 
 def validate(cfg: RunConfig, ds: Dataset) -> None:

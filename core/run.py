@@ -50,7 +50,7 @@ import torch
 from . import diagnostics
 from . import methods as registry
 from .classifier import accuracy, group_metrics, load_classifier, predict, resolve_arch, save_atomic
-from .config import SHIPPED, SYNTHETIC_ROWS, RunConfig, merge, run_methods, sources_of, validate
+from .config import SHIPPED, SYNTHETIC_ROWS, RunConfig, check_keys, merge, run_methods, sources_of, validate
 from .data import Dataset, load_dataset, pct_name
 from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, train_diffusion,
                         unet_folder)
@@ -86,7 +86,13 @@ def saved_config(run_dir: str | Path) -> RunConfig:
     """The config a run folder was made with (its ``config.json``): a setting added to the code since counts at the
     value it had then (``BEFORE_SETTING_EXISTED``, else its default)."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
-    return RunConfig(**merge(merge(RunConfig().to_dict(), BEFORE_SETTING_EXISTED), saved))
+    known = RunConfig().to_dict()
+    try:
+        check_keys(saved, known)
+    except ValueError as e:  # a setting retired since the folder was made
+        raise ValueError(f"{run_dir} was made by another version of diffinject ({e}): give this run another "
+                         "--out") from None
+    return RunConfig(**merge(merge(known, BEFORE_SETTING_EXISTED), saved))
 
 
 def recorded_params(record: dict) -> dict:

@@ -570,3 +570,20 @@ def test_help_reads_its_defaults_from_the_registry(monkeypatch):
     assert "synthetic samples per training image (default: 0.55)" in run_help()
     for name, command in build_parser().commands.choices.items():
         assert f"example: diffinject {name}" in " ".join(command.format_help().split())
+
+
+def test_a_folder_with_a_retired_setting_is_refused_in_one_line(tmp_path):
+    """A run folder whose config.json holds a setting this version no longer has is refused, naming the setting,
+    instead of failing inside the dataclass."""
+    import json
+
+    from diffinject.core.config import RunConfig
+    from diffinject.core.run import saved_config
+
+    cfg = RunConfig().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert saved_config(tmp_path) == RunConfig()  # a current folder reads back as it was written
+    cfg["injection"]["keep_fraction"] = 1.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"another version of diffinject .*'injection\.keep_fraction'"):
+        saved_config(tmp_path)
