@@ -643,15 +643,17 @@ def test_skip_levels_beyond_the_up_blocks_or_not_whole_are_refused(tiny_unet, un
         assert err.value.field == "skip_levels"
 
 
-def test_corrupted_mnist_widens_h_under_every_preset_and_a_setting_still_wins():
+def test_corrupted_mnist_widens_h_under_its_presets_and_a_setting_still_wins():
     """h stays at the middle block (the core's default) but on Corrupted MNIST, whose entry in the per-dataset
-    defaults widens it whatever the preset, and a flag or a settings file still wins there."""
+    defaults widens it under the default and table presets; the paper preset keeps the paper's h, and a flag or a
+    settings file still wins there."""
     from diffinject.core.config import make_config
 
     assert InjectionConfig().skip_levels == 0 and make_config("paper").injection.skip_levels == 0
     assert make_config().injection.skip_levels == 0  # the embedded cmnist
     assert make_config("default", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
-    assert make_config("paper", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
+    assert make_config("table", {"dataset": "corrupted_mnist"}).injection.skip_levels == 1
+    assert make_config("paper", {"dataset": "corrupted_mnist"}).injection.skip_levels == 0
     folder = {"dataset": "cifar10c", "data_root": "/data"}
     assert make_config("default", folder).injection.skip_levels == 0
     assert make_config("default", {"dataset": "corrupted_mnist", "injection": {"skip_levels": 0}}).injection.skip_levels == 0

@@ -230,7 +230,7 @@ def test_corpus_row_needs_the_embedded_cmnist(capsys, tmp_path):
 
 def test_defaults_come_from_one_registry(monkeypatch):
     """The default preset is the dataclasses' defaults; a dataset's entry applies with any preset and data_root, and
-    presets and the user's settings win over it; the default rows are the label-free ones on every dataset."""
+    a preset's own values and the user's settings win over it; the default rows are the label-free ones on every dataset."""
     from diffinject.core import config
     from diffinject.core.config import DATASET_DEFAULTS, DEFAULT_METHODS, PRESETS, RunConfig, merge, run_methods
 
@@ -240,8 +240,10 @@ def test_defaults_come_from_one_registry(monkeypatch):
     for over in ({}, {"ratio": 0.5}, {"dataset": "corrupted_mnist"}, {"data_root": "/data"}):
         assert run_methods(make_config(overrides=over)) == DEFAULT_METHODS
     assert "diffinject" in DEFAULT_METHODS and "diffinject-corpus" not in DEFAULT_METHODS
-    on_folder = make_config("paper", {"data_root": "/data"})  # the dataset's entry, under another preset
-    assert (on_folder.mining.classifier.arch, on_folder.mining.min_loss, on_folder.mining.k) == ("cnn", 4.0, 10)
+    on_folder = make_config("table", {"data_root": "/data"})  # the dataset's entry, under another preset
+    assert (on_folder.mining.classifier.arch, on_folder.mining.min_loss, on_folder.mining.k) == ("cnn", 4.0, 5)
+    paper = make_config("paper", {"data_root": "/data"}).mining  # a preset's own values win over the entry
+    assert (paper.classifier.arch, paper.min_loss, paper.k) == ("auto", 0.0, 10)
     assert make_config(overrides={"mining": {"k": 7}}).mining.k == 7
     corrupted = make_config(overrides={"dataset": "corrupted_mnist", "injection": {"skip_levels": 0}})
     assert corrupted.injection.skip_levels == 0 and corrupted.hparams["lff"] == {"biased_arch": "cnn"}
