@@ -23,6 +23,7 @@ from PIL import Image
 
 from .diffusion import weights_id
 from .injection import InjectionConfig, Synthetic
+from .lock import lock_folder
 from .run import saved_config
 
 COLUMNS = ("file", "label", "kind", "content", "style", "gamma", "t_edit", "skip_levels", "steps", "seed", "unet")
@@ -99,6 +100,7 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
     samples = run_dir / source / "samples.pt"
     if not samples.exists():
         raise FileNotFoundError(f"no synthetic samples at {samples}: finish the run first")
+    lock_folder(run_dir)  # no run may be writing the folder while it is read
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
     cfg = saved_config(run_dir)

@@ -6,6 +6,7 @@ the last one stopped. A run folder belongs to one config: rerunning it with anot
 an overwrite.
 
     run/
+      .lock                       held by the one process writing the folder, with its PID (core.lock)
       config.json                 the full RunConfig
       biased/model.pt             GCE-trained biased classifier
       biased/mining.json          mined indices (top-K per class), their draw weights, mining precision/recall
@@ -55,6 +56,7 @@ from .data import Dataset, load_dataset, pct_name
 from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, train_diffusion,
                         unet_folder)
 from .hspace import check_skip_levels, resolve_precision
+from .lock import lock_folder
 from .injection import Synthetic
 from .mining import difficulty, mine, mining_quality, train_biased
 from .report import save_json, write_report
@@ -158,6 +160,7 @@ class Run:
         self._claim_folder()
 
     def _claim_folder(self) -> None:
+        lock_folder(self.dir)  # one writer: another process on this folder is refused here, before anything is written
         path = self.dir / "config.json"
         if path.exists():
             # a setting added to the code after the folder was made counts at the value it was made with, so new
