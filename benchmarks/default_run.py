@@ -15,27 +15,23 @@ depends on both. Writes ``benchmarks/results/default_run_{tag}.{md,json}``.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from generation import device_name  # this folder is on sys.path when run as a script
+
+from diffinject.core.hspace import has_bf16  # the check precision "auto" makes
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def cpu() -> dict:
-    """The CPU's model name and whether it has bf16 arithmetic, from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"name": platform.processor() or platform.machine(), "bf16": None}
-    field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()  # noqa: E731
-                              if line.startswith(key)), "")
-    flags = set(field("flags").split())
-    return {"name": field("model name"), "cores": os.cpu_count(), "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
-            "avx2": "avx2" in flags}
+    """The CPU's name, its cores, and whether it has the bf16 arithmetic ``precision: auto`` uses."""
+    return {"name": device_name("cpu").removeprefix("CPU "), "cores": os.cpu_count(), "bf16": has_bf16("cpu")}
 
 
 def one_round(out: Path, run_flags: list[str]) -> dict:
@@ -78,8 +74,6 @@ def main():
     p.add_argument("run_flags", nargs=argparse.REMAINDER, help="flags for diffinject run, after --")
     args = p.parse_args()
     run_flags = [f for f in args.run_flags if f != "--"]
-    import torch
-
     rounds = []
     with tempfile.TemporaryDirectory(prefix="default-run-") as tmp:
         for r in range(args.rounds):

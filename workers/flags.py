@@ -60,20 +60,22 @@ RUN_FLAGS: dict[str, Flag] = {
 }
 
 
-def default_of(key: str) -> str:
-    """A config key's default as help text: the dataclasses' value, then each dataset's own where it differs."""
-    def get(tree: dict, path: list[str]):
-        for part in path:
-            if not isinstance(tree, dict) or part not in tree:
-                return None
-            tree = tree[part]
-        return tree
+def _get(tree: dict, path: list[str]):
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
+
+def default_of(key: str, defaults: dict) -> str:
+    """A config key's default as help text: its value in ``defaults`` (``RunConfig().to_dict()``), then each
+    dataset's own where it differs."""
     path = key.split(".")
-    base = get(RunConfig().to_dict(), path)
+    base = _get(defaults, path)
     text = ", ".join(DEFAULT_METHODS) if key == "methods" else _show(base)
     own = [f"{name}: {_show(value)}" for name, entry in DATASET_DEFAULTS.items()
-           if (value := get(entry, path)) is not None and value != base]
+           if (value := _get(entry, path)) is not None and value != base]
     return f"{text}; {'; '.join(own)}" if own else text
 
 
@@ -85,10 +87,11 @@ def _show(value) -> str:
 
 def add_run_flags(parser: argparse.ArgumentParser, names) -> None:
     """Add the :data:`RUN_FLAGS` named in ``names`` to ``parser``, each unset (None) unless given."""
+    defaults = RunConfig().to_dict()
     for name in names:
         flag = RUN_FLAGS[name]
         option = "--" + name.replace("_", "-")
-        help_text = f"{flag.help} (default: {default_of(flag.key)})"
+        help_text = f"{flag.help} (default: {default_of(flag.key, defaults)})"
         if flag.kind is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
