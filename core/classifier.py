@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .artifacts import load_torch, read_checkpoint, save_torch
+
 
 ARCHS = ("mlp", "cnn", "resnet18", "auto")
 
@@ -163,25 +165,11 @@ def build_encoder(cfg: ClassifierConfig, image_shape: tuple[int, int, int]) -> t
     return model, dim
 
 
-def save_atomic(path: Path, obj) -> None:
-    """``torch.save`` to a temporary file, then rename: a reader (or a rerun after a kill) sees the old file or the
-    new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def load_saved(path: Path):
-    """What :func:`save_atomic` (or ``torch.save``) wrote, tensors only, each on the CPU whatever device saved it: a
-    run folder made on a GPU resumes on a CPU, and a stage moves what it loads to its own device."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_classifier(path: Path, cfg: ClassifierConfig, image_shape: tuple[int, int, int],
                     num_classes: int) -> nn.Module:
     """The :func:`build_classifier` model whose ``state_dict`` was saved at ``path``, in eval mode."""
     model = build_classifier(cfg, image_shape, num_classes)
-    model.load_state_dict(load_saved(path))
+    model.load_state_dict(load_torch(path))
     return model.eval()
 
 
@@ -215,8 +203,7 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     g = torch.Generator().manual_seed(seed)
     objects = {"model": model, **(state or {})}
     key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
-    resumable = checkpoint is not None and checkpoint.exists()
-    phases = load_saved(checkpoint) if resumable else {}
+    phases = read_checkpoint(checkpoint) if checkpoint is not None else {}
     best, best_acc, i, start = None, -1.0, 0, 0
     saved = phases.get(desc)
     if saved is not None and saved["key"] == key:
@@ -241,7 +228,7 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
             phases[desc] = {"key": key, "epoch": epoch + 1, "step": i, "order_rng": g.get_state(),
                             "torch_rng": torch.get_rng_state(), "best": best, "best_acc": best_acc,
                             "state": {name: _state(obj) for name, obj in objects.items()}}
-            save_atomic(checkpoint, phases)
+            save_torch(checkpoint, phases)
     if best is not None:
         model.load_state_dict(best)
     return model.eval()

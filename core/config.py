@@ -13,7 +13,9 @@ A config is built in layers, each over the one before (:func:`make_config`):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from . import methods as registry
 from .classifier import ClassifierConfig
 from .data import Dataset
 from .diffusion import DiffusionConfig
+from .hspace import SettingError
 from .injection import InjectionConfig
 from .mining import MiningConfig
 
@@ -122,6 +125,97 @@ PRESETS: dict[str, dict] = {
 }
 
 
+SEED_MAX = 2**63 - 1  # numpy's and torch's seeds
+# Every setting's inclusive range but the injection's own (InjectionConfig.RANGES, which the service's schema states),
+# by dotted key; check_settings reads it, a setting left None is not checked
+_CLASSIFIER_RANGES = {"epochs": (1, 100_000), "lr": (1e-12, 10.0), "batch_size": (1, 65_536), "weight_decay": (0.0, 1.0),
+                      "gce_q": (1e-3, 1.0)}
+RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, SEED_MAX), "data_seed": (0, SEED_MAX), "ratio": (0.0, 100.0), "image_size": (8, 1024),
+    "mining.k": (1, 10**6), "mining.min_loss": (0.0, 1e3), "mining.loss_weight_cap": (0.0, 1e6),
+    "diffusion.image_size": (8, 1024), "diffusion.steps": (1, 10**9), "diffusion.batch_size": (1, 65_536),
+    "diffusion.checkpoint_every": (1, 10**9), "diffusion.lr": (1e-12, 1.0), "diffusion.ema_decay": (0.0, 1.0),
+    "diffusion.hard_share": (0.0, 1.0), "diffusion.num_train_timesteps": (2, 100_000),
+    "diffusion.layers_per_block": (1, 16), "diffusion.norm_num_groups": (1, 1024),
+    "diffusion.attention_head_dim": (1, 1024), "diffusion.beta_start": (1e-12, 1.0), "diffusion.beta_end": (1e-12, 1.0),
+    "diffusion.p2_k": (1e-12, 1e3), "diffusion.p2_gamma": (0.0, 10.0),
+    "injection.batch_size": (1, 65_536), "injection.num_samples": (1, 10**8),
+    **{f"{section}.{name}": bounds for section in ("classifier", "mining.classifier")
+       for name, bounds in _CLASSIFIER_RANGES.items()},
+}
+
+
+def check_settings(cfg: RunConfig) -> None:
+    """Every setting's type and range, before a run loads data or writes anything: a :class:`SettingError` naming
+    the first one out of range by its dotted key (``classifier.epochs``), which the CLI shows as its flag."""
+    check_types(cfg.to_dict(), "config")
+    for key, (lo, hi) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and not lo <= value <= hi:
+            raise SettingError(key, f"{key} {value!r} is outside [{_num(lo)}, {_num(hi)}]")
+    try:
+        cfg.injection.validate()
+    except SettingError as e:
+        raise SettingError(f"injection.{e.field}", f"injection.{e}") from None
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_types(values: dict, where: str, cls: type = None, prefix: str = "") -> None:
+    """A one-line ``ValueError`` naming ``where`` (a file, or "config") and the first setting of ``values`` (a
+    config as a dict, or part of one) whose value is not of its field's type: a list where a mapping belongs, a
+    string where a number belongs. ``hparams`` are checked against each named method's hyperparameters."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, hint, key = values[f.name], hints[f.name], prefix + f.name
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {key} must be a mapping of settings, not {value!r}")
+            check_types(value, where, hint, key + ".")
+        elif (expected := _expected(value, hint)) is not None:
+            raise ValueError(f"{where}: {key} must be {expected}, not {value!r}")
+        elif key == "hparams":
+            for name, params in value.items():
+                if name in registry.REGISTRY and isinstance(params, dict):
+                    check_types(params, where, registry.REGISTRY[name].Params, f"hparams.{name}.")
+
+
+_PLURAL = {"a whole number": "whole numbers", "a number": "numbers", "a string": "strings", "true or false": "booleans"}
+
+
+def _expected(value, hint) -> str | None:
+    """What ``value`` should be to have type ``hint`` (a field's annotation), or None where it is."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        wants = [_expected(value, a) for a in args if a is not type(None)]
+        return None if None in wants else " or ".join(wants) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list) or hint in (tuple, list):
+        items = _PLURAL.get(_expected(object(), args[0]), "items") if args else "items"  # what an item must be
+        if not isinstance(value, (list, tuple)):
+            return f"a list of {items}"
+        return None if all(_expected(v, args[0]) is None for v in value) or not args else f"a list of {items}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if hint is dict or origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
 def merge(base: dict, override: dict) -> dict:
     """``override`` over ``base``, nested dicts merged key by key."""
     out = dict(base)
@@ -144,6 +238,18 @@ def read_settings(path: str | Path, what: str = "config") -> dict:
     return over
 
 
+def read_run_settings(path: str | Path) -> dict:
+    """A YAML (or JSON) file of a run's settings (the keys of a run's ``config.json``), checked for unknown keys and
+    types: each error is one line naming the file and the setting."""
+    over = read_settings(path)
+    try:
+        check_keys(over, RunConfig().to_dict())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    check_types(over, str(path))
+    return over
+
+
 def make_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
     """The dataclasses' defaults, then the dataset's :data:`DATASET_DEFAULTS`, then the preset, then ``overrides``
     (from YAML and the command line); an unknown preset or key is a one-line error."""
@@ -154,6 +260,7 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> RunCo
     dataset = chosen.get("dataset", known["dataset"])
     cfg = merge(merge(known, DATASET_DEFAULTS.get(dataset, {})), chosen)
     check_keys(cfg, known, "")
+    check_types(cfg, "config")
     return RunConfig(**cfg)
 
 

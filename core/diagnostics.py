@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .artifacts import save_image
 from .classifier import ClassifierConfig, predict, train_classifier
 from .data import EMBEDDED, PALETTE, Dataset
 
@@ -180,7 +181,7 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 3, pad: i
         draw.text((pad, top + pad + i * H + (h * scale - size(label)[1]) // 2), label, fill=(255, 255, 255), font=font)
     for j, label in enumerate(column_labels or []):  # centred over its column
         draw.text((x_of[j] + (w * scale - size(label)[0]) // 2, pad), label, fill=(255, 255, 255), font=font)
-    image.save(path)
+    save_image(path, image)
 
 
 def _font() -> ImageFont.ImageFont:

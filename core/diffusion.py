@@ -27,6 +27,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .artifacts import read_checkpoint, save_figure, save_folder, save_json, save_torch
+
 
 @dataclass
 class DiffusionConfig:
@@ -210,8 +212,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     data_id = digest.hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     step, losses, seconds = 0, [], 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(ckpt_path, device, weights_only=False)  # {}: none, or unreadable (then said)
+    if ckpt:
         saved = {"hard_share": 0.0} | ckpt["config"]  # checkpoints from before hard_share trained uniformly
         if saved != asdict(cfg) | {"steps": saved["steps"]} or ckpt.get("seed", 0) != seed:
             raise ValueError(f"{ckpt_path} was written by another diffusion config; use another output folder")
@@ -223,10 +225,9 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         step, losses, seconds = ckpt["step"], ckpt["losses"], ckpt["seconds"]
 
     def save_checkpoint():
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "losses": losses, "seconds": seconds, "config": asdict(cfg), "seed": seed, "data_id": data_id}, tmp)
-        tmp.replace(ckpt_path)
+        save_torch(ckpt_path, {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                               "step": step, "losses": losses, "seconds": seconds, "config": asdict(cfg), "seed": seed,
+                               "data_id": data_id})
 
     unet.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="diffusion", disable=not progress, dynamic_ncols=True)
@@ -259,12 +260,10 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     ema_unet = build_unet(cfg, data.shape[1]).to(device)
     ema.copy_to(ema_unet.parameters())
     ema_unet.eval()
-    ema_unet.save_pretrained(out)
-    ddim_scheduler(cfg=cfg).save_pretrained(out)
-    (out / "train.json.tmp").write_text(json.dumps({"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
-                                                "num_images": len(data), "data": about, "loss_every_50": _smooth(losses, 50)}, indent=1))
-    (out / "train.json.tmp").replace(out / "train.json")  # last and atomic: its existence marks the U-Net done
+    save_folder(out, lambda folder: (ema_unet.save_pretrained(folder), ddim_scheduler(cfg=cfg).save_pretrained(folder)))
     plot_loss(losses, out / "loss.png")
+    save_json(out / "train.json", {"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
+                                   "num_images": len(data), "data": about, "loss_every_50": _smooth(losses, 50)})
     return TrainResult(ema_unet, step, losses, seconds)
 
 
@@ -286,7 +285,7 @@ def plot_loss(losses: list[float], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"U-Net training ({len(losses)} steps)")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(path, fig)
     plt.close(fig)
 
 
@@ -332,6 +331,31 @@ def unet_problem(config: dict, channels: int, where: str) -> str | None:
     return None
 
 
+# What this project reads from a U-Net's config.json beyond diffusers' defaults: the blocks, where h-space lives
+UNET_CONFIG_LISTS = ("block_out_channels", "down_block_types", "up_block_types")
+
+
+def read_unet_config(folder: str | Path) -> dict:
+    """A U-Net folder's ``config.json``, checked for the settings this project reads from it; a one-line
+    ``ValueError`` naming the file and the setting when it is not JSON, not a mapping, or lacks or mistypes one."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must be a mapping of the U-Net's settings, not a {type(config).__name__}")
+    for key in UNET_CONFIG_LISTS:
+        if key not in config:
+            raise ValueError(f"{path} lacks {key}: it is not a diffusers UNet2DModel config")
+        if not isinstance(config[key], list) or not config[key]:
+            raise ValueError(f"{path}: {key} must be a non-empty list, not {config[key]!r}")
+    for key in ("in_channels", "out_channels"):
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
+            raise ValueError(f"{path}: {key} must be a whole number, not {config[key]!r}")
+    return config
+
+
 def check_unet(source: str | Path, channels: int) -> None:
     """One-line ``ValueError`` for a U-Net (folder or hub id) that cannot work on ``channels``-channel images, read
     from its config alone; ``FileNotFoundError`` when there is none."""
@@ -347,7 +371,7 @@ def check_unet(source: str | Path, channels: int) -> None:
             index.exists() and any(k in index.read_text() for k in ("VQModel", "AutoencoderKL"))):
         raise ValueError(f"{source} is a latent-space pipeline (it has an autoencoder): DiffInject needs a "
                          "pixel-space U-Net")
-    problem = unet_problem(json.loads((folder / "config.json").read_text()), channels, str(source))
+    problem = unet_problem(read_unet_config(folder), channels, str(source))
     if problem:
         raise ValueError(problem)
 
@@ -358,7 +382,8 @@ def fetch_unet(source: str | Path, out: str | Path, channels: int) -> Path:
     out = Path(out)
     check_unet(source, channels)
     if is_unet(source):
-        shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.pt"))
+        save_folder(out, lambda folder: shutil.copytree(source, folder, dirs_exist_ok=True,
+                                                         ignore=shutil.ignore_patterns("checkpoint.pt")))
         return out
     try:
         unet = _from_hub(str(source))
@@ -368,8 +393,7 @@ def fetch_unet(source: str | Path, out: str | Path, channels: int) -> Path:
     problem = unet_problem(dict(unet.config), channels, str(source))
     if problem:
         raise ValueError(problem)
-    unet.save_pretrained(out)
-    ddim_scheduler(source).save_pretrained(out)
+    save_folder(out, lambda folder: (unet.save_pretrained(folder), ddim_scheduler(source).save_pretrained(folder)))
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .artifacts import CorruptFile, check
 from .diffusion import weights_id
 from .injection import InjectionConfig, Synthetic
 from .lock import lock_folder
@@ -103,8 +104,15 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
     lock_folder(run_dir)  # no run may be writing the folder while it is read
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise ValueError(f"{to} exists and is not an empty folder: export writes into a new one")
+    unet = "unet" if source == "synthetic" else "unet-corpus"
+    for stage in (source, unet):  # read only what its manifest vouches for; the run, not export, redoes a stage
+        found = check(run_dir, stage)
+        if not found.done:
+            raise (CorruptFile(run_dir / stage, "; ".join(found.problems) + "; rerun the run's command to redo it")
+                   if found.problems else FileNotFoundError(f"the {stage} stage of {run_dir} is not finished: finish "
+                                                            "the run first"))
     cfg = saved_config(run_dir)
-    made = made_by(cfg.injection, cfg.seed, weights_id(run_dir / ("unet" if source == "synthetic" else "unet-corpus")))
+    made = made_by(cfg.injection, cfg.seed, weights_id(run_dir / unet))
     real = None
     if with_real:
         from .data import load_dataset

@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from .classifier import load_saved
+from .artifacts import load_torch, save_torch
 from .diffusion import from_model_space, to_model_space, unet_problem
 from .hspace import PRECISION_CHOICES, Evaluations, HSpace, SettingError, resolve_precision
 
@@ -283,11 +283,11 @@ class Synthetic:
     style: torch.Tensor
 
     def save(self, path) -> None:
-        torch.save({"images": self.images, "labels": self.labels, "content": self.content, "style": self.style}, path)
+        save_torch(path, {"images": self.images, "labels": self.labels, "content": self.content, "style": self.style})
 
     @classmethod
     def load(cls, path) -> "Synthetic":
-        return cls(**load_saved(path))
+        return cls(**load_torch(path))
 
     @classmethod
     def cat(cls, parts: list["Synthetic"]) -> "Synthetic":

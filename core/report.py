@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import diagnostics
 from . import methods as registry
+from .artifacts import save_json, save_text
 from .config import SYNTHETIC_ROWS, RunConfig
-
-
-def save_json(path: Path, obj) -> None:
-    """``obj`` as JSON at ``path``, written atomically (a reader never sees half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def write_report(folder: Path, metrics: dict, cfg: RunConfig) -> None:
     """``folder/metrics.json`` and ``folder/report.md`` (:func:`render_report`)."""
     save_json(Path(folder) / "metrics.json", metrics)
-    (Path(folder) / "report.md").write_text(render_report(metrics, cfg))
+    save_text(Path(folder) / "report.md", render_report(metrics, cfg))
 
 
 def bias_knowledge_phrase(knows: bool | None) -> str:
@@ -68,4 +61,8 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
                     f"{rep['bias_attribute']}" for name, part in rep["by_content"].items()
                     if "content_digit_other_colour" in part) + "."]
         lines += ["", f"![style | content | result]({SYNTHETIC_ROWS[name][1]}/injection_grid.png)"]
+    if metrics.get("repairs"):  # stages whose files no longer matched their manifest (core.artifacts)
+        lines += ["", "## Redone on this invocation", "", "These stages' files no longer matched their manifests; each "
+                  "stage was redone from its last good checkpoint (its results are those of an uninterrupted run):", ""]
+        lines += [f"- {note}" for note in metrics["repairs"]]
     return "\n".join(lines) + "\n"

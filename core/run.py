@@ -1,13 +1,16 @@
 """A run folder (:class:`Run`): the whole method, mine -> diffusion -> inject -> debias, with the peers
 (core/methods) beside it, and where each row's U-Net came from.
 
-Each stage writes its artifacts atomically and is skipped when they already exist, so a rerun resumes where
-the last one stopped. A run folder belongs to one config: rerunning it with another config is an error, never
-an overwrite.
+Each stage writes its files whole (core.artifacts) and ends by sealing them in its manifest; a stage whose
+manifest is there and matches its files is skipped, so a rerun resumes where the last one stopped, and a file that
+no longer matches its manifest is named and its stage redone from the last good checkpoint. A run folder belongs
+to one config: rerunning it with another config is an error, never an overwrite.
 
     run/
       .lock                       held by the one process writing the folder, with its PID (core.lock)
       config.json                 the full RunConfig
+      manifests/<stage>.json      each finished stage's files with their size and SHA-256, written last: biased,
+                                  mining, unet, synthetic, classifier-<method> (and unet-corpus, synthetic-corpus)
       biased/model.pt             GCE-trained biased classifier
       biased/mining.json          mined indices (top-K per class), their draw weights, mining precision/recall
       biased/mined.png            the mined samples, one row per class
@@ -25,7 +28,8 @@ an overwrite.
       classifiers/<method>.json   its test metrics (JTT: its error set's precision against the hidden bias labels)
       classifiers/<method>.ckpt.pt  while it trains: the same, for every model and optimizer of the method
       metrics.json, report.md     every row, the U-Net behind each DiffInject row (``unet_sources``), what each
-                                  stage took when it ran (``stage_seconds``)
+                                  stage took when it ran (``stage_seconds``), the stages this invocation redone
+                                  because a file no longer matched its manifest (``repairs``)
 
 Rows that say what they use: ``diffinject`` is the label-free method, its U-Net trained on the task's training split
 (here, or shipped under ``core/pretrained/<dataset>-<pct>``) or given by the user. ``diffinject-corpus`` uses the U-Net
@@ -38,8 +42,8 @@ reported as its own row, like the oracle, never as the method. Any learner combi
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from functools import cached_property
@@ -50,16 +54,18 @@ import torch
 
 from . import diagnostics
 from . import methods as registry
-from .classifier import accuracy, group_metrics, load_classifier, predict, resolve_arch, save_atomic
-from .config import SHIPPED, SYNTHETIC_ROWS, RunConfig, check_keys, merge, run_methods, sources_of, validate
+from .artifacts import CorruptFile, check, folder_files, read_json, save_json, save_torch, seal, unseal
+from .classifier import accuracy, group_metrics, load_classifier, predict, resolve_arch
+from .config import (SHIPPED, SYNTHETIC_ROWS, RunConfig, check_keys, check_settings, check_types, merge, run_methods,
+                     sources_of, validate)
 from .data import Dataset, load_dataset, pct_name
-from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, train_diffusion,
-                        unet_folder)
+from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, read_unet_config,
+                        train_diffusion, unet_folder)
 from .hspace import check_skip_levels, resolve_precision
 from .lock import lock_folder
 from .injection import Synthetic
 from .mining import difficulty, mine, mining_quality, train_biased
-from .report import save_json, write_report
+from .report import write_report
 from .stages import fit_method, generate_in_process, synthesize
 
 PRETRAINED = Path(__file__).parent / "pretrained"
@@ -87,13 +93,17 @@ PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False}
 def saved_config(run_dir: str | Path) -> RunConfig:
     """The config a run folder was made with (its ``config.json``): a setting added to the code since counts at the
     value it had then (``BEFORE_SETTING_EXISTED``, else its default)."""
-    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    path = Path(run_dir) / "config.json"
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise CorruptFile(path, "not a run's settings (a JSON mapping)")
     known = RunConfig().to_dict()
     try:
         check_keys(saved, known)
     except ValueError as e:  # a setting retired since the folder was made
         raise ValueError(f"{run_dir} was made by another version of diffinject ({e}): give this run another "
                          "--out") from None
+    check_types(saved, str(path))
     return RunConfig(**merge(merge(known, BEFORE_SETTING_EXISTED), saved))
 
 
@@ -134,7 +144,7 @@ def weights_digest(folder: Path) -> str | None:
 def describe_unet(folder: Path, origin: str) -> dict:
     """Where a row's U-Net came from, what it learnt from (its ``train.json``) and which weights it is
     (:func:`weights_digest`): the tables' ``unet_sources``."""
-    train = json.loads((Path(folder) / "train.json").read_text()) if (Path(folder) / "train.json").exists() else {}
+    train = read_json(Path(folder) / "train.json") if (Path(folder) / "train.json").exists() else {}
     data = train.get("data", {})
     return {"origin": origin, "data": data, "steps": train.get("steps"),
             "bias_knowledge": data.get("bias_knowledge"),  # None: not recorded (a U-Net from elsewhere)
@@ -151,12 +161,14 @@ class Run:
     def __init__(self, folder: str | Path, cfg: RunConfig, device: str = "cpu", progress: bool = True,
                  dataset: Dataset | None = None, generate=None, max_diffusion_seconds: float | None = None):
         self.dir, self.cfg, self.device, self.progress = Path(folder), cfg, device, progress
+        check_settings(cfg)  # ranges first: a refused setting costs no data loading and writes nothing
         self.generate = generate or generate_in_process
         self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
         self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
         validate(cfg, self.ds)
         self._check_unets()
         self.timings: dict[str, float] = {}
+        self.repairs: list[str] = []  # stages redone because a file no longer matched its manifest (_done)
         self._claim_folder()
 
     def _claim_folder(self) -> None:
@@ -191,7 +203,7 @@ class Run:
             if source is not None and folder is None:
                 continue  # a hub id: checked when the injection runs
             up = (self.cfg.diffusion.up_block_types if folder is None
-                  else json.loads((folder / "config.json").read_text())["up_block_types"])
+                  else read_unet_config(folder)["up_block_types"])
             check_skip_levels(self.cfg.injection.skip_levels, len(up))
 
     def trains_unet(self) -> bool:
@@ -204,17 +216,29 @@ class Run:
         self.timings[name] = round(time.time() - t0, 1)
         return out
 
+    def _done(self, stage: str) -> bool:
+        """Whether ``stage`` is sealed and every file its manifest lists still matches it (core.artifacts.check).
+        A file that does not is named on stderr and in the report, and the stage is to be redone."""
+        found = check(self.dir, stage)
+        if found.problems:
+            note = f"{stage}: {'; '.join(found.problems)}; redone"
+            self.repairs.append(note)
+            print(f"diffinject: {note}", file=sys.stderr, flush=True)
+            unseal(self.dir, stage)
+        return found.done
+
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def biased(self):
         path = self.dir / "biased" / "model.pt"
         tr = self.ds.train
-        if path.exists():
+        if self._done("biased"):
             return load_classifier(path, self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
         path.parent.mkdir(exist_ok=True)
         checkpoint = path.with_suffix(".ckpt.pt")  # epoch checkpoints: a rerun resumes after the last epoch
         model = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,
                                                            self.cfg.seed, self.device, self.progress, checkpoint))
-        save_atomic(path, model.state_dict())
+        save_torch(path, model.state_dict())
+        seal(self.dir, "biased", ["biased/model.pt"])
         checkpoint.unlink(missing_ok=True)
         return model.cpu()
 
@@ -226,8 +250,8 @@ class Run:
         """The mined indices and how often each is drawn as a content (``mining.loss_weight_cap``; None: equally
         often), from one read of ``biased/mining.json``."""
         path = self.dir / "biased" / "mining.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
+        if self._done("mining"):
+            saved = read_json(path)
             weights = saved.get("weights")  # absent in folders mined before the setting existed: equally often
             return np.array(saved["indices"]), None if weights is None else np.array(weights)
         tr = self.ds.train
@@ -240,6 +264,7 @@ class Run:
         weights = None if result.weights is None else [round(float(w), 4) for w in result.weights]
         save_json(path, {"indices": result.indices.tolist(), "weights": weights, "quality": quality,
                           "seconds": self.timings.get("biased")})  # None where the biased model was trained earlier
+        seal(self.dir, "mining", ["biased/mining.json", "biased/mined.png"])
         return result.indices, None if weights is None else np.array(weights)
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
@@ -250,13 +275,14 @@ class Run:
         rerun and stopping at ``max_diffusion_seconds`` with :class:`StageIncomplete`); ``diffinject-corpus``: the
         corpus U-Net.
         """
-        out = self.dir / SYNTHETIC_ROWS[method][0]
+        stage = SYNTHETIC_ROWS[method][0]
+        out = self.dir / stage
+        if self._done(stage):
+            return out
         source = self.row_unet_source(method)
         if source is not None:
-            if not is_unet(out):
-                fetch_unet(source, out, self.ds.image_shape[0])
-            return out
-        if is_trained(out) and json.loads((out / "train.json").read_text())["steps"] >= self.cfg.diffusion.steps:
+            fetch_unet(source, out, self.ds.image_shape[0])
+            seal(self.dir, stage, folder_files(self.dir, stage))
             return out
         weights = None
         about = {"dataset": self.ds.name, "ratio": pct_name(self.cfg.ratio), "split": "train",
@@ -271,6 +297,7 @@ class Run:
         if result.steps < self.cfg.diffusion.steps:
             raise StageIncomplete(f"the U-Net stopped at its time budget after {result.steps} of "
                                   f"{self.cfg.diffusion.steps} steps, saved in {out}; rerun the same command to resume")
+        seal(self.dir, stage, folder_files(self.dir, stage, skip=("checkpoint.pt",)))  # the checkpoint stays, unsealed
         return out
 
     def unet_source(self) -> Path | str | None:
@@ -305,9 +332,10 @@ class Run:
     def synthetic(self, method: str = "diffinject") -> Synthetic:
         """The synthetic samples of a synthetic row (``diffinject`` or ``diffinject-corpus``): the same pairs for
         both, each from its own U-Net."""
-        folder = self.dir / SYNTHETIC_ROWS[method][1]
+        stage = SYNTHETIC_ROWS[method][1]
+        folder = self.dir / stage
         path = folder / "samples.pt"
-        if path.exists():
+        if self._done(stage):
             return Synthetic.load(path)
         pool, weights = self.mined_and_weights()
         unet_dir = self.unet_dir(method)
@@ -330,7 +358,8 @@ class Run:
         if self.readers is not None:
             info["report"] = diagnostics.injection_report(syn, tr.images, tr.labels, self.readers, tr.bias)
         save_json(folder / "injection.json", info)
-        syn.save(path)  # last: its existence marks the stage done
+        syn.save(path)
+        seal(self.dir, stage, [f"{stage}/{name}" for name in ("samples.pt", "injection.json", "injection_grid.png")])
         shutil.rmtree(folder / "shards", ignore_errors=True)
         return syn
 
@@ -345,8 +374,8 @@ class Run:
         folder = self.dir / "classifiers"
         metrics_path = folder / f"{name}.json"
         method = registry.get(name, self.cfg.hparams.get(name))
-        if metrics_path.exists():
-            metrics = json.loads(metrics_path.read_text())
+        if self._done(f"classifier-{name}"):
+            metrics = read_json(metrics_path)
             metrics.pop("seconds", None)  # what training took: stage_seconds reports it, the results do not
             was = recorded_params(metrics)
             changed = sorted(k for k, v in asdict(method.params).items() if k in was and was[k] != v)
@@ -370,8 +399,9 @@ class Run:
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
             metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
-        save_atomic(folder / f"{name}.pt", model.state_dict())
+        save_torch(folder / f"{name}.pt", model.state_dict())
         save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
+        seal(self.dir, f"classifier-{name}", [f"classifiers/{name}.pt", f"classifiers/{name}.json"])
         checkpoint.unlink(missing_ok=True)
         return metrics
 
@@ -399,7 +429,7 @@ class Run:
     def stage_seconds(self, synthetic_rows) -> dict[str, float | None]:
         """What each of this folder's stages took when it ran, read from its artifact (so a finished run reports
         its cost, not the seconds it took to read it back); None for an artifact from before it recorded that."""
-        read = lambda path: json.loads(path.read_text()).get("seconds") if path.exists() else None  # noqa: E731
+        read = lambda path: read_json(path).get("seconds") if path.exists() else None  # noqa: E731
         out = {"biased": read(self.dir / "biased" / "mining.json")}
         if self.trains_unet():  # a copied U-Net cost this run nothing
             out["diffusion"] = read(self.dir / SYNTHETIC_ROWS["diffinject"][0] / "train.json")
@@ -410,24 +440,27 @@ class Run:
     def all(self) -> dict:
         """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
         t0 = time.time()
+        self.biased()  # every stage is read back (checked against its manifest, redone if need be), used or not
         self.mined()
         synthetic_rows = sources_of(self.methods())
         for m in synthetic_rows:
             self.synthetic(m)
+            self.unet_dir(m)  # checked against its manifest (and redone) before the report names its weights
         results = {m: self.method(m) for m in self.methods()}
         metrics = {
             "dataset": {"name": self.ds.name, "ratio": self.cfg.ratio, "train": len(self.ds.train),
                         "valid": len(self.ds.valid), "test": len(self.ds.test), "num_classes": self.ds.num_classes,
                         "image_shape": list(self.ds.image_shape)},
             "seed": self.cfg.seed,
-            "mining": json.loads((self.dir / "biased" / "mining.json").read_text())["quality"],
-            "injection": {m: json.loads((self.dir / SYNTHETIC_ROWS[m][1] / "injection.json").read_text())
+            "mining": read_json(self.dir / "biased" / "mining.json")["quality"],
+            "injection": {m: read_json(self.dir / SYNTHETIC_ROWS[m][1] / "injection.json")
                           for m in synthetic_rows},
             "unet_sources": {m: self.describe_source(m) for m in synthetic_rows},
             "methods": results,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stage_seconds_this_invocation": self.timings,
             "stage_seconds": self.stage_seconds(synthetic_rows),
+            "repairs": self.repairs,
         }
         write_report(self.dir, metrics, self.cfg)
         return metrics

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import methods as registry
-from .classifier import ClassifierConfig, load_saved, save_atomic
+from .artifacts import CorruptFile, load_torch, save_torch
+from .classifier import ClassifierConfig
 from .data import ImageSet
 from .diffusion import ddim_scheduler, load_unet
 from .hspace import Evaluations
@@ -46,7 +47,7 @@ def generate_in_process(unet_dir: Path, images: torch.Tensor, labels: torch.Tens
         if syn is not None:  # a saved batch's inversions were counted when it was made
             made[rows.start] = {**vars(syn), "evaluations": spent, "seconds": time.time() - t0}
             if shards is not None:
-                save_atomic(_shard_path(shards, rows.start), made[rows.start])
+                save_torch(_shard_path(shards, rows.start), made[rows.start])
         t0 = time.time()
     parts = [made[start] for start in sorted(made)]
     syn = Synthetic.cat([Synthetic(**{f.name: p[f.name] for f in fields(Synthetic)}) for p in parts])
@@ -63,8 +64,8 @@ def _saved_shards(shards: Path, pairs, batch_size: int) -> dict[int, dict]:
     saved = {}
     for start in range(0, len(pairs.content), batch_size):
         try:
-            shard = load_saved(_shard_path(shards, start))
-        except (OSError, RuntimeError, EOFError):  # absent, or not a complete torch file
+            shard = load_torch(_shard_path(shards, start))
+        except (FileNotFoundError, CorruptFile):  # absent, or not a complete torch file
             continue
         rows = slice(start, start + batch_size)
         if np.array_equal(shard["content"], pairs.content[rows]) and np.array_equal(shard["style"], pairs.style[rows]):

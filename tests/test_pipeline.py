@@ -110,6 +110,8 @@ def test_lost_stages_are_recomputed_identically(quick_run, dataset, tmp_path):
     """Reproducible from the seed: delete the later stages of a copy and rerun."""
     import shutil
 
+    from diffinject.core.artifacts import seal
+
     folder, metrics = quick_run
     copy_dir = tmp_path / "copy"
     shutil.copytree(folder, copy_dir)
@@ -180,16 +182,22 @@ def test_a_finished_classifier_is_never_read_back_under_other_hyperparameters(qu
     value than today's (a default changed since) is refused, naming it, not reported under the new settings."""
     import shutil
 
+    from diffinject.core.artifacts import seal
+
     folder, metrics = quick_run
     copy_dir = tmp_path / "copy"
     shutil.copytree(folder, copy_dir)
     record = copy_dir / "classifiers" / "lff.json"
     old = json.loads(record.read_text())
     old["params"] = {"ema_alpha": old["params"]["ema_alpha"]}  # before cap_extra_weight existed: read as off
+    files = ["classifiers/lff.pt", "classifiers/lff.json"]
     record.write_text(json.dumps(old))
+    seal(copy_dir, "classifier-lff", files)  # as that version sealed it (an unsealed edit would be redone)
     run = Run(copy_dir, make_config("quick"), progress=False, dataset=dataset)
     assert run.method("lff")["unbiased"] == metrics["methods"]["lff"]["unbiased"]
+    assert run.repairs == []
     record.write_text(json.dumps({**old, "params": {**old["params"], "cap_extra_weight": True}}))
+    seal(copy_dir, "classifier-lff", files)
     with pytest.raises(ValueError, match=r"lff in .* was trained with other hyperparameters \(cap_extra_weight\)"):
         run.method("lff")
 
@@ -364,6 +372,8 @@ def test_a_finished_folder_takes_other_methods_and_reuses_its_stages(quick_run, 
     """Another method list or hyperparameters train only the classifiers they add, on the same mined pairs and
     synthetic samples; a classifier already there is refused under other hyperparameters, never retrained over."""
     import shutil
+
+    from diffinject.core.artifacts import seal
 
     folder, metrics = quick_run
     copy_dir = tmp_path / "copy"

@@ -88,7 +88,7 @@ def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(nam
     cfg = ClassifierConfig(epochs=4, batch_size=32)
     method = registry.get(name, {"first_epochs": 2} if name == "jtt" else None)
     plain = method.fit(train, valid, 2, cfg, seed=0, progress=False)
-    real_save, saves = classifier.save_atomic, []
+    real_save, saves = classifier.save_torch, []
 
     def save_then_die_at(*kills):
         def save(path, obj):
@@ -100,7 +100,7 @@ def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(nam
         return save
 
     checkpoint = tmp_path / f"{name}.ckpt.pt"
-    monkeypatch.setattr(classifier, "save_atomic", save_then_die_at(1, 4))
+    monkeypatch.setattr(classifier, "save_torch", save_then_die_at(1, 4))
     for _ in range(2):
         with pytest.raises(Killed):
             method.fit(train, valid, 2, cfg, seed=0, progress=False, checkpoint=checkpoint)

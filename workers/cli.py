@@ -1,13 +1,16 @@
 """The ``diffinject`` command line: ``run``, ``train-diffusion``, ``tune``, ``prepare`` and ``export``.
 
 Flags and YAML files become core's typed settings here (:mod:`workers.flags`); core's errors name settings, and
-:func:`main` prints them with the flags that set them. Ray is imported only by the commands that use it.
+:func:`main` prints them with the flags that set them. Every error ends the command in one line on stderr: exit 2
+for bad input (a flag, a setting, a path), 1 for the environment (a full disk, no permission, a corrupt file) and
+130 for Ctrl-C; ``--debug`` shows the traceback instead. Ray is imported only by the commands that use it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import re
 import shlex
@@ -17,15 +20,18 @@ from pathlib import Path
 
 import torch
 
-from diffinject.core.config import PRESETS, make_config, merge, read_settings
+from diffinject.core.artifacts import CorruptFile, save_text
+from diffinject.core.config import PRESETS, check_types, make_config, merge, read_run_settings, read_settings
 from diffinject.core.data import DataError, load_dataset, pct_name
 from diffinject.core.diffusion import DiffusionConfig, train_diffusion
+from diffinject.core.hspace import SettingError
+from diffinject.core.lock import lock_folder
 from diffinject.core.run import Run, StageIncomplete
-from .flags import RUN_FLAGS, add_run_flags, flag_overrides
+from .flags import RUN_FLAGS, add_run_flags, at_least, flag_of, flag_overrides, seed_value
 
 
 def _threads(n: int | None) -> None:
-    if n:
+    if n is not None:
         torch.set_num_threads(n)
 
 
@@ -44,11 +50,12 @@ def cmd_train_diffusion(args) -> int:
     _threads(args.threads)
     out = _out_folder(args.out)
     settings = read_settings(args.config) if args.config else {}  # checked before the data is loaded
-    flags = {"steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size}
-    settings.update({k: v for k, v in flags.items() if v is not None})
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(DiffusionConfig)})
     if unknown:
         raise ValueError(f"config {args.config}: unknown diffusion setting(s) {', '.join(unknown)}")
+    check_types(settings, str(args.config), DiffusionConfig)
+    flags = {"steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size}
+    settings.update({k: v for k, v in flags.items() if v is not None})
     cfg = DiffusionConfig(**settings)
     if cfg.hard_share > 0:
         raise ValueError("hard_share needs the biased classifier's difficulty weights: train with `diffinject run "
@@ -57,8 +64,8 @@ def cmd_train_diffusion(args) -> int:
     split = getattr(ds, args.split)
     if split is None:
         raise DataError(f"dataset {args.dataset!r} has no {args.split!r} split")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text("diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+    lock_folder(out)  # one writer, as for a run folder
+    save_text(out / "command.txt", "diffinject " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
     max_seconds = 60 * args.max_minutes if args.max_minutes else None
     # the corpus of the embedded Colored MNIST spreads the bias evenly: a U-Net trained on it knows the bias
     about = {"dataset": args.dataset, "ratio": pct_name(args.ratio), "split": args.split,
@@ -72,7 +79,7 @@ def cmd_train_diffusion(args) -> int:
 
 def _overrides(args) -> dict:
     """YAML file first, then the command-line flags that were given."""
-    return merge(read_settings(args.config) if args.config else {}, flag_overrides(args))
+    return merge(read_run_settings(args.config) if args.config else {}, flag_overrides(args))
 
 
 def cmd_run(args) -> int:
@@ -114,14 +121,27 @@ PRESET_HELP = ("settings to start from: default (the everyday run), table (the p
                "(a one-minute smoke run), paper (the paper's settings, for a GPU)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (and exit 2), like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffinject: error: {message} (see '{self.prog} --help')\n")
+
+
+DEBUG_HELP = "on an error, show the traceback instead of one line"
+
+
 def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 100),
-                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                       epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)  # after the command too
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffinject", description=MAIN_HELP, epilog=MAIN_EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="diffinject", description=MAIN_HELP, epilog=MAIN_EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.commands = sub
 
@@ -134,15 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML file of settings, with the keys of a run's config.json")
     add_run_flags(r, RUN_FLAGS)
     r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images here")
-    r.add_argument("--max-minutes", type=float, default=None,
+    r.add_argument("--max-minutes", type=at_least(0.01, float), default=None,
                    help="time budget for training the U-Net: stop and save after this long (exit 3); rerun to resume")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     r.add_argument("--out", default=None, help="run folder (default: runs/DATASET-PCT-seedSEED-PRESET)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--workers", type=int, default=0,
+    r.add_argument("--workers", type=at_least(0), default=0,
                    help="make the synthetic images on N Ray workers (default: 0, in this process)")
-    r.add_argument("--worker-threads", type=int, default=1, help="torch CPU threads per worker (default: 1)")
+    r.add_argument("--worker-threads", type=at_least(1), default=1, help="torch CPU threads per worker (default: 1)")
     r.set_defaults(func=cmd_run, make_generator=_generator)
 
     t = _command(sub, "train-diffusion", "train a diffusion U-Net on a dataset's images",
@@ -152,20 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="cmnist", help=f"{RUN_FLAGS['dataset'].help} (default: %(default)s)")
     t.add_argument("--data-root", default=None, help=RUN_FLAGS["data_root"].help)
     t.add_argument("--ratio", type=float, default=1.0, help=f"{RUN_FLAGS['ratio'].help} (default: %(default)s)")
-    t.add_argument("--data-seed", type=int, default=0, help="the embedded data's draw (default: %(default)s)")
+    t.add_argument("--data-seed", type=seed_value, default=0, help="the embedded data's draw (default: %(default)s)")
     t.add_argument("--split", default="train", choices=["train", "corpus"],
                    help="which images to train on: train, or the embedded Colored MNIST's colour-balanced corpus "
                         "(a U-Net that knows the bias) (default: %(default)s)")
     t.add_argument("--config", default=None, help="YAML file of U-Net settings (architecture, learning rate, ...)")
-    t.add_argument("--steps", type=int, default=None, help=f"training steps (default: {DiffusionConfig.steps})")
-    t.add_argument("--batch-size", type=int, default=None, help=f"default: {DiffusionConfig.batch_size}")
-    t.add_argument("--image-size", type=int, default=None, help=f"default: {DiffusionConfig.image_size}")
-    t.add_argument("--max-minutes", type=float, default=None,
+    t.add_argument("--steps", type=at_least(1), default=None, help=f"training steps (default: {DiffusionConfig.steps})")
+    t.add_argument("--batch-size", type=at_least(1), default=None, help=f"default: {DiffusionConfig.batch_size}")
+    t.add_argument("--image-size", type=at_least(8), default=None, help=f"default: {DiffusionConfig.image_size}")
+    t.add_argument("--max-minutes", type=at_least(0.01, float), default=None,
                    help="time budget: stop and save after this long; rerunning resumes towards --steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    t.add_argument("--seed", type=seed_value, default=0, help="default: %(default)s")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     t.add_argument("--out", required=True, help="the U-Net's folder")
     t.set_defaults(func=cmd_train_diffusion)
 
@@ -212,8 +232,6 @@ def cmd_prepare(args) -> int:
 
 
 def _generator(args):
-    if args.workers < 0:
-        raise ValueError(f"--workers {args.workers} must be 0 or more")
     if args.workers == 0:
         return None
     from .injector import ray_generator
@@ -224,11 +242,42 @@ def _generator(args):
 def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
     """Core's message with the settings it names (``data_root``) written as the flags that set them
     (``--data-root``, ``mining.min_loss`` as ``--min-loss``): the multi-word ones only, so plain words such as
-    "steps" stay prose."""
-    flags = {a.dest: a.option_strings[-1] for sub in parser.commands.choices.values() for a in sub._actions
-             if a.option_strings and "_" in a.dest and a.option_strings[-1].startswith("--")}
-    return re.sub(r"\b(?:[a-z]+\.)?(" + "|".join(map(re.escape, flags)) + r")\b", lambda m: flags[m.group(1)], message) \
-        if flags else message
+    "steps" stay prose, and not where quoted (a key as a file spelt it)."""
+    flags = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+             for sub in parser.commands.choices.values() for a in sub._actions
+             if "_" in a.dest and any(o.startswith("--") for o in a.option_strings)}
+    return re.sub(r"(?<!')\b(?:[a-z]+\.)?(" + "|".join(map(re.escape, flags)) + r")\b(?!')",
+                  lambda m: flags[m.group(1)], message) if flags else message
+
+
+ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error a Ray task raised (a ``RayTaskError`` carries it as ``cause``), else ``e``."""
+    cause = getattr(e, "cause", None)
+    return _cause(cause) if isinstance(cause, BaseException) else e
+
+
+def explain(e: BaseException, parser: argparse.ArgumentParser) -> tuple[str, int]:
+    """An error as the one line the command prints and its exit code: 2 for input, 1 for the environment."""
+    e = _cause(e)
+    if isinstance(e, SettingError) and flag_of(e.field):  # "classifier.epochs 0 ..." as "--epochs 0 ..."
+        return str(e).replace(e.field, flag_of(e.field), 1), 2
+    if isinstance(e, (DataError, ValueError, FileNotFoundError)):
+        return as_flags(str(e), parser), 2
+    if isinstance(e, CorruptFile):
+        return f"{e}; delete it (or its run folder) if rerunning cannot redo it", 1
+    if isinstance(e, OSError):
+        what = ENVIRONMENT.get(e.errno, e.strerror or str(e))
+        where = f"{e.filename}: " if e.filename else ""
+        again = "; free some space and rerun the same command to resume" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else ""
+        return f"{where}{what}{again}", 1
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first} (rerun with --debug for the traceback)", 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"diffinject: error: {as_flags(str(e), parser)}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("diffinject: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        if args.debug:
+            raise
+        message, code = explain(e, parser)
+        print(f"diffinject: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

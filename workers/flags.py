@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from diffinject.core.config import DATASET_DEFAULTS, DEFAULT_METHODS, METHODS, RunConfig
+from diffinject.core.config import DATASET_DEFAULTS, DEFAULT_METHODS, METHODS, SEED_MAX, RunConfig
 from diffinject.core.hspace import PRECISION_CHOICES
 
 
@@ -58,6 +58,34 @@ RUN_FLAGS: dict[str, Flag] = {
                                                "difficulty (0: uniform)", float),
     "epochs": Flag("classifier.epochs", "epochs of every debiased classifier", int),
 }
+
+
+def flag_of(key: str) -> str | None:
+    """The flag that sets a config key (``classifier.epochs`` -> ``--epochs``), or None where none does."""
+    return next(("--" + name.replace("_", "-") for name, flag in RUN_FLAGS.items() if flag.key == key), None)
+
+
+def at_least(lo: float, kind: type = int):
+    """An argparse type: a ``kind`` number no smaller than ``lo``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {lo:g}")
+        return value
+
+    return parse
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, a whole number in [0, 2^63 - 1] as the registry's ranges say."""
+    value = at_least(0)(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is above {SEED_MAX}")
+    return value
 
 
 def _get(tree: dict, path: list[str]):

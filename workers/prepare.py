@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from diffinject.core.diffusion import is_unet
+from diffinject.core.artifacts import check
 from diffinject.core.config import RunConfig, SHIPPED, make_config
 from diffinject.core.run import Run
 
@@ -81,12 +81,14 @@ def registered_in(config: dict, where: str = "the Serve config") -> list[ServedD
 
 
 def missing(record: ServedDataset) -> list[str]:
-    """What the dataset's run folder lacks before it can be served: its U-Net and its biased classifier."""
+    """What the dataset's run folder lacks before it can be served: its U-Net and its biased classifier, each a
+    finished stage whose files match its manifest (core.artifacts)."""
     lacks = []
-    if not is_unet(record.unet):
-        lacks.append(f"a trained U-Net in {record.unet}")
-    if not record.biased.exists():
-        lacks.append(f"the biased classifier {record.biased}")
+    for stage, what in (("unet", f"a trained U-Net in {record.unet}"), ("biased", f"the biased classifier {record.biased}")):
+        found = check(record.folder, stage)
+        if not found.done:
+            lacks.append(what + (f" ({'; '.join(found.problems)}: `diffinject prepare` redoes it)" if found.problems
+                                 else ""))
     return lacks
 
 

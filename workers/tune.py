@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import os
 import time
 from dataclasses import replace
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from diffinject.core import methods as registry
+from diffinject.core.artifacts import save_figure, save_json, save_text, save_torch
 from diffinject.core.classifier import group_metrics, load_classifier, predict
 from diffinject.core.config import PRESETS, RunConfig, make_config, merge, read_settings, validate
 from diffinject.core.data import ImageSet, pct_name
@@ -146,7 +146,7 @@ def trial(params: dict, *, cfg: RunConfig, method: str, base: str, models: str, 
 
     trained = fit_method(learner, train, (syn.images, syn.labels), valid,
                          num_classes, cfg.classifier, cfg.seed, DEVICE, progress=False, on_epoch=report)
-    torch.save(trained.model.state_dict(), Path(models) / f"{tag(k, gamma)}.pt")
+    save_torch(Path(models) / f"{tag(k, gamma)}.pt", trained.model.state_dict())
 
 
 # -- the sweep (driver) -------------------------------------------------------------------------------------
@@ -269,20 +269,21 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(path, fig)
     plt.close(fig)
 
 
 def write_outputs(out: Path, rows: list[dict], best: dict, summary: dict) -> str:
     """trials.csv, trials.md, best.json, tune.png; returns the markdown table."""
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    save_text(out / "trials.csv", text.getvalue())
     table = render_table(rows, best)
-    (out / "trials.md").write_text(f"# Tune sweep: K x gamma\n\nChosen by best validation accuracy; "
-                                   f"test metrics of the chosen model only.\n\n{table}\n")
-    (out / "best.json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_text(out / "trials.md", f"# Tune sweep: K x gamma\n\nChosen by best validation accuracy; "
+                                 f"test metrics of the chosen model only.\n\n{table}\n")
+    save_json(out / "best.json", summary)
     plot(rows, best, out / "tune.png")
     return table
 

@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..classifier import ClassifierConfig, build_classifier, load_saved
+from ..artifacts import load_torch
+from ..classifier import ClassifierConfig, build_classifier
 from ..data import ImageSet
 
 
@@ -75,7 +76,7 @@ class Method:
     def load(self, path: Path, cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model :meth:`fit` saved as a ``state_dict`` at ``path``, in eval mode."""
         model = self.build(cfg, image_shape, num_classes)
-        model.load_state_dict(load_saved(path))
+        model.load_state_dict(load_torch(path))
         return model.eval()
 
 
