@@ -280,8 +280,6 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
     if not 1 <= cfg.mining.k <= smallest:
         raise ValueError(f"K={cfg.mining.k} is out of range: it must be between 1 and {smallest} (the smallest class)")
     methods = run_methods(cfg)
-    if not isinstance(cfg.hparams, dict):
-        raise ValueError(f"hparams must map method names to their hyperparameters, got {cfg.hparams!r}")
     for name in dict.fromkeys([*methods, *cfg.hparams]):  # unknown names and hyperparameters: a one-line error
         registry.get(name, cfg.hparams.get(name))
     if "diffinject-corpus" in sources_of(methods) and not _embedded_cmnist(cfg):

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .artifacts import read_checkpoint, save_figure, save_folder, save_json, save_torch
+from .artifacts import CorruptFile, read_checkpoint, save_figure, save_folder, save_json, save_torch
 
 
 @dataclass
@@ -358,7 +359,8 @@ def read_unet_config(folder: str | Path) -> dict:
 
 def check_unet(source: str | Path, channels: int) -> None:
     """One-line ``ValueError`` for a U-Net (folder or hub id) that cannot work on ``channels``-channel images, read
-    from its config alone; ``FileNotFoundError`` when there is none."""
+    from its config; ``FileNotFoundError`` when there is none; :class:`~core.artifacts.CorruptFile` when its
+    safetensors weights are cut short or not safetensors (read from their header, before any stage runs)."""
     folder = unet_folder(source)
     if folder is None:
         if not _is_hub_id(source):
@@ -374,6 +376,13 @@ def check_unet(source: str | Path, channels: int) -> None:
     problem = unet_problem(read_unet_config(folder), channels, str(source))
     if problem:
         raise ValueError(problem)
+    weights = folder / WEIGHTS[0]
+    if weights.exists():
+        try:
+            with safe_open(str(weights), "pt"):  # checks the header against the file's length
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type
+            raise CorruptFile(weights, f"not a whole safetensors file ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def fetch_unet(source: str | Path, out: str | Path, channels: int) -> Path:

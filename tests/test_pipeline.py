@@ -336,7 +336,7 @@ def test_other_config_on_a_finished_folder_is_refused(quick_run, dataset):
     (["--dataset", "imagenet"], "needs --data-root"),
     (["--dataset", "bffhq", "--data-root", "/nonexistent"], "missing folder"),
     (["--k", "100000"], "K=100000 is out of range"),
-    (["--k", "0"], "K=0 is out of range"),
+    (["--k", "0"], "--k 0 is outside [1, "),
     (["--gamma", "1.5"], "gamma 1.5 is outside [0, 1]"),
     (["--synthetic-ratio", "0"], "synthetic-ratio 0.0 must be in (0, 10]"),
     (["--methods", "vanilla,magic"], "unknown method 'magic'"),
@@ -415,7 +415,7 @@ def test_cli_bad_yaml(tmp_path, capsys):
     bad.write_text("injection: {gama: 0.5}\n")
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "unknown config key 'injection.gama'" in capsys.readouterr().err
-    for text, words in (("hparams: 5\n", "hparams must map method names"),
+    for text, words in (("hparams: 5\n", "bad.yaml: hparams must be a mapping, not 5"),
                         ("hparams: {jtt: {lamda_up: 5}}\n", "unknown hyperparameter(s) lamda_up for method 'jtt'"),
                         ("hparams: {magic: {}}\n", "unknown method 'magic'")):
         bad.write_text(text)

@@ -292,7 +292,7 @@ BAD_FLAGS = {
     ("--diffusion-steps", "0"): "--diffusion-steps 0 is outside [1, ",
     ("--k", "0"): "--k 0 is outside [1, ",
     ("--gamma", "1.5"): "--gamma 1.5 is outside [0, 1]",
-    ("--max-minutes", "-1"): "argument --max-minutes: -1 must be at least 0.01",
+    ("--max-minutes", "-1"): "argument --max-minutes: -1 must be above 0",
 }
 
 
@@ -345,4 +345,15 @@ def test_a_unet_with_a_bad_config_is_one_line_naming_the_file(text, tmp_path, ca
     assert _code(["run", "--preset", "quick", "--unet", str(unet), "--out", str(out)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert str(unet / "config.json") in line and BAD_UNET_CONFIGS[text] in line, line
+    assert not out.exists()
+
+
+def test_a_unet_whose_weights_are_cut_short_is_refused_before_any_stage(reference, tmp_path, capsys):
+    unet, out = tmp_path / "unet", tmp_path / "run"
+    shutil.copytree(reference / "unet", unet)
+    _cut(unet / "diffusion_pytorch_model.safetensors")
+    assert _code(["run", "--preset", "quick", "--unet", str(unet), "--out", str(out)]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"diffinject: error: {unet / 'diffusion_pytorch_model.safetensors'}: not a whole "
+                           "safetensors file"), line
     assert not out.exists()

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML file of settings, with the keys of a run's config.json")
     add_run_flags(r, RUN_FLAGS)
     r.add_argument("--train-unet", action="store_true", help="train the U-Net on the training images here")
-    r.add_argument("--max-minutes", type=at_least(0.01, float), default=None,
+    r.add_argument("--max-minutes", type=at_least(0, float, strict=True), default=None,
                    help="time budget for training the U-Net: stop and save after this long (exit 3); rerun to resume")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=at_least(1), default=None, help=f"training steps (default: {DiffusionConfig.steps})")
     t.add_argument("--batch-size", type=at_least(1), default=None, help=f"default: {DiffusionConfig.batch_size}")
     t.add_argument("--image-size", type=at_least(8), default=None, help=f"default: {DiffusionConfig.image_size}")
-    t.add_argument("--max-minutes", type=at_least(0.01, float), default=None,
+    t.add_argument("--max-minutes", type=at_least(0, float, strict=True), default=None,
                    help="time budget: stop and save after this long; rerunning resumes towards --steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--seed", type=seed_value, default=0, help="default: %(default)s")
@@ -271,7 +271,7 @@ def explain(e: BaseException, parser: argparse.ArgumentParser) -> tuple[str, int
     if isinstance(e, CorruptFile):
         return f"{e}; delete it (or its run folder) if rerunning cannot redo it", 1
     if isinstance(e, OSError):
-        what = ENVIRONMENT.get(e.errno, e.strerror or str(e))
+        what = ENVIRONMENT.get(e.errno, e.strerror or (str(e).splitlines() or [""])[0])
         where = f"{e.filename}: " if e.filename else ""
         again = "; free some space and rerun the same command to resume" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
             else ""

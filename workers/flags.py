@@ -65,16 +65,16 @@ def flag_of(key: str) -> str | None:
     return next(("--" + name.replace("_", "-") for name, flag in RUN_FLAGS.items() if flag.key == key), None)
 
 
-def at_least(lo: float, kind: type = int):
-    """An argparse type: a ``kind`` number no smaller than ``lo``."""
+def at_least(lo: float, kind: type = int, strict: bool = False):
+    """An argparse type: a ``kind`` number no smaller than ``lo`` (above it, with ``strict``)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{text} must be at least {lo:g}")
+        if value < lo or (strict and value == lo):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if strict else 'at least'} {lo:g}")
         return value
 
     return parse

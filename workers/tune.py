@@ -37,13 +37,13 @@ import torch
 from diffinject.core import methods as registry
 from diffinject.core.artifacts import save_figure, save_json, save_text, save_torch
 from diffinject.core.classifier import group_metrics, load_classifier, predict
-from diffinject.core.config import PRESETS, RunConfig, make_config, merge, read_settings, validate
+from diffinject.core.config import PRESETS, RunConfig, check_types, make_config, merge, read_settings, validate
 from diffinject.core.data import ImageSet, pct_name
 from diffinject.core.injection import InjectionConfig
 from diffinject.core.mining import mine
 from diffinject.core.run import Run
 from diffinject.core.stages import fit_method, synthesize
-from .flags import add_run_flags, flag_overrides
+from .flags import add_run_flags, at_least, flag_overrides
 
 GRACE_PERIOD = 2  # ASHA: epochs every trial runs before it can be stopped
 REDUCTION_FACTOR = 3  # ASHA: keep the top third at each rung
@@ -74,6 +74,7 @@ def read_grid(path: str) -> dict:
     data["config"] = data.get("config") or {}
     if not isinstance(data["config"], dict):
         raise ValueError(f"grid {path}: config must be a mapping of RunConfig settings")
+    check_types(data["config"], f"grid {path}: config")
     for key in ("k", "gamma"):
         if key in data and not isinstance(data[key], list):
             data[key] = [data[key]]
@@ -357,12 +358,12 @@ def add_parser(sub, command) -> argparse.ArgumentParser:
                    help="comma list of gamma in [0, 1] (default: the run's gamma and two weaker ones, 0.2 apart)")
     t.add_argument("--grid", default=None, help="YAML file: k: [...], gamma: [...], config: {run settings}")
     add_run_flags(t, ("epochs", "num_samples", "seed"))
-    t.add_argument("--cpus-per-trial", type=int, default=1,
+    t.add_argument("--cpus-per-trial", type=at_least(1), default=1,
                    help="CPUs (and torch threads) per trial (default: %(default)s)")
     t.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True,
                    help=f"stop weak trials early (ASHA, after {GRACE_PERIOD} epochs) (default: on)")
     t.add_argument("--out", default=None, help="sweep folder (default: runs/tune-DATASET-PCT-PRESET)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads of the driver")
+    t.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads of the driver")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
     return t
