@@ -155,6 +155,41 @@ def group_metrics(pred: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor) 
     }
 
 
+def aligned_attributes(labels: torch.Tensor, bias: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Each class's most common bias attribute among the training images whose attribute is known (-1 for a class
+    with none), or None where no training image has one: what "bias-aligned" means on your own data. Evaluation
+    only."""
+    known = bias >= 0
+    if not known.any():
+        return None
+    return torch.tensor([int(torch.mode(bias[known & (labels == c)]).values) if (known & (labels == c)).any() else -1
+                         for c in range(num_classes)])
+
+
+def own_data_metrics(pred: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor, num_classes: int,
+                     aligned_of: torch.Tensor | None = None) -> dict:
+    """Test metrics on your own data, in percent: accuracy, per-class and worst-class accuracy; where bias
+    attributes are known (bias >= 0), group-balanced and worst-group accuracy over the (class, attribute) groups
+    present, as SubpopBench reports them; with ``aligned_of`` (:func:`aligned_attributes`), bias-aligned and
+    bias-conflicting accuracy. Evaluation only."""
+    correct = (pred == labels).float()
+    pct = lambda v: round(100.0 * float(v), 2)  # noqa: E731
+    per_class = [pct(correct[labels == c].mean()) if (labels == c).any() else None for c in range(num_classes)]
+    out = {"accuracy": pct(correct.mean()), "worst_class": min(a for a in per_class if a is not None),
+           "per_class": per_class}
+    known = bias >= 0
+    groups = [correct[known & (labels == y) & (bias == a)].mean() for y in labels[known].unique()
+              for a in bias[known].unique() if (known & (labels == y) & (bias == a)).any()]
+    if groups:
+        out |= {"group_balanced": pct(torch.stack(groups).mean()), "worst_group": pct(min(groups))}
+    if aligned_of is not None and known.any():
+        aligned = known & (bias == aligned_of[labels])
+        conflicting = known & (bias != aligned_of[labels]) & (aligned_of[labels] >= 0)
+        out |= {"aligned": pct(correct[aligned].mean()) if aligned.any() else None,
+                "conflicting": pct(correct[conflicting].mean()) if conflicting.any() else None}
+    return out
+
+
 def build_encoder(cfg: ClassifierConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
     """The classifier's backbone without its last linear layer: ``(encoder, feature dimension)`` (DisEnt's E)."""
     model = build_classifier(cfg, image_shape, num_classes=1)

@@ -22,7 +22,8 @@ import torch
 
 from . import methods as registry
 from .classifier import ClassifierConfig
-from .data import Dataset
+from .data import Dataset, load_dataset
+from .folders import DEFAULT_IMAGE_SIZE, data_name, load_folder
 from .diffusion import DiffusionConfig
 from .hspace import SettingError
 from .injection import InjectionConfig
@@ -48,11 +49,17 @@ SHIPPED = "shipped"  # RunConfig.unet value: core/pretrained/<dataset>-<pct> (em
 class RunConfig:
     """Everything that decides a run's results. Its defaults are the ``default`` preset's."""
 
-    dataset: str = "cmnist"
+    dataset: str = "cmnist"  # an embedded benchmark, a released one (with data_root), or the name of your own data
+    # your own images: a folder (ImageFolder, Hugging Face imagefolder) or a CSV manifest (core.folders)
+    data: str | None = None
+    attributes: str | None = None  # with data: a CSV file,attribute of bias attributes, for evaluation only
     data_root: str | None = None  # None: the embedded data
-    ratio: float = 1.0  # percent of bias-conflicting training samples: 0.5, 1, 2, 5
-    data_seed: int = 0
-    image_size: int | None = None  # folder datasets: resize on load (default: native size)
+    ratio: float = 1.0  # percent of bias-conflicting training samples: 0.5, 1, 2, 5 (benchmarks)
+    data_seed: int = 0  # the embedded data's draw; with data, the validation share carved from train
+    # images resized on load: released benchmarks' native size by default, your own data's core.folders.DEFAULT_IMAGE_SIZE
+    image_size: int | None = None
+    valid_share: float = 0.1  # with data and no validation split: the share of train carved into one, by class
+    skip_unreadable: bool = False  # with data: skip (and count) images Pillow cannot read, instead of refusing them
     seed: int = 0  # every stage's randomness
     # the label-free row's U-Net: "shipped" (core/pretrained/<dataset>-<pct> where the project ships one for the
     # embedded data, else trained here), a U-Net folder, or None: train one on the training split
@@ -91,6 +98,28 @@ DATASET_DEFAULTS: dict[str, dict] = {
                         "mining": {"k": 5, "min_loss": 4.0, "loss_weight_cap": 20.0, "classifier": {"arch": "cnn"}},
                         "hparams": {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}},
 }
+
+# A run on your own images (``data``) chooses its models by image size: the first row at or above the size, else the
+# last. The U-Net keeps h at 4 x 4 with attention at the two coarsest levels (as the 32 px default); the classifiers
+# are the small CNN at 32 px and ResNet-18 above.
+SIZE_DEFAULTS: dict[int, dict] = {
+    32: {"classifier": {"arch": "cnn"}, "mining": {"classifier": {"arch": "cnn"}}},
+    64: {"classifier": {"arch": "resnet18"}, "mining": {"classifier": {"arch": "resnet18"}},
+         "diffusion": {"block_out_channels": [32, 64, 128, 128, 256],
+                       "down_block_types": ["DownBlock2D"] * 3 + ["AttnDownBlock2D"] * 2,
+                       "up_block_types": ["AttnUpBlock2D"] * 2 + ["UpBlock2D"] * 3}},
+    128: {"classifier": {"arch": "resnet18"}, "mining": {"classifier": {"arch": "resnet18"}},
+          "diffusion": {"block_out_channels": [32, 64, 64, 128, 128, 256],
+                        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D"] * 2,
+                        "up_block_types": ["AttnUpBlock2D"] * 2 + ["UpBlock2D"] * 4}},
+}
+
+
+def size_defaults(size: int) -> dict:
+    """The :data:`SIZE_DEFAULTS` row for images of ``size`` px, with the U-Net at that size."""
+    row = next((SIZE_DEFAULTS[s] for s in sorted(SIZE_DEFAULTS) if s >= size), SIZE_DEFAULTS[max(SIZE_DEFAULTS)])
+    return merge(row, {"diffusion": {"image_size": size}})
+
 
 PRESETS: dict[str, dict] = {
     # the everyday run: the dataclasses' defaults
@@ -132,6 +161,7 @@ _CLASSIFIER_RANGES = {"epochs": (1, 100_000), "lr": (1e-12, 10.0), "batch_size":
                       "gce_q": (1e-3, 1.0)}
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, SEED_MAX), "data_seed": (0, SEED_MAX), "ratio": (0.0, 100.0), "image_size": (8, 1024),
+    "valid_share": (0.01, 0.5),
     "mining.k": (1, 10**6), "mining.min_loss": (0.0, 1e3), "mining.loss_weight_cap": (0.0, 1e6),
     "diffusion.image_size": (8, 1024), "diffusion.steps": (1, 10**9), "diffusion.batch_size": (1, 65_536),
     "diffusion.checkpoint_every": (1, 10**9), "diffusion.lr": (1e-12, 1.0), "diffusion.ema_decay": (0.0, 1.0),
@@ -257,6 +287,9 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> RunCo
         raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
     chosen = merge(PRESETS[preset], overrides or {})
     known = RunConfig().to_dict()
+    if chosen.get("data") is not None:  # your own images: named after their folder, models chosen by image size
+        chosen = {"dataset": data_name(chosen["data"]), **chosen}
+        known = merge(known, size_defaults(chosen.get("image_size") or DEFAULT_IMAGE_SIZE))
     dataset = chosen.get("dataset", known["dataset"])
     cfg = merge(merge(known, DATASET_DEFAULTS.get(dataset, {})), chosen)
     check_keys(cfg, known, "")
@@ -288,7 +321,16 @@ def validate(cfg: RunConfig, ds: Dataset) -> None:
 
 
 def _embedded_cmnist(cfg: RunConfig) -> bool:
-    return cfg.dataset == "cmnist" and cfg.data_root is None
+    return cfg.dataset == "cmnist" and cfg.data_root is None and cfg.data is None
+
+
+def dataset_for(cfg: RunConfig, progress: bool = False) -> Dataset:
+    """The images a config names: your own (``data``), a released benchmark copy (``data_root``), or an embedded
+    benchmark."""
+    if cfg.data is not None:
+        return load_folder(cfg.data, cfg.image_size, cfg.attributes, cfg.valid_share, cfg.data_seed,
+                           cfg.skip_unreadable, progress)
+    return load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
 
 
 def synthetic_source(method: str) -> str | None:

@@ -78,6 +78,19 @@ class Dataset:
     test: ImageSet
     num_classes: int
     corpus: ImageSet | None = None  # unlabeled pretraining images, disjoint from the task (embedded CMNIST)
+    classes: list[str] | None = None  # class names by label (None: the labels' numbers)
+    # a user's folder (core.folders): its layout, bias attribute values (for evaluation only) and what was done to it
+    # (a carved validation split, test on validation, skipped files); empty for the benchmarks
+    about: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.classes or [str(c) for c in range(self.num_classes)]
+
+    @property
+    def own_data(self) -> bool:
+        """A user's own images (no bias labels unless an attribute file gave some), not a benchmark."""
+        return bool(self.about)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

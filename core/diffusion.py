@@ -196,8 +196,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     about = about or {}
-    data = to_model_space(images, cfg.image_size)
-    unet = build_unet(cfg, data.shape[1]).to(device)
+    channels, size = images.shape[1], cfg.image_size  # images stay uint8: each batch goes to model space alone
+    unet = build_unet(cfg, channels).to(device)
     # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so the random initial weights
     # do not linger in the average of a short run (0.999 ** 1500 would still leave them 22 % of it)
     # foreach: one fused update instead of a kernel per tensor, which dominates a small model's step on a GPU
@@ -207,7 +207,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     acp = sched.alphas_cumprod.to(device)
     weights = p2_weights(acp, cfg.p2_k, cfg.p2_gamma)
 
-    digest = hashlib.sha256(images.numpy().tobytes())  # resume only on the same images (and weights)
+    digest = hashlib.sha256(images.contiguous().numpy().data)  # resume only on the same images (and weights)
     if sample_weights is not None:
         digest.update(sample_weights.numpy().tobytes())
     data_id = digest.hexdigest()[:16]
@@ -235,10 +235,10 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     t0, started = time.time() - seconds, time.time()
     while step < cfg.steps and (max_seconds is None or time.time() - started < max_seconds):
         g = _step_generator(seed, step)
-        idx = draw_batch(len(data), cfg, g, sample_weights)
+        idx = draw_batch(len(images), cfg, g, sample_weights)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
-        noise = torch.randn((cfg.batch_size, *data.shape[1:]), generator=g)
-        x0, t, noise = data[idx].to(device), t.to(device), noise.to(device)
+        noise = torch.randn((cfg.batch_size, channels, size, size), generator=g)
+        x0, t, noise = to_model_space(images[idx], size).to(device), t.to(device), noise.to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
@@ -258,13 +258,13 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         save_checkpoint()
     bar.close()
 
-    ema_unet = build_unet(cfg, data.shape[1]).to(device)
+    ema_unet = build_unet(cfg, channels).to(device)
     ema.copy_to(ema_unet.parameters())
     ema_unet.eval()
     save_folder(out, lambda folder: (ema_unet.save_pretrained(folder), ddim_scheduler(cfg=cfg).save_pretrained(folder)))
     plot_loss(losses, out / "loss.png")
     save_json(out / "train.json", {"config": asdict(cfg), "seed": seed, "steps": step, "seconds": round(seconds, 1),
-                                   "num_images": len(data), "data": about, "loss_every_50": _smooth(losses, 50)})
+                                   "num_images": len(images), "data": about, "loss_every_50": _smooth(losses, 50)})
     return TrainResult(ema_unet, step, losses, seconds)
 
 

@@ -115,9 +115,15 @@ def difficulty(model, images, labels, device="cpu") -> torch.Tensor:
     return losses / top[labels].clamp_min(1e-12)
 
 
-def mining_quality(indices: np.ndarray, labels: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
-    """Precision and recall of the mined set against the hidden bias labels (evaluation only)."""
-    conflict = (labels != bias).numpy()
+def mining_quality(indices: np.ndarray, labels: torch.Tensor, bias: torch.Tensor,
+                   aligned_of: torch.Tensor | None = None) -> dict[str, float]:
+    """Precision and recall of the mined set against the hidden bias labels (evaluation only). A benchmark's bias
+    is aligned where it equals the label; your own data's where it is its class's usual attribute (``aligned_of``,
+    :func:`~core.classifier.aligned_attributes`; an unknown attribute counts as aligned)."""
+    if aligned_of is None:
+        conflict = (labels != bias).numpy()
+    else:
+        conflict = ((bias >= 0) & (aligned_of[labels] >= 0) & (bias != aligned_of[labels])).numpy()
     hits = int(conflict[indices].sum())
     return {"mined": int(len(indices)), "true_conflicts": int(conflict.sum()),
             "precision": round(100.0 * hits / max(1, len(indices)), 2),

@@ -23,22 +23,56 @@ def bias_knowledge_phrase(knows: bool | None) -> str:
 
 
 METRIC_COLUMNS = ("unbiased", "aligned", "conflicting", "worst_group", "valid")
+# your own data: those every row has (group and aligned columns need bias attributes)
+OWN_DATA_COLUMNS = ("accuracy", "worst_class", "group_balanced", "worst_group", "aligned", "conflicting",
+                    "disagrees_with_biased", "valid")
+
+
+def table_columns(metrics: dict) -> tuple[str, ...]:
+    """The columns of a run's results table: the benchmarks' fixed ones, or those your own data's rows all have."""
+    if "layout" not in metrics["dataset"]:
+        return METRIC_COLUMNS
+    rows = list(metrics["methods"].values())
+    return tuple(c for c in OWN_DATA_COLUMNS if all(r.get(c) is not None for r in rows))
+
+
+NO_ATTRIBUTES = ("No bias attributes were given, so which images contradict the shortcut cannot be told: the table "
+                 "gives each classifier's accuracy, its worst class, and how often it disagrees with the biased "
+                 "classifier (one that leans on the same shortcut agrees with it more). Mining precision cannot be "
+                 "known either. An attribute file (`--attributes FILE.csv`, `file,attribute`), even for the test "
+                 "images alone, adds group-balanced and worst-group accuracy.")
 NAMES = {name: method.label for name, method in registry.REGISTRY.items()}  # the tables' row labels
 
 
 def render_report(metrics: dict, cfg: RunConfig) -> str:
     ds = metrics["dataset"]
-    lines = [f"# DiffInject run: {ds['name']} at {ds['ratio']:g} % conflicts, seed {metrics['seed']}", "",
-             "Test accuracy (%) on the unbiased test split; the checkpoint of each method was chosen on the validation split.", "",
-             "| method | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
-    for name, m in metrics["methods"].items():
-        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(f"{m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
+    columns, own = table_columns(metrics), "layout" in ds
+    if own:
+        lines = [f"# DiffInject run: {ds['name']} ({ds['layout']}, {ds['train']} training images, "
+                 f"{len(ds['classes'])} classes), seed {metrics['seed']}", "",
+                 "Test accuracy (%); the checkpoint of each method was chosen on the validation split. "
+                 + " ".join(n[0].upper() + n[1:] + "." for n in ds["notes"]), ""]
+        lines += [NO_ATTRIBUTES, ""] if not ds["attributes"] else [
+            f"Bias attributes ({', '.join(ds['attributes'])}) were read for these columns only: groups are (class, "
+            "attribute) pairs.", ""]
+    else:
+        lines = [f"# DiffInject run: {ds['name']} at {ds['ratio']:g} % conflicts, seed {metrics['seed']}", "",
+                 "Test accuracy (%) on the unbiased test split; the checkpoint of each method was chosen on the "
+                 "validation split.", ""]
+    lines += ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = dict(metrics["methods"])
+    if "biased_classifier" in metrics:
+        rows = {"biased classifier (GCE, the miner)": metrics["biased_classifier"], **rows}
+    for name, m in rows.items():
+        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(
+            "" if m.get(c) is None else f"{m[c]:.2f}" for c in columns) + " |")
     for name, src in metrics.get("unet_sources", {}).items():
         lines.append(f"\n{NAMES.get(name, name)}: U-Net {src['origin']}; {bias_knowledge_phrase(src['bias_knowledge'])}.")
     q = metrics["mining"]
-    lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "",
-              f"{q['mined']} samples mined; precision {q['precision']:.1f} %, recall {q['recall']:.1f} % "
-              f"of the {q['true_conflicts']} true bias-conflicting training samples (bias labels read for this line only).",
+    quality = (f"precision {q['precision']:.1f} %, recall {q['recall']:.1f} % of the {q['true_conflicts']} true "
+               "bias-conflicting training samples (bias labels read for this line only)." if "precision" in q else
+               "how many contradict the shortcut cannot be known without bias attributes for the training images.")
+    lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "", f"{q['mined']} samples mined; {quality}",
               "", "![mined samples](biased/mined.png)"]
     for name, inj in metrics.get("injection", {}).items():
         lines += ["", f"## Injection, {NAMES.get(name, name)} (gamma {cfg.injection.gamma}, t_edit {cfg.injection.t_edit}, "

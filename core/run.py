@@ -55,10 +55,11 @@ import torch
 from . import diagnostics
 from . import methods as registry
 from .artifacts import CorruptFile, check, folder_files, read_json, save_json, save_torch, seal, unseal
-from .classifier import accuracy, group_metrics, load_classifier, predict, resolve_arch
+from .classifier import (accuracy, aligned_attributes, group_metrics, load_classifier, own_data_metrics, predict,
+                         resolve_arch)
 from .config import (SHIPPED, SYNTHETIC_ROWS, RunConfig, check_keys, check_settings, check_types, merge, run_methods,
-                     sources_of, validate)
-from .data import Dataset, load_dataset, pct_name
+                     dataset_for, sources_of, validate)
+from .data import Dataset, pct_name
 from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, read_unet_config,
                         train_diffusion, unet_folder)
 from .hspace import check_skip_levels, resolve_precision
@@ -126,7 +127,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def shipped_unet(cfg: RunConfig) -> Path | None:
     """The label-free U-Net the project ships for the config's embedded dataset and ratio, if any."""
     path = PRETRAINED / f"{cfg.dataset}-{pct_name(cfg.ratio)}"
-    return path if cfg.data_root is None and is_trained(path) else None
+    return path if cfg.data_root is None and cfg.data is None and is_trained(path) else None
 
 
 def weights_digest(folder: Path) -> str | None:
@@ -164,8 +165,11 @@ class Run:
         check_settings(cfg)  # ranges first: a refused setting costs no data loading and writes nothing
         self.generate = generate or generate_in_process
         self.max_diffusion_seconds = max_diffusion_seconds  # a time budget for training the U-Net here
-        self.ds = dataset or load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
+        self.ds = dataset or dataset_for(cfg, progress)
         validate(cfg, self.ds)
+        # your own data: each class's usual bias attribute, where an attribute file gave some (evaluation only)
+        tr = self.ds.train
+        self.aligned_of = aligned_attributes(tr.labels, tr.bias, self.ds.num_classes) if self.ds.own_data else None
         self._check_unets()
         self.timings: dict[str, float] = {}
         self.repairs: list[str] = []  # stages redone because a file no longer matched its manifest (_done)
@@ -257,7 +261,7 @@ class Run:
         tr = self.ds.train
         result = mine(self.biased(), tr.images, tr.labels, self.cfg.mining.k,
                       **self.cfg.mining.filters)
-        quality = mining_quality(result.indices, tr.labels, tr.bias)  # evaluation only
+        quality = self.scored(result.indices)  # evaluation only
         diagnostics.mined_grid(tr.images, tr.labels, result.indices, self.ds.num_classes,
                                self.dir / "biased" / "mined.png")
         # rounded as saved, so this run and a rerun that reads them back draw the same pairs
@@ -392,18 +396,48 @@ class Run:
                              self.cfg.classifier, self.cfg.seed, self.device, self.progress, checkpoint=checkpoint)
         self.timings[name] = round(time.time() - t0, 1)
         model = trained.model
-        metrics = group_metrics(predict(model, ds.test.images, device=self.device).argmax(1), ds.test.labels,
-                                ds.test.bias)
+        pred = predict(model, ds.test.images, device=self.device).argmax(1)
+        if ds.own_data:
+            metrics = own_data_metrics(pred, ds.test.labels, ds.test.bias, ds.num_classes, self.aligned_of)
+            metrics["disagrees_with_biased"] = round(100.0 * (pred != self.biased_test_predictions).float().mean().item(), 2)
+        else:
+            metrics = group_metrics(pred, ds.test.labels, ds.test.bias)
         metrics["valid"] = round(100.0 * accuracy(model, ds.valid.images, ds.valid.labels, self.device), 2)
         metrics["params"] = asdict(method.params)  # the hyperparameters it ran with (registry defaults + hparams)
         if "error_set" in trained.info:  # JTT's error set is a mining signal: scored like mining (evaluation only)
             errors = np.array([i for i in trained.info["error_set"] if i < len(ds.train)], dtype=int)
-            metrics["error_set"] = mining_quality(errors, ds.train.labels, ds.train.bias)
+            metrics["error_set"] = self.scored(errors)
         save_torch(folder / f"{name}.pt", model.state_dict())
         save_json(metrics_path, {**metrics, "seconds": self.timings[name]})  # its cost, beside (not in) its results
         seal(self.dir, f"classifier-{name}", [f"classifiers/{name}.pt", f"classifiers/{name}.json"])
         checkpoint.unlink(missing_ok=True)
         return metrics
+
+    def scored(self, indices: np.ndarray) -> dict | None:
+        """How many of ``indices`` (training images) are bias-conflicting (:func:`~core.mining.mining_quality`):
+        evaluation only; on your own data without training attributes, where it cannot be told, only the count."""
+        tr = self.ds.train
+        if self.ds.own_data and self.aligned_of is None:
+            return {"mined": int(len(indices))}
+        return mining_quality(indices, tr.labels, tr.bias, self.aligned_of)
+
+    @cached_property
+    def biased_test_predictions(self) -> torch.Tensor:
+        """The biased classifier's predictions on the test split: how often a debiased one disagrees with it is
+        what can be seen without bias labels."""
+        return predict(self.biased(), self.ds.test.images, device=self.device).argmax(1)
+
+    def describe_data(self) -> dict:
+        """``data.json``: what the run read (name, classes, sizes, image shape; for your own data its layout, bias
+        attribute values and what was done to it), sealed as the ``data`` stage; ``predict`` reads it."""
+        ds = self.ds
+        about = {"name": ds.name, "classes": ds.class_names, "image_shape": list(ds.image_shape),
+                 "train": len(ds.train), "valid": len(ds.valid), "test": len(ds.test), **ds.about}
+        path = self.dir / "data.json"
+        if not self._done("data") or read_json(path) != about:
+            save_json(path, about)
+            seal(self.dir, "data", ["data.json"])
+        return about
 
     def extra_data(self, extra: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The data a method learns from beside the training split: a synthetic source's samples, or the oracle's
@@ -440,6 +474,7 @@ class Run:
     def all(self) -> dict:
         """Run (or resume) every stage; write metrics.json and report.md; return the metrics."""
         t0 = time.time()
+        data = self.describe_data()
         self.biased()  # every stage is read back (checked against its manifest, redone if need be), used or not
         self.mined()
         synthetic_rows = sources_of(self.methods())
@@ -450,7 +485,9 @@ class Run:
         metrics = {
             "dataset": {"name": self.ds.name, "ratio": self.cfg.ratio, "train": len(self.ds.train),
                         "valid": len(self.ds.valid), "test": len(self.ds.test), "num_classes": self.ds.num_classes,
-                        "image_shape": list(self.ds.image_shape)},
+                        "image_shape": list(self.ds.image_shape),
+                        **({k: data[k] for k in ("classes", "layout", "attributes", "notes")} if self.ds.own_data
+                           else {})},
             "seed": self.cfg.seed,
             "mining": read_json(self.dir / "biased" / "mining.json")["quality"],
             "injection": {m: read_json(self.dir / SYNTHETIC_ROWS[m][1] / "injection.json")
@@ -462,5 +499,9 @@ class Run:
             "stage_seconds": self.stage_seconds(synthetic_rows),
             "repairs": self.repairs,
         }
+        if self.ds.own_data:  # the shortcut-taker itself, for the rows to be read against
+            ds = self.ds
+            metrics["biased_classifier"] = own_data_metrics(self.biased_test_predictions, ds.test.labels,
+                                                            ds.test.bias, ds.num_classes, self.aligned_of)
         write_report(self.dir, metrics, self.cfg)
         return metrics

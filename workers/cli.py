@@ -26,6 +26,7 @@ from diffinject.core.data import DataError, load_dataset, pct_name
 from diffinject.core.diffusion import DiffusionConfig, train_diffusion
 from diffinject.core.hspace import SettingError
 from diffinject.core.lock import lock_folder
+from diffinject.core.report import table_columns
 from diffinject.core.run import Run, StageIncomplete
 from .flags import RUN_FLAGS, add_run_flags, at_least, flag_of, flag_overrides, seed_value
 
@@ -85,7 +86,8 @@ def _overrides(args) -> dict:
 def cmd_run(args) -> int:
     _threads(args.threads)
     cfg = make_config(args.preset, _overrides(args))
-    out = _out_folder(args.out or f"runs/{cfg.dataset}-{pct_name(cfg.ratio)}-seed{cfg.seed}-{args.preset}")
+    name = cfg.dataset if cfg.data is not None else f"{cfg.dataset}-{pct_name(cfg.ratio)}"
+    out = _out_folder(args.out or f"runs/{name}-seed{cfg.seed}-{args.preset}")
     generate = args.make_generator(args) if getattr(args, "make_generator", None) else None
     max_seconds = 60 * args.max_minutes if args.max_minutes else None
     run = Run(out, cfg, device=args.device, progress=not args.no_progress, generate=generate,
@@ -95,11 +97,14 @@ def cmd_run(args) -> int:
     except StageIncomplete as e:
         print(f"diffinject: stopped: {e}", file=sys.stderr)
         return 3
-    width = max(len(m) for m in metrics["methods"])
-    print(f"\n{'method':<{width}}  unbiased  aligned  conflicting  worst-group")
-    for name, m in metrics["methods"].items():
-        print(f"{name:<{width}}  {m['unbiased']:8.2f}  {m['aligned']:7.2f}  {m['conflicting']:11.2f}  "
-              f"{m['worst_group']:11.2f}")
+    columns = [c for c in table_columns(metrics) if c != "valid"]
+    rows = {**({"biased (miner)": metrics["biased_classifier"]} if "biased_classifier" in metrics else {}),
+            **metrics["methods"]}
+    width = max(map(len, rows))
+    print(f"\n{'method':<{width}}  " + "  ".join(c.replace("_", "-") for c in columns))
+    for name, m in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{'' if m.get(c) is None else f'{m[c]:.2f}':>{len(c)}}"
+                                               for c in columns))
     for name, src in metrics["unet_sources"].items():
         print(f"{name}: U-Net {src['origin']}")
     print(f"\nrun folder: {out}  (report.md, metrics.json)")
@@ -113,6 +118,7 @@ images' style, and the classifiers trained with them are compared with the usual
 MAIN_EXAMPLES = """examples:
   diffinject run                                  # the everyday run on the embedded Colored MNIST
   diffinject run --dataset corrupted_mnist --ratio 0.5
+  diffinject run --data path/to/images                # your own images: train/<class>/*, optional val/, test/
   diffinject export runs/cmnist-1pct-seed0-default --to synthetic/
 
 'diffinject COMMAND --help' shows each command's options."""

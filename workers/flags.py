@@ -24,6 +24,12 @@ class Flag:
 
 DATASETS = "cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats"
 RUN_FLAGS: dict[str, Flag] = {
+    "data": Flag("data", "your own images: a folder (train/<class>/..., optional val/ and test/; or Hugging Face "
+                         "imagefolder) or a CSV manifest file,label[,split][,attribute]"),
+    "attributes": Flag("attributes", "with --data: a CSV file,attribute of bias attributes, for evaluation only"),
+    "skip_unreadable": Flag("skip_unreadable", "with --data: skip (and count) images that cannot be read, instead of "
+                                               "refusing them", bool),
+    "valid_share": Flag("valid_share", "with --data and no val/ split: the share of train carved into one", float),
     "dataset": Flag("dataset", DATASETS),
     "data_root": Flag("data_root", "folder holding the released benchmark copies"),
     "ratio": Flag("ratio", "percent of bias-conflicting training samples: 0.5, 1, 2 or 5", float),
@@ -32,7 +38,7 @@ RUN_FLAGS: dict[str, Flag] = {
                          "this embedded dataset and ratio, else one trained here)"),
     "seed": Flag("seed", "every stage's randomness", int),
     "data_seed": Flag("data_seed", "the embedded data's draw", int),
-    "image_size": Flag("image_size", "folder datasets: resize images on load", int),
+    "image_size": Flag("image_size", "resize images on load (--data, --data-root); --data's default: 32", int),
     "k": Flag("mining.k", "mined samples per class", int),
     "misclassified_only": Flag("mining.misclassified_only", "of the top K, keep those the biased model gets wrong",
                                bool),
