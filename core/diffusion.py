@@ -152,6 +152,9 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+ESTIMATE_AFTER = 5  # timed steps before train_diffusion prints its estimate of the time to go
+
+
 @dataclass
 class TrainResult:
     unet: UNet2DModel  # the EMA model
@@ -233,6 +236,7 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     unet.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="diffusion", disable=not progress, dynamic_ncols=True)
     t0, started = time.time() - seconds, time.time()
+    first, warm = step, time.time()
     while step < cfg.steps and (max_seconds is None or time.time() - started < max_seconds):
         g = _step_generator(seed, step)
         idx = draw_batch(len(images), cfg, g, sample_weights)
@@ -252,6 +256,13 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         seconds = time.time() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if progress and step - first == ESTIMATE_AFTER + 1 and step < cfg.steps:  # the first step warms up: not timed
+            per_step = (time.time() - warm) / ESTIMATE_AFTER
+            tqdm.write(f"diffusion: about {per_step * (cfg.steps - step) / 60:.1f} min to go for {cfg.steps} steps "
+                       f"on {device} ({per_step:.2f} s a step, from the first {ESTIMATE_AFTER}); --max-minutes "
+                       "time-boxes it, and rerunning resumes")
+        if step - first == 1:
+            warm = time.time()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
     if step % cfg.checkpoint_every and step < cfg.steps:  # stopped by the time budget between checkpoints

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .artifacts import CorruptFile, check
+from .artifacts import CorruptFile, check, read_json
 from .diffusion import weights_id
 from .injection import InjectionConfig, Synthetic
 from .lock import lock_folder
@@ -45,24 +45,25 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_entries(labels, content, style, pngs, made: dict):
+def synthetic_entries(labels, content, style, pngs, made: dict, classes: list[str] | None = None):
     """``(path, png bytes, manifest row)`` of synthetic samples whose PNGs are encoded already (``made``:
-    :func:`made_by`)."""
+    :func:`made_by`); labels as ``classes`` names them (default: their numbers)."""
     for i, (label, c, s, png) in enumerate(zip(labels, content, style, pngs)):
-        path = f"{int(label)}/synthetic-{i:06d}.png"
-        yield path, png, {"file": path, "label": int(label), "kind": "synthetic", "content": int(c), "style": int(s),
-                          **made}
+        name = classes[int(label)] if classes else int(label)
+        path = f"{name}/synthetic-{i:06d}.png"
+        yield path, png, {"file": path, "label": name, "kind": "synthetic", "content": int(c), "style": int(s), **made}
 
 
-def entries(syn: Synthetic, made: dict, real: tuple[torch.Tensor, torch.Tensor] | None = None):
+def entries(syn: Synthetic, made: dict, real: tuple[torch.Tensor, torch.Tensor] | None = None,
+            classes: list[str] | None = None):
     """``(path, png bytes, manifest row)`` of every image: the synthetic samples, then the real images if given."""
-    yield from synthetic_entries(syn.labels, syn.content, syn.style, map(png_bytes, syn.images), made)
+    yield from synthetic_entries(syn.labels, syn.content, syn.style, map(png_bytes, syn.images), made, classes)
     if real is not None:
         images, labels = real
         for i in range(len(labels)):
-            label = int(labels[i])
-            path = f"{label}/real-{i:06d}.png"
-            yield path, png_bytes(images[i]), {"file": path, "label": label, "kind": "real", "content": i}
+            name = classes[int(labels[i])] if classes else int(labels[i])
+            path = f"{name}/real-{i:06d}.png"
+            yield path, png_bytes(images[i]), {"file": path, "label": name, "kind": "real", "content": i}
 
 
 def manifest_csv(rows: list[dict]) -> str:
@@ -115,17 +116,20 @@ def export_run(run_dir: str | Path, to: str | Path, with_real: bool = False, sou
     made = made_by(cfg.injection, cfg.seed, weights_id(run_dir / unet))
     real = None
     if with_real:
-        from .data import load_dataset
+        from .config import dataset_for
 
-        ds = load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
+        ds = dataset_for(cfg)
         real = (ds.train.images, ds.train.labels)  # task labels only: the bias labels stay behind
+    # your own data's class names (data.json), so that the export reads back in as the same classes
+    data = run_dir / "data.json"
+    classes = read_json(data)["classes"] if cfg.data is not None and check(run_dir, "data").done else None
     syn = Synthetic.load(samples)
     rows = []
     tmp = to.with_name(to.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export left
-    for path, data, row in entries(syn, made, real):
+    for path, png, row in entries(syn, made, real, classes):
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / path).write_bytes(data)
+        (tmp / path).write_bytes(png)
         rows.append(row)
     (tmp / "manifest.csv").write_text(manifest_csv(rows))
     if to.exists():

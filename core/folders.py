@@ -61,7 +61,7 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _walk(folder: Path) -> list[Path]:
+def walk_images(folder: Path) -> list[Path]:
     """Every image file below ``folder``, following symbolic links, hidden folders skipped, sorted."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -102,7 +102,7 @@ def _class_entries(folder: Path, split: str | None) -> list[Entry]:
     """``folder/<class>/**/image`` as entries; a class folder without images is refused by name."""
     entries = []
     for cls in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        files = _walk(cls)
+        files = walk_images(cls)
         if not files:
             raise DataError(f"class folder {cls} has no images ({', '.join(IMAGE_SUFFIXES)})")
         entries += [Entry(f, cls.name, split) for f in files]
@@ -146,7 +146,7 @@ def _huggingface(path: Path) -> list[Entry]:
         entries = _imagefolder(path)
     except DataError:  # no class folders: every image's class must come from its metadata row
         entries = [Entry(f, "", next((s for s in SPLIT_NAMES if f.relative_to(path).parts[0] in SPLIT_NAMES[s]),
-                                     "train")) for f in _walk(path)]
+                                     "train")) for f in walk_images(path)]
     for e in entries:
         row = by_file.get(e.path.resolve(), {})
         e.label = row.get("label") or e.label

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from diffinject.core.classifier import load_classifier
-from diffinject.core.data import ImageSet, load_dataset
+from diffinject.core.data import ImageSet
 from diffinject.core.mining import mine
-from diffinject.core.config import validate
+from diffinject.core.config import dataset_for, validate
 from diffinject.workers.prepare import ServedDataset, missing, served_datasets
 
 
@@ -32,7 +32,7 @@ class DatasetRegistry:
         self._num_classes: dict[str, int] = {}
         for name, record in self.records.items():
             cfg = record.config
-            ds = load_dataset(cfg.dataset, cfg.ratio, cfg.data_root, cfg.data_seed, cfg.image_size)
+            ds = dataset_for(cfg)
             validate(cfg, ds)
             self._train[name], self._num_classes[name] = ds.train, ds.num_classes
         self._biased: dict[str, torch.nn.Module] = {}

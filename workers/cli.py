@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import os
 import re
 import shlex
 import sys
@@ -120,6 +121,7 @@ MAIN_EXAMPLES = """examples:
   diffinject run --dataset corrupted_mnist --ratio 0.5
   diffinject run --data path/to/images                # your own images: train/<class>/*, optional val/, test/
   diffinject export runs/cmnist-1pct-seed0-default --to synthetic/
+  diffinject predict runs/images-seed0-default photo.jpg   # a run's debiased classifier on new images
 
 'diffinject COMMAND --help' shows each command's options."""
 
@@ -215,7 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--corpus", action="store_true",
                      help="the diffinject-corpus row's images instead of the label-free ones")
     exp.set_defaults(func=cmd_export)
+    pred = _command(sub, "predict", "name the classes of images with a run's debiased classifier",
+                    "Print each image's class as a finished run's classifier sees it (default: the label-free "
+                    "DiffInject row), one 'IMAGE<TAB>CLASS' line per image. Images are read as the run read its "
+                    "data: resized and centre-cropped to its size.",
+                    "diffinject predict runs/pets-seed0-default photos/*.jpg")
+    pred.add_argument("run_dir", help="a finished run folder")
+    pred.add_argument("images", nargs="+", help="image files, or folders of them")
+    pred.add_argument("--method", default=None, help="which row's classifier (default: diffinject)")
+    pred.set_defaults(func=cmd_predict)
     return p
+
+
+def cmd_predict(args) -> int:
+    from diffinject.core.predict import image_files, load_classifier
+
+    classifier, files = load_classifier(args.run_dir, args.method), image_files(args.images)
+    for start in range(0, len(files), 256):
+        batch = files[start : start + 256]
+        for path, name in zip(batch, classifier.predict(batch)):
+            print(f"{path}\t{name}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -291,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -38,7 +38,8 @@ class ServedDataset:
 
 
 def check_relative(value: str, what: str) -> None:
-    """Settings that name files (a dataset's ``data_root``, its ``unet``) must stay under the service's folders:
+    """Settings that name files (a dataset's ``data``, ``attributes``, ``data_root``, its ``unet``) must stay under
+    the service's folders:
     an absolute path or a ``..`` is refused, whatever it resolves to."""
     path = PurePosixPath(str(value).replace("\\", "/"))
     if path.is_absolute() or Path(str(value)).is_absolute() or ".." in path.parts:
@@ -48,8 +49,9 @@ def check_relative(value: str, what: str) -> None:
 def served_datasets(datasets: dict, root: str = "runs/serve", data_root: str = ".") -> dict[str, ServedDataset]:
     """The record of every registered dataset (``name -> settings``), its run folder ``root/name``.
 
-    A dataset's file settings (``data_root``, ``unet``) must be relative without ``..``; folder datasets resolve
-    inside ``data_root``. Reads and writes no file."""
+    A dataset's file settings (``data``, ``attributes``, ``data_root``, ``unet``) must be relative without ``..``;
+    data (your own images in any layout core.folders reads, or a released benchmark) resolves inside ``data_root``.
+    Reads and writes no file."""
     if not datasets:
         raise ValueError("the service needs at least one registered dataset (args.datasets)")
     base = Path(data_root).resolve()
@@ -57,11 +59,12 @@ def served_datasets(datasets: dict, root: str = "runs/serve", data_root: str = "
     for name, spec in datasets.items():
         spec = dict(spec or {})
         cfg = make_config(spec.pop("preset", "default"), spec)
-        for key in ("data_root", "unet"):
+        for key in ("data", "attributes", "data_root", "unet"):
             if getattr(cfg, key) not in (None, SHIPPED):
                 check_relative(getattr(cfg, key), f"dataset {name!r}: {key}")
-        if cfg.data_root is not None:
-            cfg.data_root = str((base / cfg.data_root).resolve())
+        for key in ("data", "attributes", "data_root"):
+            if getattr(cfg, key) is not None:
+                setattr(cfg, key, str((base / getattr(cfg, key)).resolve()))
         records[name] = ServedDataset(name, Path(root) / name, cfg)
     return records
 
