@@ -80,11 +80,17 @@ class _Block(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 (torchvision's layout, written out because torchvision does not import beside our torch)."""
+    """ResNet-18 (torchvision's layout, written out because torchvision does not import beside our torch). Up to
+    32 px its stem is the CIFAR one (a 3x3 convolution, no downsampling); above, torchvision's (7x7 stride 2 and a
+    max pool), so that a 128 px image costs what a 32 px one does after the stem."""
 
-    def __init__(self, channels: int, num_classes: int):
+    def __init__(self, channels: int, num_classes: int, image_size: int = 32):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        if image_size <= 32:
+            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
@@ -109,7 +115,7 @@ def build_classifier(cfg: ClassifierConfig, image_shape: tuple[int, int, int], n
     if arch == "cnn":
         return SmallCNN(c, num_classes)
     if arch == "resnet18":
-        return ResNet18(c, num_classes)
+        return ResNet18(c, num_classes, h)
     raise AssertionError(arch)  # ClassifierConfig checked the name
 
 

@@ -144,3 +144,14 @@ def test_attributes_are_for_evaluation_only(shapes, tmp_path):
     assert {"precision", "recall", "true_conflicts"} <= set(true["mining"]) and true["mining"]["true_conflicts"] == 4
     assert true["methods"] != read(other)["methods"] or true["mining"] != read(other)["mining"]
     assert "were read for these columns only" in (one / "report.md").read_text()
+
+
+def test_the_service_registers_your_own_data_by_relative_path(shapes):
+    from diffinject.workers.prepare import served_datasets
+
+    root, _ = shapes
+    record = served_datasets({"pets": {"data": root.name}}, "runs/serve", str(root.parent))["pets"]
+    assert record.config.data == str(root.resolve()) and record.config.dataset == "shapes"
+    for bad in (str(root), "../shapes"):
+        with pytest.raises(ValueError, match="data .* must be a relative path without '..'"):
+            served_datasets({"pets": {"data": bad}}, "runs/serve", str(root.parent))
