@@ -84,6 +84,10 @@ def find_layout(path: str | Path) -> str:
         raise DataError(f"--data {path} is a file but not a CSV manifest (file,label[,split][,attribute])")
     if not path.is_dir():
         raise DataError(f"--data {path} does not exist")
+    released = sorted(p for p in path.glob("*pct") if (p / "align").is_dir())
+    if released:  # bias labels in every file name: the benchmark loader reads those, for evaluation only
+        raise DataError(f"--data {path} is a released benchmark copy ({released[0].name}/align/...): run it with "
+                        f"--dataset {path.name} --data-root {path.parent} --ratio R")
     folders = [path] + [f for s in SPLIT_NAMES for f in [_split_folder(path, s)] if f is not None]
     if any((f / m).is_file() for f in folders for m in METADATA):
         return "huggingface"

@@ -196,6 +196,12 @@ def test_a_bad_manifest_is_refused_naming_the_line(rows, words, tmp_path):
         load_folder(root / "m.csv", image_size=8, progress=False)
 
 
+def test_a_released_benchmark_copy_is_pointed_to_its_own_flags(tmp_path):
+    (tmp_path / "cifar10c" / "1pct" / "align").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"--dataset cifar10c --data-root {tmp_path} --ratio R"):
+        find_layout(tmp_path / "cifar10c")
+
+
 def test_the_layout_is_found(tmp_path):
     assert find_layout(write_folder(tmp_path / "a", n=1)) == "imagefolder"
     (tmp_path / "a" / "metadata.csv").write_text("file_name\n")
