@@ -46,14 +46,13 @@ def main() -> None:
                 continue
             folder = write_folder(cache / f"fashion-tag-{count}-{size}px-1pct", count, max(100, count // 6), size, 1.0)
             out = cache / "runs" / f"memory-{key}"
-            code, seconds, rss = run_measured([sys.executable, "-m", "diffinject.workers.cli", "run", "--data",
+            code, _, rss = run_measured([sys.executable, "-m", "diffinject.workers.cli", "run", "--data",
                                                str(folder), "--image-size", str(size), "--config", str(config),
                                                "--out", str(out), "--threads", str(args.threads), "--no-progress"])
             if code != 0:
                 sys.exit(f"own_data_memory.py: {key} exited {code}")
             data_mb = count * 3 * size * size / 2**20 * 7 / 6  # the uint8 images, test split included
-            cells[key] = {"images": count, "size": size, "peak_rss_mb": round(rss), "images_mb": round(data_mb),
-                          "seconds": round(seconds, 1)}
+            cells[key] = {"images": count, "size": size, "peak_rss_mb": round(rss), "images_mb": round(data_mb)}
             results.write_text(json.dumps({"command": "python benchmarks/own_data_memory.py --tag " + args.tag,
                                            "cpu": device_name("cpu").removeprefix("CPU "), "settings": BRIEF,
                                            "cells": cells}, indent=1) + "\n")
@@ -62,8 +61,8 @@ def main() -> None:
              f"`python benchmarks/own_data_memory.py --tag {args.tag}` on {device_name('cpu').removeprefix('CPU ')}: "
              "every stage at its full batch size (one epoch per classifier, two U-Net steps, 16 synthetic "
              "samples), the peak RSS of the run's process.", "",
-             "| training images | size | the images (uint8) | peak RSS | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {c['images']:,} | {c['size']} px | {c['images_mb']:,} MB | {c['peak_rss_mb']:,} MB | {c['seconds']} |"
+             "| training images | size | the images (uint8) | peak RSS |", "|---|---|---|---|"]
+    lines += [f"| {c['images']:,} | {c['size']} px | {c['images_mb']:,} MB | {c['peak_rss_mb']:,} MB |"
               for c in sorted(cells.values(), key=lambda c: (c["size"], c["images"]))]
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

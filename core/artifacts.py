@@ -223,14 +223,6 @@ def check(folder: str | Path, stage: str) -> Check:
     return Check(True, tuple(problems))
 
 
-def listed_files(folder: str | Path, stage: str) -> list[str]:
-    """The files a stage's manifest lists (relative to ``folder``); empty when it has none or it is unreadable."""
-    try:
-        return list(read_json(manifest_path(folder, stage))["files"])
-    except (OSError, CorruptFile, KeyError, TypeError):
-        return []
-
-
 def folder_files(folder: str | Path, sub: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Every file under ``folder/sub`` but those named in ``skip``, relative to ``folder``, sorted: a stage's
     files when the stage owns its folder (a U-Net's)."""
@@ -240,4 +232,4 @@ def folder_files(folder: str | Path, sub: str, skip: tuple[str, ...] = ()) -> li
 
 __all__ = ["CorruptFile", "write_atomic", "save_bytes", "save_text", "save_json", "save_torch", "save_image",
            "save_figure", "save_folder", "load_torch", "read_checkpoint", "read_json", "seal", "unseal", "check", "Check",
-           "listed_files", "folder_files", "MANIFESTS"]
+           "folder_files", "MANIFESTS"]

@@ -44,8 +44,11 @@ def url(ray_cluster, quick_run, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name in COPIES:  # prepared run folders: U-Net and biased classifier made beforehand
         shutil.copytree(quick_run.dir, quick_run.dir.parent / name, dirs_exist_ok=True)
-    for part in ("unet", "biased"):  # its own run folder (another config), with the same models
-        shutil.copytree(quick_run.dir / part, quick_run.dir.parent / GAMMA_03 / part, dirs_exist_ok=True)
+    gamma_dir = quick_run.dir.parent / GAMMA_03
+    (gamma_dir / "manifests").mkdir(parents=True, exist_ok=True)
+    for part in ("unet", "biased"):  # its own run folder (another config), with the same models and their manifests
+        shutil.copytree(quick_run.dir / part, gamma_dir / part, dirs_exist_ok=True)
+        shutil.copy(quick_run.dir / "manifests" / f"{part}.json", gamma_dir / "manifests" / f"{part}.json")
     datasets = {n: {"preset": "quick"} for n in (quick_run.dir.name, *COPIES)}
     datasets[GAMMA_03] = {"preset": "quick", "injection": {"gamma": 0.3}}
     # as deploy/serve.yaml sets them: Serve's default max_ongoing_requests (5) would cap batches and the queue
