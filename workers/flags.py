@@ -22,7 +22,9 @@ class Flag:
     choices: tuple | None = None
 
 
-DATASETS = "cmnist or corrupted_mnist (embedded), or with --data-root: cmnist, cifar10c, bffhq, dogs_and_cats"
+DATASETS = ("cmnist or corrupted_mnist (embedded); colored_fmnist (Fashion-MNIST's 70,000 photographs coloured, "
+            "from the IDX files in --data-root, $FASHION_MNIST or Debian's dataset-fashion-mnist); or with "
+            "--data-root: cmnist, cifar10c, bffhq, dogs_and_cats")
 RUN_FLAGS: dict[str, Flag] = {
     "data": Flag("data", "your own images: a folder (train/<class>/..., optional val/ and test/; or Hugging Face "
                          "imagefolder) or a CSV manifest file,label[,split][,attribute]"),
