@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,8 +32,9 @@ import torch
 from diffinject.core.data import pct_name
 from diffinject.core.diagnostics import REPORT_KEYS
 from diffinject.core.config import METHODS, make_config, merge, read_settings, synthetic_source
-from diffinject.core.run import Run, TRAINED_HERE, trained_by
+from diffinject.core.run import TRAINED_HERE, trained_by
 from diffinject.core.report import METRIC_COLUMNS, NAMES, bias_knowledge_phrase
+from diffinject.workers.table import run_cell, run_cells
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,45 +50,46 @@ def command_line() -> str:
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    """``--config``, ``--threads`` and ``--jobs``: the settings of every run, and the options of :func:`run_jobs`."""
+    """``--config``, ``--threads``, ``--jobs`` and ``--gpus``: the settings of every run, and the options of
+    :func:`run_jobs`."""
     p.add_argument("--config", default=None, help="YAML file of settings for every run (as `diffinject run --config`)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (per job)")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
+    p.add_argument("--threads", type=int, default=None, help="CPUs (torch threads) per cell (default: the cores "
+                                                             "shared among --jobs)")
+    p.add_argument("--jobs", type=int, default=1, help="cells side by side on a local Ray session (on a cluster, "
+                                                       "under `ray job submit`, its resources decide)")
+    p.add_argument("--gpus", type=float, default=0, help="GPUs per cell (where the cluster has them)")
 
 
-def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None) -> list:
-    """``fn(*job)`` for every job, in order; with ``n_jobs`` > 1 side by side in worker processes, each with its
-    share of the cores (or ``threads``) as torch threads, else here with ``threads`` if given."""
-    if n_jobs <= 1:
-        if threads:
-            torch.set_num_threads(threads)
-        return [fn(*job) for job in jobs]
-    threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
-    with ProcessPoolExecutor(n_jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
+def run_jobs(fn, jobs: list[tuple], n_jobs: int = 1, threads: int | None = None, gpus: float = 0,
+             describe=str) -> list:
+    """``fn(*job)`` for every job, each a Ray task (:func:`diffinject.workers.table.run_cells`): ``n_jobs`` side
+    by side, each with ``threads`` CPUs (default: its share of the cores) and ``gpus`` GPUs."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    return run_cells(fn, jobs, cpus=threads, gpus=gpus, cells=n_jobs, describe=describe)
 
 
 PER_RATIO = "per-ratio"  # --unet value: train once per ratio in the seed-0 run, reuse it for the other seeds
 
 
 def cell_folder(runs: str, preset: str, ratio: float, seed: int) -> Path:
-    return Path(runs) / f"{preset}-{pct_name(ratio)}-seed{seed}"
+    return Path(runs).resolve() / f"{preset}-{pct_name(ratio)}-seed{seed}"  # absolute: Ray workers read it
 
 
-def run_cell(preset: str, ratio: float, seed: int, unet: str | None, runs: str, settings: dict | None = None) -> dict:
+def cell_job(preset: str, ratio: float, seed: int, unet: str | None, runs: str, settings: dict) -> tuple:
+    """The (folder, preset, overrides) of one cell, for :func:`diffinject.workers.table.run_cell`."""
     over = {"ratio": ratio, "seed": seed}
     if unet == PER_RATIO:
         over["unet"] = None if seed == 0 else str(cell_folder(runs, preset, ratio, 0) / "unet")
     elif unet:
         over["unet"] = unet.format(pct=pct_name(ratio))
-    over = merge(settings or {}, over)
-    folder = cell_folder(runs, preset, ratio, seed)
-    print(f"== {folder}", flush=True)
-    metrics = Run(folder, make_config(preset, over), progress=False).all()
-    # the seed-0 run's own U-Net reads as the other seeds name it: by runs folder and run
+    return str(cell_folder(runs, preset, ratio, seed)), preset, merge(settings or {}, over)
+
+
+def named_sources(metrics: dict, folder: str) -> dict:
+    """The seed-0 run's own U-Net read as the other seeds name it: by runs folder and run."""
     for src in metrics["unet_sources"].values():
         if src["origin"] == TRAINED_HERE:
-            src["origin"] = trained_by(folder)
+            src["origin"] = trained_by(Path(folder))
     return metrics
 
 
@@ -143,12 +144,14 @@ def main() -> None:
     t0 = time.time()
     settings = read_settings(args.config) if args.config else {}
     settings = merge(settings, {"dataset": args.dataset} | ({"methods": args.methods.split(",")} if args.methods else {}))
-    job = lambda ratio, seed: (args.preset, ratio, seed, args.unet, args.runs, settings)  # noqa: E731
+    job = lambda ratio, seed: cell_job(args.preset, ratio, seed, args.unet, args.runs, settings)  # noqa: E731
     first = [(ratio, seed) for ratio in args.ratios for seed in args.seeds if seed == 0 or args.unet != PER_RATIO]
     rest = [(ratio, seed) for ratio in args.ratios for seed in args.seeds if (ratio, seed) not in first]
     per_run = {}
     for cells in (first, rest):  # with per-ratio U-Nets, the seed-0 runs train them before the other seeds start
-        per_run.update(zip(cells, run_jobs(run_cell, [job(*c) for c in cells], args.jobs, args.threads)))
+        jobs = [job(*c) for c in cells]
+        metrics = run_jobs(run_cell, jobs, args.jobs, args.threads, args.gpus, describe=lambda j: Path(j[0]).name)
+        per_run.update(zip(cells, (named_sources(m, j[0]) for m, j in zip(metrics, jobs))))
     wall = time.time() - t0
     table, unet_sources = summarise(per_run, args.ratios, args.seeds)
 

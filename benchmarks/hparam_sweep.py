@@ -59,8 +59,10 @@ def main() -> None:
     get(args.method, {k: v[0] for k, v in grid.items()})  # unknown names: one-line error before any training
     settings = merge(read_settings(args.config) if args.config else {}, {"dataset": args.dataset})
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    jobs = [(args.method, pt, r, s, args.runs, settings) for pt in points for r in args.ratios for s in args.seeds]
-    results = run_jobs(run_point, jobs, args.jobs, args.threads)
+    runs = str(Path(args.runs).resolve())  # Ray workers read it
+    jobs = [(args.method, pt, r, s, runs, settings) for pt in points for r in args.ratios for s in args.seeds]
+    results = run_jobs(run_point, jobs, args.jobs, args.threads, args.gpus,
+                       describe=lambda j: f"{j[1] or 'defaults'} {j[2]:g} % seed {j[3]}")
     n = len(args.ratios) * len(args.seeds)
     per_point = [results[i * n:(i + 1) * n] for i in range(len(points))]  # each point's runs, ratios x seeds
     rows = [{"params": pt, **{c: round(statistics.fmean(r[c] for r in got), 2)

@@ -57,9 +57,11 @@ def main() -> None:
     t0 = time.time()
     points = [(s, seed) for s in args.steps for seed in args.seeds]
     settings = read_settings(args.config) if args.config else {}
-    jobs = [(s, seed, args.ratio, args.big_budget if s >= args.big_steps else args.samples, args.runs, settings)
+    runs = str(Path(args.runs).resolve())  # Ray workers read it
+    jobs = [(s, seed, args.ratio, args.big_budget if s >= args.big_steps else args.samples, runs, settings)
             for s, seed in points]
-    results = dict(zip(points, run_jobs(run_point, jobs, args.jobs, args.threads)))
+    results = dict(zip(points, run_jobs(run_point, jobs, args.jobs, args.threads, args.gpus,
+                                        describe=lambda j: f"{j[0]} steps seed {j[1]}")))
 
     rows = []
     for s in args.steps:

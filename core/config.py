@@ -109,7 +109,7 @@ SIZE_DEFAULTS: dict[int, dict] = {
                        "down_block_types": ["DownBlock2D"] * 3 + ["AttnDownBlock2D"] * 2,
                        "up_block_types": ["AttnUpBlock2D"] * 2 + ["UpBlock2D"] * 3}},
     128: {"classifier": {"arch": "resnet18"}, "mining": {"classifier": {"arch": "resnet18"}},
-          "diffusion": {"block_out_channels": [32, 64, 64, 128, 128, 256],
+          "diffusion": {"micro_batch": 16, "block_out_channels": [32, 64, 64, 128, 128, 256],
                         "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D"] * 2,
                         "up_block_types": ["AttnUpBlock2D"] * 2 + ["UpBlock2D"] * 4}},
 }
@@ -164,7 +164,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "valid_share": (0.01, 0.5),
     "mining.k": (1, 10**6), "mining.min_loss": (0.0, 1e3), "mining.loss_weight_cap": (0.0, 1e6),
     "diffusion.image_size": (8, 1024), "diffusion.steps": (1, 10**9), "diffusion.batch_size": (1, 65_536),
-    "diffusion.checkpoint_every": (1, 10**9), "diffusion.lr": (1e-12, 1.0), "diffusion.ema_decay": (0.0, 1.0),
+    "diffusion.checkpoint_every": (1, 10**9), "diffusion.micro_batch": (1, 65_536), "diffusion.lr": (1e-12, 1.0), "diffusion.ema_decay": (0.0, 1.0),
     "diffusion.hard_share": (0.0, 1.0), "diffusion.num_train_timesteps": (2, 100_000),
     "diffusion.layers_per_block": (1, 16), "diffusion.norm_num_groups": (1, 1024),
     "diffusion.attention_head_dim": (1, 1024), "diffusion.beta_start": (1e-12, 1.0), "diffusion.beta_end": (1e-12, 1.0),

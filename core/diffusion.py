@@ -50,6 +50,9 @@ class DiffusionConfig:
     ema_decay: float = 0.999  # reference checkpoints: 0.9999, which needs far more steps than CPU runs take
     lr: float = 2e-4
     batch_size: int = 64
+    # None: the batch goes through the U-Net whole; N: in chunks of N images whose gradients add up to the batch's,
+    # the same step in a fraction of the memory (GroupNorm is per image); 128 px images need it (core.config)
+    micro_batch: int | None = None
     steps: int = 2000
     checkpoint_every: int = 250
     hard_share: float = 0.0  # share of each batch drawn by sample weight (the biased model's difficulty); 0: uniform
@@ -218,7 +221,8 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
     step, losses, seconds = 0, [], 0.0
     ckpt = read_checkpoint(ckpt_path, device, weights_only=False)  # {}: none, or unreadable (then said)
     if ckpt:
-        saved = {"hard_share": 0.0} | ckpt["config"]  # checkpoints from before hard_share trained uniformly
+        # checkpoints from before hard_share trained uniformly; the steps to reach and the chunking may change
+        saved = {"hard_share": 0.0} | ckpt["config"] | {"micro_batch": cfg.micro_batch}
         if saved != asdict(cfg) | {"steps": saved["steps"]} or ckpt.get("seed", 0) != seed:
             raise ValueError(f"{ckpt_path} was written by another diffusion config; use another output folder")
         if ckpt.get("data_id", data_id) != data_id:
@@ -242,16 +246,19 @@ def train_diffusion(images: torch.Tensor, cfg: DiffusionConfig, out_dir: str | P
         idx = draw_batch(len(images), cfg, g, sample_weights)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
         noise = torch.randn((cfg.batch_size, channels, size, size), generator=g)
-        x0, t, noise = to_model_space(images[idx], size).to(device), t.to(device), noise.to(device)
-        xt = sched.add_noise(x0, noise, t)
-        pred = unet(xt, t).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * weights[t]).mean()
+        t, noise = t.to(device), noise.to(device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in torch.arange(cfg.batch_size).split(cfg.micro_batch or cfg.batch_size):
+            x0 = to_model_space(images[idx[part]], size).to(device)
+            pred = unet(sched.add_noise(x0, noise[part], t[part]), t[part]).sample
+            per_sample = (pred - noise[part]).pow(2).mean(dim=(1, 2, 3))
+            part_loss = (per_sample * weights[t[part]]).mean() * (len(part) / cfg.batch_size)  # x 1.0 when whole
+            part_loss.backward()
+            loss += part_loss.item()
         opt.step()
         ema.step(unet.parameters())
-        losses.append(loss.item())
+        losses.append(loss)
         step += 1
         seconds = time.time() - t0
         bar.update(1)

@@ -38,3 +38,11 @@ def lock_folder(folder: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[folder] = fd
+
+
+def release_folder(folder: str | Path) -> None:
+    """Give ``folder``'s lock back, if this process holds it: a long-lived process (a Ray worker running one run
+    after another) lets other processes open the folder once its run is over."""
+    fd = _HELD.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)

@@ -47,6 +47,19 @@ def test_resume_is_exact(images, straight, tmp_path):
     assert any(not torch.equal(v, first.unet.state_dict()[k]) for k, v in a.items())
 
 
+def test_micro_batches_take_the_same_steps(images, straight, tmp_path):
+    """Chunks of 1 image (memory for big images) add up to the whole batch's gradient: the same losses and
+    weights up to float summation order; a folder trained whole resumes in chunks."""
+    _, full = straight
+    chunked = train_diffusion(images, tiny(micro_batch=1), tmp_path / "chunked", seed=1, progress=False)
+    assert chunked.losses == pytest.approx(full.losses, rel=1e-5)
+    a, b = _state(full.unet), _state(chunked.unet)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    train_diffusion(images, tiny(steps=3), tmp_path / "mixed", seed=1, progress=False)
+    mixed = train_diffusion(images, tiny(micro_batch=2), tmp_path / "mixed", seed=1, progress=False)
+    assert mixed.steps == 6 and mixed.losses == pytest.approx(full.losses, rel=1e-5)
+
+
 def test_a_different_seed_trains_differently(images, straight, tmp_path):
     _, full = straight
     other = train_diffusion(images, tiny(steps=2), tmp_path, seed=2, progress=False)
