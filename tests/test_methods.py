@@ -9,6 +9,7 @@ import torch.nn as nn
 from diffinject.core import methods as registry
 from diffinject.core.classifier import ClassifierConfig, build_classifier
 from diffinject.core.methods.base import LossEMA, cap_extra_weight, relative_difficulty
+from diffinject.core.methods.denetdm import DeNetDMParams, TwoBranch, branches, distillation_loss
 from diffinject.core.methods.disent import DisEntClassifier, swap_features
 from diffinject.core.methods.jtt import error_set, upsampled_order
 
@@ -103,6 +104,54 @@ def test_disent_predicts_from_both_encoders(arch):
     # the registry builds the same module to load a saved model into
     again = registry.get("disent").build(cfg, (3, 28, 28), 10)
     again.load_state_dict(model.state_dict())
+
+
+def test_denetdm_experts_are_a_product_of_the_branches_predictions():
+    """head(first + second) puts its probability where both branches do: softmax(z_1 + z_2 + b) is the normalised
+    product of softmax(z_1 + b) (the first branch's prediction) and softmax(z_2) (the head on the second alone)."""
+    torch.manual_seed(0)
+    model = TwoBranch(nn.Linear(6, 5), nn.Linear(6, 5), 5, 3)
+    x = torch.randn(4, 6)
+    product = model(x).softmax(1) * (model.second(x) @ model.head.weight.T).softmax(1)
+    assert torch.allclose(model.experts(x).softmax(1), product / product.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_denetdm_distillation_is_t_squared_cross_entropy_of_the_softened_predictions():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    for t in (1.0, 2.0, 4.0):
+        p, q = (teacher / t).softmax(1), (student / t).softmax(1)
+        entropy, kl = -(p * p.log()).sum(1), (p * (p.log() - q.log())).sum(1)
+        assert torch.allclose(distillation_loss(student, teacher, t), t ** 2 * (entropy + kl).mean(), atol=1e-5)
+        assert torch.allclose(distillation_loss(teacher, teacher, t), t ** 2 * entropy.mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet18"])
+def test_denetdm_branches_differ_in_depth_and_share_a_width(arch):
+    shallow, deep, dim = branches(ClassifierConfig(arch=arch), (3, 28, 28), DeNetDMParams())
+    x = torch.rand(2, 3, 28, 28)
+    assert shallow(x).shape == deep(x).shape == (2, dim)
+    depth = lambda m: sum(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in m.modules())  # noqa: E731
+    assert depth(shallow) < depth(deep)
+    if arch == "mlp":  # the reference's Colored MNIST branches: 2 and 4 layers of width 100
+        assert (depth(shallow), depth(deep), dim) == (2, 4, 100)
+    with pytest.raises(ValueError, match="shallow_depth < deep_depth"):
+        registry.get("denetdm", {"shallow_depth": 4})
+
+
+def test_denetdm_keeps_the_bias_branch_frozen_in_stage_2(planted, monkeypatch):
+    """Stage 2 trains the target branch and the head, never the deep (bias) branch it starts from."""
+    from diffinject.core.methods import denetdm
+
+    seen = []
+    real = denetdm.train_loop
+    monkeypatch.setattr(denetdm, "train_loop", lambda model, *a, **k: seen.append(
+        {n: v.clone() for n, v in model.state_dict().items()}) or real(model, *a, **k))
+    out = registry.get("denetdm").fit(planted(), planted(80, seed=1), 2, ClassifierConfig(epochs=2, batch_size=32),
+                                      seed=0, progress=False)
+    before, after = seen[1], out.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("second."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("first."))
 
 
 @pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])

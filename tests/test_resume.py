@@ -80,8 +80,9 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("name", [n for n, m in registry.REGISTRY.items() if m.extra is None])
 def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(name, tmp_path, monkeypatch, planted):
-    """Killed after its 1st and again after its 3rd checkpoint (JTT: inside its ERM phase, then inside its second
-    phase), a method resumed from the file ends with the weights (and JTT's error set) of an uninterrupted run."""
+    """Killed after its 1st checkpoint and again 3 checkpoints later (JTT: inside its ERM phase, then inside its
+    second phase; DeNetDM, 5 later: inside its first stage, then inside its second), a method resumed from the file
+    ends with the weights (and JTT's error set) of an uninterrupted run."""
     from diffinject.core import classifier
 
     train, valid = planted(240, 0), planted(80, 1)
@@ -100,14 +101,14 @@ def test_every_learner_resumes_from_its_epoch_checkpoint_to_the_same_weights(nam
         return save
 
     checkpoint = tmp_path / f"{name}.ckpt.pt"
-    monkeypatch.setattr(classifier, "save_torch", save_then_die_at(1, 4))
+    monkeypatch.setattr(classifier, "save_torch", save_then_die_at(1, 6 if name == "denetdm" else 4))
     for _ in range(2):
         with pytest.raises(Killed):
             method.fit(train, valid, 2, cfg, seed=0, progress=False, checkpoint=checkpoint)
         torch.manual_seed(123)  # a resumed process starts with its own global RNG state
     resumed = method.fit(train, valid, 2, cfg, seed=0, progress=False, checkpoint=checkpoint)
     # every epoch checkpointed once: no epoch ran twice
-    assert len(saves) == cfg.epochs + (2 if name == "jtt" else 0)
+    assert len(saves) == cfg.epochs + {"jtt": 2, "denetdm": cfg.epochs}.get(name, 0)
     a, b = plain.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.info == plain.info

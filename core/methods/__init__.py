@@ -9,7 +9,9 @@ with its class, and one line below.
 from __future__ import annotations
 
 from .base import LossEMA, Method, Trained, relative_difficulty
-from .diffinject import DiffInject, DiffInjectCorpus, DisEntDiffInject, JTTDiffInject, LfFDiffInject
+from .denetdm import DeNetDM
+from .diffinject import (DeNetDMDiffInject, DiffInject, DiffInjectCorpus, DisEntDiffInject, JTTDiffInject,
+                         LfFDiffInject)
 from .disent import DisEnt
 from .jtt import JTT
 from .lff import LfF
@@ -21,10 +23,12 @@ REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     LfF,
     JTT,
     DisEnt,
+    DeNetDM,
     DiffInject,
     LfFDiffInject,
     JTTDiffInject,
     DisEntDiffInject,
+    DeNetDMDiffInject,
     DiffInjectCorpus,
     Oracle,
 )}

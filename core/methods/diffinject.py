@@ -1,8 +1,8 @@
 """DiffInject's stage 4: a learner trained on the real training split plus the synthetic bias-conflict samples.
 
 The synthetic samples are data, so they combine with any learner: ``diffinject`` is cross entropy (Vanilla) on real
-+ synthetic, the paper's row; ``lff+diffinject``, ``jtt+diffinject`` and ``disent+diffinject`` reweight the same data
-with LfF, JTT or DisEnt.
++ synthetic, the paper's row; ``lff+diffinject``, ``jtt+diffinject``, ``disent+diffinject`` and ``denetdm+diffinject``
+learn from the same data with LfF, JTT, DisEnt or DeNetDM.
 ``diffinject-corpus`` takes its samples from the U-Net pretrained on the embedded Colored MNIST's colour-balanced
 corpus, which took knowledge of the bias to build: it is reported as its own row, never as the method.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .denetdm import DeNetDM
 from .disent import DisEnt
 from .jtt import JTT
 from .lff import LfF, LfFParams
@@ -42,3 +43,7 @@ class JTTDiffInject(JTT):
 
 class DisEntDiffInject(DisEnt):
     name, label, extra = "disent+diffinject", "DisEnt + DiffInject (label-free)", "diffinject"
+
+
+class DeNetDMDiffInject(DeNetDM):
+    name, label, extra = "denetdm+diffinject", "DeNetDM + DiffInject (label-free)", "diffinject"
