@@ -72,3 +72,11 @@ def test_a_cell_whose_worker_is_killed_midway_reruns_and_resumes(ray_cluster, in
     assert not (folder / "manifests" / "unet.json").exists() or json.loads(
         (folder / "unet" / "train.json").read_text())["steps"] == SMALL["diffusion"]["steps"]
     assert results(metrics) == in_process[1.0]
+
+
+def test_a_failing_cell_is_named_in_its_line_and_raised_once_the_others_finish(ray_cluster, tmp_path, capsys):
+    jobs = [(str(tmp_path / "bad"), "no-such-preset", {}), (str(tmp_path / "bad-too"), "quick", {"seed": -1})]
+    with pytest.raises(ValueError, match="unknown preset 'no-such-preset'"):
+        run_cells(run_cell, jobs, cpus=1, cells=2, describe=lambda j: os.path.basename(j[0]))
+    lines = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("cell "))
+    assert len(lines) == 2 and all(": failed: " in line for line in lines)

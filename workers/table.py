@@ -40,8 +40,8 @@ def run_cells(fn: Callable, jobs: Sequence[tuple], cpus: int = 1, gpus: float = 
               describe: Callable[[tuple], str] = str, progress: bool = True) -> list:
     """``fn(*job)`` for every job as a Ray task of ``cpus`` CPUs (also its torch threads) and ``gpus`` GPUs; the
     results in the jobs' order. ``cells``: how many run side by side on a local session (a cluster decides by its
-    own resources). Prints one line per cell as it finishes; the first error of a cell is raised once the cells
-    still running have finished, so none of their work is lost."""
+    own resources). Prints one line per cell as it finishes; the error of the first failed job (in the jobs' order) is
+    raised once every other cell has finished, so none of their work is lost."""
     import ray
 
     from .tune import ray_session
@@ -52,21 +52,22 @@ def run_cells(fn: Callable, jobs: Sequence[tuple], cpus: int = 1, gpus: float = 
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False)(_cell)
         t0 = time.time()
         pending = {task.remote(fn, job, cpus): i for i, job in enumerate(jobs)}
-        results, first_error = {}, None
+        results, errors = {}, {}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
             try:
                 results[i] = ray.get(ref)
                 outcome = "done"
-            except ray.exceptions.RayTaskError as e:
-                first_error = first_error or e.as_instanceof_cause()
-                outcome = f"failed: {str(e.cause).splitlines()[0] if str(e.cause) else type(e.cause).__name__}"
+            except ray.exceptions.RayError as e:  # the cell's own error, or its worker lost past the retries
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                errors[i] = e.as_instanceof_cause() if cause is not e else e
+                outcome = f"failed: {(str(cause).splitlines() or [type(cause).__name__])[0]}"
             if progress:
                 print(f"cell {len(jobs) - len(pending)}/{len(jobs)} {describe(jobs[i])}: {outcome} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-        if first_error is not None:
-            raise first_error
+        if errors:
+            raise errors[min(errors)]
     return [results[i] for i in range(len(jobs))]
 
 
