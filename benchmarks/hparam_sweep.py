@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
