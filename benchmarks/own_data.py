@@ -8,8 +8,8 @@ the garment's own colour (`--shortcut colour`, as Colored MNIST colours its digi
 
 The folder (`--folder`, default under $DIFFINJECT_CACHE) holds train/<class>/*.jpg and test/<class>/*.jpg (no val/:
 the run carves one) and attributes.csv (the tag colour of every image: the bias attribute, read for evaluation
-only). The run folder resumes if the command is rerun. Writes benchmarks/results/own_data_<shortcut>_<tag>.{md,json}: the
-time of each stage, the peak RSS of the run's process, and its results table. Needs Debian's dataset-fashion-mnist
+only). The run folder resumes if the command is rerun. Writes
+benchmarks/results/own_data_<shortcut>_<tag>.{md,json}: the time of each stage, the peak RSS of the run's process, and its results table. Needs Debian's dataset-fashion-mnist
 (`apt-get install dataset-fashion-mnist`).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import os
 import subprocess
@@ -29,22 +28,11 @@ import numpy as np
 from generation import device_name  # this folder is on sys.path when run as a script
 from PIL import Image
 
+from diffinject.core.data import FASHION_CLASSES, DataError, read_fashion
+
 ROOT = Path(__file__).resolve().parent.parent
-FASHION = Path(os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 TAG_COLOURS = ((220, 20, 60), (0, 128, 128), (250, 230, 15), (0, 150, 180), (240, 125, 50), (150, 50, 200),
                (50, 200, 50), (255, 105, 180), (140, 90, 45), (210, 210, 210))
-
-
-def read_idx(name: str) -> np.ndarray:
-    path = FASHION / name
-    if not path.exists():
-        sys.exit(f"own_data.py: no {path}: apt-get install dataset-fashion-mnist (or set FASHION_MNIST to a folder "
-                 "holding train-images-idx3-ubyte.gz and its siblings)")
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def tagged(grey: np.ndarray, colour: int, size: int, shortcut: str = "tag") -> Image.Image:
@@ -66,9 +54,11 @@ def write_folder(folder: Path, n_train: int, n_test: int, size: int, conflict_pc
         return folder
     rng = np.random.default_rng(seed)
     rows = []
-    for split, images, labels, n in (("train", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", n_train),
-                                     ("test", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", n_test)):
-        x, y = read_idx(images), read_idx(labels)
+    for split, n in (("train", n_train), ("test", n_test)):
+        try:
+            x, y = read_fashion(split)  # $FASHION_MNIST, else Debian's dataset-fashion-mnist
+        except DataError as e:
+            sys.exit(f"own_data.py: {e}")
         take = np.sort(rng.permutation(len(y))[:n])
         conflict = rng.random(len(take)) < conflict_pct / 100 if split == "train" else np.ones(len(take), bool)
         for i, j in enumerate(take):
@@ -76,7 +66,7 @@ def write_folder(folder: Path, n_train: int, n_test: int, size: int, conflict_pc
             colour = int((c + rng.integers(1, 10)) % 10) if conflict[i] else c
             if split == "test":
                 colour = int(rng.integers(0, 10))
-            path = folder / split / CLASSES[c] / f"{j:05d}.jpg"
+            path = folder / split / FASHION_CLASSES[c] / f"{j:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             tagged(x[j], colour, size, shortcut).save(path, quality=95)
             rows.append({"file": str(path.relative_to(folder)), "attribute": f"{shortcut}-{colour}"})
@@ -121,7 +111,8 @@ def main() -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     command = f"python benchmarks/own_data.py --tag {args.tag}" + (f" --shortcut {args.shortcut}"
                                                                    if args.shortcut != "tag" else "")
-    result = {"command": command, "shortcut": args.shortcut, "cpu": device_name("cpu").removeprefix("CPU "), "threads": args.threads,
+    result = {"command": command, "shortcut": args.shortcut, "cpu": device_name("cpu").removeprefix("CPU "),
+              "threads": args.threads,
               "images": {"train": metrics["dataset"]["train"], "valid": metrics["dataset"]["valid"],
                          "test": metrics["dataset"]["test"], "size": args.size, "conflict_pct": args.conflict_pct},
               "wall_seconds_this_invocation": round(seconds, 1), "peak_rss_mb": round(rss),

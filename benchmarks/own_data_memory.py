@@ -47,8 +47,8 @@ def main() -> None:
             folder = write_folder(cache / f"fashion-tag-{count}-{size}px-1pct", count, max(100, count // 6), size, 1.0)
             out = cache / "runs" / f"memory-{key}"
             code, _, rss = run_measured([sys.executable, "-m", "diffinject.workers.cli", "run", "--data",
-                                               str(folder), "--image-size", str(size), "--config", str(config),
-                                               "--out", str(out), "--threads", str(args.threads), "--no-progress"])
+                                         str(folder), "--image-size", str(size), "--config", str(config),
+                                         "--out", str(out), "--threads", str(args.threads), "--no-progress"])
             if code != 0:
                 sys.exit(f"own_data_memory.py: {key} exited {code}")
             data_mb = count * 3 * size * size / 2**20 * 7 / 6  # the uint8 images, test split included

@@ -254,7 +254,10 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
 
 
-def _read_fashion(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_fashion(split: str, source: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's ``split`` ("train" or "test") from :func:`fashion_source`: grey images (N, 28, 28) and
+    labels (N,)."""
+    folder = fashion_source(source)
     images_name, labels_name = FASHION_FILES[split]
     images, labels = read_idx(_idx_file(folder, images_name)), read_idx(_idx_file(folder, labels_name))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
@@ -276,7 +279,7 @@ def build_colored_fmnist(ratio: float = 1.0, data_seed: int = 0, source: str | P
     folder = fashion_source(source)
     grey, labels = {}, {}
     for split in FASHION_FILES:
-        grey[split], labels[split] = _read_fashion(folder, split)
+        grey[split], labels[split] = read_fashion(split, folder)
     order = np.random.default_rng(data_seed).permutation(len(labels["train"]))
     n_valid = len(order) // FASHION_VALID_SHARE
     index = {"train": np.sort(order[n_valid:]), "valid": np.sort(order[:n_valid]),
@@ -342,7 +345,8 @@ def embedded(name: str = "cmnist", ratio: float = 1.0, data_seed: int = 0, sourc
             return _load_cached(path, name)
         except Exception:  # a torn or stale cache file: rebuild it
             path.unlink(missing_ok=True)
-    ds = build_colored_fmnist(ratio, data_seed, source) if name in FILE_BUILT else build_embedded(name, ratio, data_seed)
+    ds = (build_colored_fmnist(ratio, data_seed, source) if name in FILE_BUILT
+          else build_embedded(name, ratio, data_seed))
     _save_cached(ds, path)
     return ds
 

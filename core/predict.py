@@ -20,7 +20,8 @@ from .classifier import predict
 from .folders import is_image, read_image, to_square, walk_images
 from .run import recorded_params, saved_config
 
-PREFERRED = ("diffinject", "lff+diffinject", "jtt+diffinject", "disent+diffinject", "denetdm+diffinject")  # the label-free rows
+# the label-free rows, in the order load_classifier prefers them
+PREFERRED = ("diffinject", "lff+diffinject", "jtt+diffinject", "disent+diffinject", "denetdm+diffinject")
 
 
 @dataclass

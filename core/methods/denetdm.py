@@ -14,8 +14,8 @@ The classifier is ``head(target(x))``. The head is trained in both stages (stage
 The branches: on the MLP (Colored MNIST), Linear+ReLU layers of width 100, the shallow branch 2 of them and the deep
 4, as the reference's (3 and 5 counting the head). On the CNN and ResNet-18, the deep branch is the classifier's own
 encoder (``build_encoder``) and the shallow one a single strided 3x3 convolution, pooled and projected to the
-deep branch's width: our choice, as our convolutional classifiers are not the reference's. Every model is chosen on the
-validation split by its own prediction (stage 1: the shallow branch; stage 2: the target), task labels only: the
+deep branch's width: our choice, as our convolutional classifiers are not the reference's. Every model is chosen on
+the validation split by its own prediction (stage 1: the shallow branch; stage 2: the target), task labels only: the
 reference chose on bias-labelled validation data. Each stage gets the shared ``ClassifierConfig`` budget (epochs,
 batch size, learning rate); stage 1's weight decay is the reference's 1e-3, stage 2's none.
 """
@@ -64,7 +64,8 @@ def conv_shallow(channels: int, dim: int) -> nn.Module:
                          nn.Linear(32, dim))
 
 
-def branches(cfg: ClassifierConfig, image_shape: tuple[int, int, int], p: DeNetDMParams) -> tuple[nn.Module, nn.Module, int]:
+def branches(cfg: ClassifierConfig, image_shape: tuple[int, int, int],
+             p: DeNetDMParams) -> tuple[nn.Module, nn.Module, int]:
     """A fresh ``(shallow, deep, feature width)`` for the classifier architecture of ``cfg``."""
     c, h, w = image_shape
     if resolve_arch(cfg.arch, h) == "mlp":
