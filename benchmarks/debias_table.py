@@ -102,7 +102,8 @@ def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dic
         runs = [per_run[(ratio, s)] for s in seeds]
         cell = {m: {c: mean_std([r["methods"][m][c] for r in runs]) for c in METRIC_COLUMNS}
                 for m in runs[0]["methods"]}
-        cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
+        if runs[0].get("injection"):  # the mined set feeds the synthetic rows: its precision is theirs
+            cell["mining_precision"] = mean_std([r["mining"]["precision"] for r in runs])
         for m in runs[0]["methods"]:  # JTT's error set, scored like mining
             if "error_set" in runs[0]["methods"][m]:
                 cell.setdefault("error_set", {})[m] = {k: mean_std([r["methods"][m]["error_set"][k] for r in runs])

@@ -494,9 +494,12 @@ def test_table_reuses_rows_it_does_not_make_and_says_so(quick_run):
     peers = copy.deepcopy(metrics)
     peers["methods"] = {"vanilla": {k: v + 1 for k, v in metrics["methods"]["vanilla"].items() if k != "params"}}
     peers["injection"], peers["unet_sources"] = {}, {}
+    peers["mining"] = {**metrics["mining"], "precision": (metrics["mining"]["precision"] or 0) + 7}
     table, sources = summarise({(1.0, 0): peers, (5.0, 0): peers}, [1.0, 5.0], [0])
     meta = {"unet_sources": sources, "command": "python new", "machine": "y", "torch": "z", "wall_seconds": 60}
     reuse_rows(table, meta, old, "old.json")
+    # a run without synthetic rows does not score the mined set: the synthetic rows' own mining precision stays
+    assert table["1pct"]["mining_precision"] == old_table["1pct"]["mining_precision"]
     assert table["1pct"]["vanilla"]["unbiased"]["mean"] == metrics["methods"]["vanilla"]["unbiased"] + 1  # kept
     assert table["1pct"]["diffinject"] == old_table["1pct"]["diffinject"] and "diffinject" not in table["5pct"]
     assert table["1pct"]["injection_report"]["diffinject"] == old_table["1pct"]["injection_report"]["diffinject"]
