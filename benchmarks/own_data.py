@@ -8,9 +8,9 @@ the garment's own colour (`--shortcut colour`, as Colored MNIST colours its digi
 
 The folder (`--folder`, default under $DIFFINJECT_CACHE) holds train/<class>/*.jpg and test/<class>/*.jpg (no val/:
 the run carves one) and attributes.csv (the tag colour of every image: the bias attribute, read for evaluation
-only). The run folder resumes if the command is rerun. Writes
-benchmarks/results/own_data_<shortcut>_<tag>.{md,json}: the time of each stage, the peak RSS of the run's process, and its results table. Needs Debian's dataset-fashion-mnist
-(`apt-get install dataset-fashion-mnist`).
+only). The run folder resumes if the command is rerun. Writes benchmarks/results/own_data_<shortcut>_<tag>.{md,json}:
+the time of each stage, the peak RSS of the run's process, and its results table. Needs Debian's
+dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
 """
 
 from __future__ import annotations

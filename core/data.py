@@ -276,10 +276,9 @@ def build_colored_fmnist(ratio: float = 1.0, data_seed: int = 0, source: str | P
     uniformly. Deterministic in ``data_seed``; the grey images travel as ``extras`` (evaluation only).
     """
     check_ratio(ratio)
-    folder = fashion_source(source)
     grey, labels = {}, {}
     for split in FASHION_FILES:
-        grey[split], labels[split] = read_fashion(split, folder)
+        grey[split], labels[split] = read_fashion(split, source)
     order = np.random.default_rng(data_seed).permutation(len(labels["train"]))
     n_valid = len(order) // FASHION_VALID_SHARE
     index = {"train": np.sort(order[n_valid:]), "valid": np.sort(order[:n_valid]),

@@ -50,9 +50,9 @@ class Readers:
 
     Colored MNIST and Colored Fashion-MNIST: the class reader is an MLP trained on colour-free training images (task
     labels only), the bias reader :func:`read_colour`. Corrupted MNIST: an MLP (class) and a small CNN (corruption:
-    texture an MLP misses) trained on three copies of the training digits, each drawn with a uniformly random corruption (an unbiased
-    copy that only the evaluation may build: it uses the corruptions). Their
-    accuracies on the unbiased test split are part of every report, so the instruments can be checked.
+    texture an MLP misses) trained on three copies of the training digits, each drawn with a uniformly random
+    corruption (an unbiased copy that only the evaluation may build: it uses the corruptions). Their accuracies on the
+    unbiased test split are part of every report, so the instruments can be checked.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0, epochs: int = 30, progress: bool = False):

@@ -56,12 +56,12 @@ def run_cells(fn: Callable, jobs: Sequence[tuple], cpus: int = 1, gpus: float = 
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
+            outcome = "done"
             try:
                 results[i] = ray.get(ref)
-                outcome = "done"
             except ray.exceptions.RayError as e:  # the cell's own error, or its worker lost past the retries
-                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
-                errors[i] = e.as_instanceof_cause() if cause is not e else e
+                own = isinstance(e, ray.exceptions.RayTaskError)
+                errors[i], cause = (e.as_instanceof_cause(), e.cause) if own else (e, e)
                 outcome = f"failed: {(str(cause).splitlines() or [type(cause).__name__])[0]}"
             if progress:
                 print(f"cell {len(jobs) - len(pending)}/{len(jobs)} {describe(jobs[i])}: {outcome} "
