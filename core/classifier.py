@@ -224,14 +224,16 @@ def _restore(obj, state) -> None:
 
 def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step, valid_images=None, valid_labels=None,
                device: str = "cpu", desc: str = "classifier", progress: bool = True, on_epoch=None,
-               order=None, checkpoint: Path | None = None, state: dict | None = None) -> nn.Module:
+               order=None, checkpoint: Path | None = None, state: dict | None = None, until=None) -> nn.Module:
     """The epoch loop every method shares: batches of ``cfg.batch_size`` indices into ``n`` training samples, the
     checkpoint of ``model`` with the best validation accuracy kept.
 
     ``step(idx, i)`` trains on the batch ``idx`` (global step ``i``). ``order(epoch, generator)`` gives an epoch's
     sample order (default: a permutation of ``n`` from a generator seeded by ``seed``, so the same inputs give the
     same model). ``on_epoch(epoch, valid_accuracy)`` is called after each validated epoch (Tune reports it).
-    Without a validation split the last epoch is kept. Returns ``model`` in eval mode.
+    Without a validation split the last epoch is kept. ``until(epoch, model)``, called after each epoch, ends the
+    training early by returning True (the biased model's :class:`~core.mining.StillFitting`); an object with
+    ``state_dict`` is checkpointed with the rest. Returns ``model`` in eval mode.
 
     ``checkpoint`` (a file) is written atomically at the end of every epoch with all the loop needs to go on: the
     epoch, the step, the epoch-order generator, torch's global RNG, the best validation weights and accuracy, and
@@ -242,7 +244,7 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     the weights of an uninterrupted run; the caller deletes the file once its result is saved.
     """
     g = torch.Generator().manual_seed(seed)
-    objects = {"model": model, **(state or {})}
+    objects = {"model": model, **(state or {}), **({"until": until} if hasattr(until, "state_dict") else {})}
     key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
     phases = read_checkpoint(checkpoint) if checkpoint is not None else {}
     best, best_acc, i, start = None, -1.0, 0, 0
@@ -253,6 +255,8 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
         g.set_state(saved["order_rng"])
         torch.set_rng_state(saved["torch_rng"])
         best, best_acc, i, start = saved["best"], saved["best_acc"], saved["step"], saved["epoch"]
+        if saved.get("stopped"):  # ``until`` had ended it: nothing is left to train
+            start = cfg.epochs
     for epoch in tqdm(range(start, cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         model.train()
         perm = order(epoch, g) if order is not None else torch.randperm(n, generator=g)
@@ -265,11 +269,14 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
                 best, best_acc = copy.deepcopy(model.state_dict()), acc
             if on_epoch is not None:
                 on_epoch(epoch, acc)
+        stop = until is not None and until(epoch, model)
         if checkpoint is not None:
             phases[desc] = {"key": key, "epoch": epoch + 1, "step": i, "order_rng": g.get_state(),
-                            "torch_rng": torch.get_rng_state(), "best": best, "best_acc": best_acc,
+                            "torch_rng": torch.get_rng_state(), "best": best, "best_acc": best_acc, "stopped": stop,
                             "state": {name: _state(obj) for name, obj in objects.items()}}
             save_torch(checkpoint, phases)
+        if stop:
+            break
     if best is not None:
         model.load_state_dict(best)
     return model.eval()
@@ -278,10 +285,10 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: torch.Tensor | None,
                      valid_labels: torch.Tensor | None, cfg: ClassifierConfig, num_classes: int, seed: int,
                      loss_fn=None, device: str = "cpu", desc: str = "classifier", progress: bool = True,
-                     on_epoch=None, order=None, checkpoint: Path | None = None) -> nn.Module:
+                     on_epoch=None, order=None, checkpoint: Path | None = None, until=None) -> nn.Module:
     """Train a classifier on uint8 ``images`` with ``loss_fn(logits, targets)`` (default cross entropy); return
-    the epoch with the best validation accuracy (see :func:`train_loop` for ``on_epoch``, ``order`` and
-    ``checkpoint``)."""
+    the epoch with the best validation accuracy (see :func:`train_loop` for ``on_epoch``, ``order``,
+    ``checkpoint`` and ``until``)."""
     torch.manual_seed(seed)
     model = build_classifier(cfg, tuple(images.shape[1:]), num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -294,4 +301,4 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, valid_images: t
         opt.step()
 
     return train_loop(model, len(labels), cfg, seed, step, valid_images, valid_labels, device, desc, progress,
-                      on_epoch, order, checkpoint, {"opt": opt})
+                      on_epoch, order, checkpoint, {"opt": opt}, until)

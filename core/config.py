@@ -3,7 +3,8 @@
 A config is built in layers, each over the one before (:func:`make_config`):
 
 1. the dataclasses' defaults: the everyday run (the ``default`` preset is empty);
-2. :data:`DATASET_DEFAULTS`: what one dataset needs other than that, whenever that dataset is used;
+2. :data:`DATASET_DEFAULTS`: what one dataset needs other than that, whenever that dataset is used; on your own
+   images, :data:`OWN_DATA_DEFAULTS` and the :data:`SIZE_DEFAULTS` row of their size instead;
 3. the preset (:data:`PRESETS`);
 4. the user's settings: a YAML file, then the command line's flags.
 
@@ -99,7 +100,11 @@ DATASET_DEFAULTS: dict[str, dict] = {
                         "hparams": {"lff": {"biased_arch": "cnn"}, "lff+diffinject": {"biased_arch": "cnn"}}},
 }
 
-# A run on your own images (``data``) chooses its models by image size: the first row at or above the size, else the
+# A run on your own images (``data``): the shortcut is unknown, so no fixed epoch count is known to let the biased
+# model fit it; it trains on while it still fits its training images (core.mining.StillFitting)
+OWN_DATA_DEFAULTS: dict = {"mining": {"max_epochs": 300}}
+
+# A run on your own images chooses its models by image size: the first row at or above the size, else the
 # last. The U-Net keeps h at 4 x 4 with attention at the two coarsest levels (as the 32 px default); the classifiers
 # are the small CNN at 32 px and ResNet-18 above.
 SIZE_DEFAULTS: dict[int, dict] = {
@@ -163,6 +168,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, SEED_MAX), "data_seed": (0, SEED_MAX), "ratio": (0.0, 100.0), "image_size": (8, 1024),
     "valid_share": (0.01, 0.5),
     "mining.k": (1, 10**6), "mining.min_loss": (0.0, 1e3), "mining.loss_weight_cap": (0.0, 1e6),
+    "mining.max_epochs": (0, 100_000),
     "diffusion.image_size": (8, 1024), "diffusion.steps": (1, 10**9), "diffusion.batch_size": (1, 65_536),
     "diffusion.checkpoint_every": (1, 10**9), "diffusion.micro_batch": (1, 65_536), "diffusion.lr": (1e-12, 1.0),
     "diffusion.ema_decay": (0.0, 1.0),
@@ -290,7 +296,7 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> RunCo
     known = RunConfig().to_dict()
     if chosen.get("data") is not None:  # your own images: named after their folder, models chosen by image size
         chosen = {"dataset": data_name(chosen["data"]), **chosen}
-        known = merge(known, size_defaults(chosen.get("image_size") or DEFAULT_IMAGE_SIZE))
+        known = merge(merge(known, OWN_DATA_DEFAULTS), size_defaults(chosen.get("image_size") or DEFAULT_IMAGE_SIZE))
     dataset = chosen.get("dataset", known["dataset"])
     cfg = merge(merge(known, DATASET_DEFAULTS.get(dataset, {})), chosen)
     check_keys(cfg, known, "")

@@ -12,6 +12,7 @@ to one config: rerunning it with another config is an error, never an overwrite.
       manifests/<stage>.json      each finished stage's files with their size and SHA-256, written last: biased,
                                   mining, unet, synthetic, classifier-<method> (and unet-corpus, synthetic-corpus)
       biased/model.pt             GCE-trained biased classifier
+      biased/train.json           the epochs it trained and its training error (%) at each check (core.mining)
       biased/mining.json          mined indices (top-K per class), their draw weights, mining precision/recall
       biased/mined.png            the mined samples, one row per class
       biased/model.ckpt.pt        while it trains: its state after the last complete epoch, read back by a rerun;
@@ -240,12 +241,20 @@ class Run:
             return load_classifier(path, self.cfg.mining.classifier, self.ds.image_shape, self.ds.num_classes)
         path.parent.mkdir(exist_ok=True)
         checkpoint = path.with_suffix(".ckpt.pt")  # epoch checkpoints: a rerun resumes after the last epoch
-        model = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,
-                                                           self.cfg.seed, self.device, self.progress, checkpoint))
-        save_torch(path, model.state_dict())
-        seal(self.dir, "biased", ["biased/model.pt"])
+        made = self._timed("biased", lambda: train_biased(tr.images, tr.labels, self.ds.num_classes, self.cfg.mining,
+                                                          self.cfg.seed, self.device, self.progress, checkpoint))
+        save_torch(path, made.model.state_dict())
+        save_json(path.parent / "train.json", {"epochs": made.epochs, "training_error": {
+            str(e): round(100.0 * err, 2) for e, err in made.errors.items()}})
+        seal(self.dir, "biased", ["biased/model.pt", "biased/train.json"])
         checkpoint.unlink(missing_ok=True)
-        return model.cpu()
+        return made.model.cpu()
+
+    def biased_epochs(self) -> dict:
+        """How many epochs the biased model trained, as ``{"biased_epochs": n}`` (empty for a folder made before
+        ``biased/train.json`` existed)."""
+        path = self.dir / "biased" / "train.json"
+        return {"biased_epochs": read_json(path)["epochs"]} if path.exists() else {}
 
     def mined(self) -> np.ndarray:
         """The mined contents' training-set indices (``biased/mining.json``, mined now if it is not there)."""
@@ -490,7 +499,7 @@ class Run:
                         **({k: data[k] for k in ("classes", "layout", "attributes", "notes")} if self.ds.own_data
                            else {})},
             "seed": self.cfg.seed,
-            "mining": read_json(self.dir / "biased" / "mining.json")["quality"],
+            "mining": {**read_json(self.dir / "biased" / "mining.json")["quality"], **self.biased_epochs()},
             "injection": {m: read_json(self.dir / SYNTHETIC_ROWS[m][1] / "injection.json")
                           for m in synthetic_rows},
             "unet_sources": {m: self.describe_source(m) for m in synthetic_rows},

@@ -86,7 +86,8 @@ def test_a_run_on_a_folder_without_bias_labels_reports_what_can_be_known(finishe
     for m in metrics["methods"].values():
         assert {"accuracy", "worst_class", "per_class", "disagrees_with_biased", "valid"} <= set(m)
         assert "worst_group" not in m and "unbiased" not in m
-    assert metrics["mining"] == {"mined": metrics["mining"]["mined"]}  # no precision without attributes
+    # no precision without attributes; the miner's 2 epochs are too few to compare its error over (StillFitting)
+    assert metrics["mining"] == {"mined": metrics["mining"]["mined"], "biased_epochs": 2}
     report = (finished / "report.md").read_text()
     assert "No bias attributes were given" in report and "cannot be known without bias attributes" in report
     assert json.loads((finished / "data.json").read_text())["classes"] == list(CLASSES)
