@@ -13,11 +13,11 @@ rare (0.5 %) those hesitant mistakes were most of the mined set. A class with no
 gives no content: its samples would be no conflicts. Only if no class has one does every class keep its top one.
 
 On your own data (``core.config.OWN_DATA_DEFAULTS``) the biased model trains ``classifier.epochs`` epochs and then
-on, up to ``max_epochs``, while it still fits its training images (:class:`StillFitting`). Its mistakes are only worth mining once it has fitted what its shortcut
-explains: a miner stopped while it still learns the images' content finds the hard images of each class, not the
-conflicts (docs/experiments.md: a corner tag on Fashion-MNIST was 20 % precise at 50 epochs, 59 % at the plateau).
-Where the shortcut is learnt first, as a colour is, the error has stopped falling by ``classifier.epochs`` and
-nothing changes. The embedded benchmarks keep their measured fixed budgets.
+on, up to ``max_epochs``, while it still fits its training images (:class:`StillFitting`). Its mistakes are only
+worth mining once it has fitted what its shortcut explains: a miner stopped while it still learns the images'
+content finds the hard images of each class, not the conflicts (docs/experiments.md: a corner tag on Fashion-MNIST
+was 20 % precise at 50 epochs, 59 % at the plateau). Where the shortcut is learnt first, as a colour is, the error
+has stopped falling by ``classifier.epochs`` and nothing changes. The embedded benchmarks keep their fixed budgets.
 
 ``loss_weight_cap`` draws each mined content in proportion to its cross entropy, capped at that many nats, instead
 of equally often: the loss is the biased model's evidence that a sample breaks the shortcut, so a hesitant mistake

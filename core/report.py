@@ -72,8 +72,8 @@ def render_report(metrics: dict, cfg: RunConfig) -> str:
     quality = (f"precision {q['precision']:.1f} %, recall {q['recall']:.1f} % of the {q['true_conflicts']} true "
                "bias-conflicting training samples (bias labels read for this line only)." if "precision" in q else
                "how many contradict the shortcut cannot be known without bias attributes for the training images.")
-    trained = (f" The biased classifier trained {q['biased_epochs']} epochs (`biased/train.json`)." if "biased_epochs" in q
-               else "")
+    trained = (f" The biased classifier trained {q['biased_epochs']} epochs (`biased/train.json`)."
+               if "biased_epochs" in q else "")
     lines += ["", f"## Mining (K = {cfg.mining.k} per class)", "", f"{q['mined']} samples mined; {quality}{trained}",
               "", "![mined samples](biased/mined.png)"]
     for name, inj in metrics.get("injection", {}).items():
