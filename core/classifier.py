@@ -232,8 +232,8 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     sample order (default: a permutation of ``n`` from a generator seeded by ``seed``, so the same inputs give the
     same model). ``on_epoch(epoch, valid_accuracy)`` is called after each validated epoch (Tune reports it).
     Without a validation split the last epoch is kept. ``until(epoch, model)``, called after each epoch, ends the
-    training early by returning True (the biased model's :class:`~core.mining.StillFitting`); an object with
-    ``state_dict`` is checkpointed with the rest. Returns ``model`` in eval mode.
+    training early by returning True (the biased model's :class:`~core.mining.StillFitting`); it has ``state_dict``
+    and ``load_state_dict`` and is checkpointed with the rest. Returns ``model`` in eval mode.
 
     ``checkpoint`` (a file) is written atomically at the end of every epoch with all the loop needs to go on: the
     epoch, the step, the epoch-order generator, torch's global RNG, the best validation weights and accuracy, and
@@ -244,7 +244,7 @@ def train_loop(model: nn.Module, n: int, cfg: ClassifierConfig, seed: int, step,
     the weights of an uninterrupted run; the caller deletes the file once its result is saved.
     """
     g = torch.Generator().manual_seed(seed)
-    objects = {"model": model, **(state or {}), **({"until": until} if hasattr(until, "state_dict") else {})}
+    objects = {"model": model, **(state or {}), **({"until": until} if until is not None else {})}
     key = {"n": n, "seed": seed, "cfg": asdict(cfg)}
     phases = read_checkpoint(checkpoint) if checkpoint is not None else {}
     best, best_acc, i, start = None, -1.0, 0, 0
