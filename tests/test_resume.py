@@ -39,8 +39,15 @@ def tiny_unet_dir(tmp_path_factory):
 def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch):
     """Batches whose shard holds their planned pairs are read back, the others made again: the samples (compared
     as floats, before uint8 rounding hides a last-bit difference) and the evaluations equal an uninterrupted run's.
-    Contents recur across batches, so a regenerated batch needs inversions its skipped predecessors made."""
+    Contents recur across batches, so a regenerated batch needs inversions its skipped predecessors made, in the
+    groups they made them: an inversion's batch shape changes its rounding on most CPUs."""
+    from diffinject.core.injection import _ContentInversions
+
     monkeypatch.setattr("diffinject.core.injection.from_model_space", lambda x, *_: x.clone())
+    groups = []  # the contents inverted together, call by call
+    real_add = _ContentInversions.add
+    monkeypatch.setattr(_ContentInversions, "add",
+                        lambda self, index, inv: (groups.append(sorted(int(c) for c in index)), real_add(self, index, inv)))
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
     labels = torch.arange(16) % 4
@@ -50,6 +57,8 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
     cfg = InjectionConfig(steps=5, t_edit=300, gamma=0.9, t_boost=600, batch_size=4)
     args = (tiny_unet_dir, images, labels, pairs, cfg, 7)
     plain, plain_evals, _ = generate_in_process(*args, progress=False)
+    made_in = list(groups)
+    assert [len(g) for g in made_in] == [4, 2]
     shards = tmp_path / "shards"
     full, full_evals, _ = generate_in_process(*args, progress=False, shards=shards)
     assert torch.equal(full.images, plain.images) and full_evals == plain_evals
@@ -58,15 +67,18 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
     (shards / "0000008.pt").unlink()  # lost: batch 2 needs the contents inverted with batches 0 and 1
     torch.save(torch.load(shards / "0000000.pt", weights_only=True), shards / "0000004.pt")  # other pairs: made again
     kept = (shards / "0000000.pt").stat().st_mtime_ns
+    groups.clear()
     again, evals, _ = generate_in_process(*args, progress=False, shards=shards)
+    assert groups == made_in  # batch 0 skipped, its contents still inverted together, as batch 1's
     assert torch.equal(again.images, full.images) and evals == full_evals
     assert (shards / "0000000.pt").stat().st_mtime_ns == kept  # read back, not made again
     assert torch.equal(torch.load(shards / "0000004.pt", weights_only=True)["content"],
                        torch.as_tensor(pairs.content[4:8]))
-    # the control: batch 2's pairs on their own invert all four contents together, and that rounds otherwise
-    alone = inject(load_unet(tiny_unet_dir), ddim_scheduler(tiny_unet_dir), images, labels,
-                   Pairs(pairs.content[8:], pairs.style[8:]), cfg, 7, progress=False, sample_ids=np.arange(8, 12))
-    assert not torch.equal(alone.images, full.images[8:])
+    # the control: batch 2's pairs on their own invert their four contents in one group, not as the run did
+    groups.clear()
+    inject(load_unet(tiny_unet_dir), ddim_scheduler(tiny_unet_dir), images, labels,
+           Pairs(pairs.content[8:], pairs.style[8:]), cfg, 7, progress=False, sample_ids=np.arange(8, 12))
+    assert len(groups) == 1 and groups[0] != made_in[0] and groups[0] != made_in[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
