@@ -44,10 +44,13 @@ def test_generation_resumes_from_its_shards(tiny_unet_dir, tmp_path, monkeypatch
     from diffinject.core.injection import _ContentInversions
 
     monkeypatch.setattr("diffinject.core.injection.from_model_space", lambda x, *_: x.clone())
-    groups = []  # the contents inverted together, call by call
-    real_add = _ContentInversions.add
-    monkeypatch.setattr(_ContentInversions, "add",
-                        lambda self, index, inv: (groups.append(sorted(int(c) for c in index)), real_add(self, index, inv)))
+    groups, real_add = [], _ContentInversions.add  # the contents inverted together, call by call
+
+    def add(self, index, inv):
+        groups.append(sorted(int(c) for c in index))
+        real_add(self, index, inv)
+
+    monkeypatch.setattr(_ContentInversions, "add", add)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
     labels = torch.arange(16) % 4
