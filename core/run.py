@@ -89,7 +89,7 @@ class StageIncomplete(Exception):
 # config.json without them is read at these values (any other missing setting reads at its default).
 BEFORE_SETTING_EXISTED = {"mining": {"misclassified_only": False, "min_loss": 0.0}}
 # The same for a method's hyperparameters in a finished classifier's record (classifiers/<method>.json).
-PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False}
+PARAMS_BEFORE_THEY_EXISTED = {"cap_extra_weight": False, "biased_learns_extra": True}
 
 
 def saved_config(run_dir: str | Path) -> RunConfig:

@@ -188,6 +188,41 @@ def test_lff_caps_the_extra_samples_it_is_told_of_and_only_when_asked(planted, m
     assert len(seen) == 2 and int(seen[1].sum()) == 32
 
 
+def test_biased_loss_is_the_gce_of_the_samples_it_learns_from_only():
+    """biased_loss: the GCE mean over the kept rows, no gradient through the others, 0 when none are kept."""
+    from diffinject.core.classifier import gce_loss
+    from diffinject.core.methods.lff import biased_loss
+
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    targets, learns = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([True, False, True, True, False, False])
+    loss = biased_loss(logits, targets, 0.7, learns)
+    assert torch.allclose(loss, gce_loss(logits[learns], targets[learns], 0.7))
+    loss.backward()
+    assert torch.equal(logits.grad[~learns], torch.zeros(3, 3)) and logits.grad[learns].abs().sum() > 0
+    none = biased_loss(logits, targets, 0.7, torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_lff_diffinject_biased_model_learns_from_the_real_samples_only(planted, monkeypatch):
+    """On real + synthetic, lff+diffinject's biased model takes no gradient from the synthetic samples (its default),
+    plain LfF's from all of them; the synthetic samples are still scored by it."""
+    import diffinject.core.methods.lff as lff
+    from diffinject.core.stages import fit_method
+
+    train, extra, valid = planted(64), planted(32, seed=2), planted(32, seed=1)
+    seen = []
+    real = lff.biased_loss
+    monkeypatch.setattr(lff, "biased_loss", lambda logits, y, q, learns: seen.append(learns.clone()) or real(
+        logits, y, q, learns))
+    cfg = ClassifierConfig(epochs=1, batch_size=96)  # one batch holds every sample
+    fit = lambda method: fit_method(method, train, (extra.images, extra.labels), valid, 2, cfg, 0, progress=False)
+    fit(registry.get("lff+diffinject", {"biased_learns_extra": True}))
+    fit(registry.get("lff"))
+    assert not seen  # plain LfF's biased model learns from every sample it is given
+    fit(registry.get("lff+diffinject"))
+    assert len(seen) == 1 and len(seen[0]) == 96 and int(seen[0].sum()) == 64  # the 64 real samples of the batch
+
+
 def test_lff_biased_model_takes_its_own_architecture_when_given_one(planted, monkeypatch):
     """biased_arch: LfF builds its biased model with that architecture and its debiased model with the shared one."""
     import diffinject.core.methods.lff as lff

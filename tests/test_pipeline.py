@@ -189,7 +189,7 @@ def test_a_finished_classifier_is_never_read_back_under_other_hyperparameters(qu
     shutil.copytree(folder, copy_dir)
     record = copy_dir / "classifiers" / "lff.json"
     old = json.loads(record.read_text())
-    old["params"] = {"ema_alpha": old["params"]["ema_alpha"]}  # before cap_extra_weight existed: read as off
+    old["params"] = {"ema_alpha": old["params"]["ema_alpha"]}  # before cap_extra_weight and biased_learns_extra
     files = ["classifiers/lff.pt", "classifiers/lff.json"]
     record.write_text(json.dumps(old))
     seal(copy_dir, "classifier-lff", files)  # as that version sealed it (an unsealed edit would be redone)

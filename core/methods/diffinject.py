@@ -31,6 +31,8 @@ class DiffInjectCorpus(Vanilla):
 class LfFDiffInjectParams(LfFParams):
     # uncapped, LfF's difficulty weights pile onto the synthetic samples, which are mostly bias-conflicting by design
     cap_extra_weight: bool = True
+    # learning from designed conflicts, the biased model loses the bias whose failures LfF weights by
+    biased_learns_extra: bool = False
 
 
 class LfFDiffInject(LfF):

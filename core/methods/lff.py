@@ -1,6 +1,10 @@
 """LfF, Learning from Failure (Nam et al., NeurIPS 2020): a GCE-trained biased model and a debiased model trained
 together; each sample's cross entropy in the debiased model is weighted by its relative difficulty
-W = L_b / (L_b + L_d), from per-sample loss averages normalised by their class maximum."""
+W = L_b / (L_b + L_d), from per-sample loss averages normalised by their class maximum.
+
+On real + synthetic data (``lff+diffinject``) the biased model learns from the real samples only: the synthetic
+samples are bias-conflicting by design, and learning from them teaches the biased model against the bias it is there
+to capture. It still scores them, so they are weighted as the real samples are."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ class LfFParams:
     # the biased model's architecture ("mlp", "cnn", ...) where it should differ from the debiased model's (None: the
     # same): a texture bias needs the CNN to learn the shortcut (core.config.DATASET_DEFAULTS)
     biased_arch: str | None = None
+    biased_learns_extra: bool = True  # the biased model's GCE loss takes the extra (synthetic) samples too
 
     def __post_init__(self):  # refused when the run is configured, before any stage
         if self.biased_arch is not None:
@@ -48,7 +53,11 @@ class LfF(Method):
             ema_b.update(F.cross_entropy(logit_b, y, reduction="none"), idx)
             ema_d.update(ce_d, idx)
             w = self.weights(ema_b, ema_d, idx, from_extra[idx]).to(device)
-            loss = (ce_d * w).mean() + gce_loss(logit_b, y, cfg.gce_q)
+            if self.params.biased_learns_extra:
+                loss_b = gce_loss(logit_b, y, cfg.gce_q)
+            else:
+                loss_b = biased_loss(logit_b, y, cfg.gce_q, ~from_extra[idx].to(device))
+            loss = (ce_d * w).mean() + loss_b
             opt_b.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             loss.backward()
@@ -63,3 +72,10 @@ class LfF(Method):
     def weights(self, ema_b: LossEMA, ema_d: LossEMA, idx: torch.Tensor, from_extra: torch.Tensor) -> torch.Tensor:
         """A batch's per-sample loss weights (``benchmarks/lff_weights.py`` wraps this to tally them)."""
         return difficulty_weights(ema_b, ema_d, idx, from_extra, self.params.cap_extra_weight)
+
+
+def biased_loss(logits: torch.Tensor, targets: torch.Tensor, q: float, learns: torch.Tensor) -> torch.Tensor:
+    """The biased model's GCE, averaged over the batch's samples it learns from (``learns``); 0 where there are none
+    (a batch of synthetic samples only), with no gradient from the others."""
+    gce = gce_loss(logits, targets, q, reduction="none")
+    return (gce * learns).sum() / learns.sum().clamp_min(1)
