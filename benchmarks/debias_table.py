@@ -1,4 +1,4 @@
-"""Every method's row on an embedded benchmark (Colored MNIST or Corrupted MNIST): ratios x seeds.
+"""Every method's row on a benchmark (Colored MNIST, Corrupted MNIST, Colored Fashion-MNIST): ratios x seeds.
 
     python benchmarks/debias_table.py                       # cmnist, 0.5/1/2/5 %, seeds 0 1 2, default preset
     python benchmarks/debias_table.py --ratios 1 --seeds 0  # one cell
@@ -124,7 +124,7 @@ def summarise(per_run: dict, ratios: list[float], seeds: list[int]) -> tuple[dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cmnist", help="embedded benchmark: cmnist or corrupted_mnist")
+    p.add_argument("--dataset", default="cmnist", help="benchmark: cmnist, corrupted_mnist or colored_fmnist")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: the dataset's)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0, 5.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
