@@ -204,8 +204,8 @@ def test_biased_loss_is_the_gce_of_the_samples_it_learns_from_only():
 
 
 def test_lff_diffinject_biased_model_learns_from_the_real_samples_only(planted, monkeypatch):
-    """On real + synthetic, lff+diffinject's biased model takes no gradient from the synthetic samples (its default),
-    plain LfF's from all of them; the synthetic samples are still scored by it."""
+    """On real + synthetic, lff+diffinject's biased model learns from the batch's real samples only (its default);
+    plain LfF's, and lff+diffinject's when asked, from every sample."""
     import diffinject.core.methods.lff as lff
     from diffinject.core.stages import fit_method
 
