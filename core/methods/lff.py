@@ -53,7 +53,7 @@ class LfF(Method):
             ema_b.update(F.cross_entropy(logit_b, y, reduction="none"), idx)
             ema_d.update(ce_d, idx)
             w = self.weights(ema_b, ema_d, idx, from_extra[idx]).to(device)
-            if self.params.biased_learns_extra:
+            if self.params.biased_learns_extra:  # the batch mean, so plain LfF rounds as it always did
                 loss_b = gce_loss(logit_b, y, cfg.gce_q)
             else:
                 loss_b = biased_loss(logit_b, y, cfg.gce_q, ~from_extra[idx].to(device))
